@@ -1,0 +1,45 @@
+# Two entry points for a fresh machine with Python 3.11 and make: `make quickstart`, `make test`.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CORES ?= all
+
+.PHONY: setup quickstart test lint format bench clean-results
+
+# The venv is rebuilt when the pins in pyproject.toml change.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb')); \
+	  print('\n'.join(p['project']['dependencies'] + p['project']['optional-dependencies']['dev']))" \
+	  > $(VENV)/requirements.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r $(VENV)/requirements.txt
+	$(BIN)/python -c "import tomllib; \
+	  print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['tool']['slick-workflow']['no-deps']))" \
+	  > $(VENV)/requirements-nodeps.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -r $(VENV)/requirements-nodeps.txt
+	touch $@
+
+setup: $(STAMP)
+
+quickstart: setup
+	$(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml
+
+lint: setup
+	$(BIN)/snakemake --lint --configfile config/config.yaml
+	$(BIN)/snakemake --lint --configfile config/paper.yaml
+	$(BIN)/snakefmt --check Snakefile workflow/rules
+
+format: setup
+	$(BIN)/snakefmt Snakefile workflow/rules
+
+test: setup
+	$(BIN)/python -m pytest
+	$(MAKE) --no-print-directory lint
+
+bench: setup
+	@echo "no benchmarks yet"
+
+clean-results:
+	rm -rf results logs benchmarks/runs

@@ -1,0 +1,20 @@
+# Does fine-tuning an LLM on new knowledge encourage hallucinations? (Gekhman et al., EMNLP 2024)
+# The study end to end for any causal LM. Configuration: config/config.yaml (quickstart) and
+# config/paper.yaml (the paper's settings); see README.md.
+
+from snakemake.utils import min_version
+
+min_version("9.19")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

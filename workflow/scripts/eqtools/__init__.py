@@ -1,0 +1,6 @@
+"""Shared code of the workflow's rule scripts: data, config, I/O, generation, EM, provenance.
+
+Rule scripts import it as a sibling package (Snakemake puts the script directory on sys.path).
+Snakemake does not track imported code, so rules pass a content hash of the modules they use
+as a param (see `code_hash` in workflow/rules/common.smk).
+"""

@@ -1,0 +1,44 @@
+"""Filtered EntityQuestions splits (PAPER.md, "Data"), then the configured subsampling."""
+
+
+import json
+
+from eqtools.entity_questions import (
+    ARCHIVE_SPLITS,
+    OUTPUT_SPLITS,
+    build_splits,
+    read_archive,
+    split_sizes,
+    subsample,
+)
+from eqtools.io import setup_logging, write_csv, write_parquet
+from eqtools.provenance import write_provenance
+
+
+def prepare(archive: str, spec: dict) -> tuple[dict, object]:
+    """Filtered, subsampled splits and the per-relation sizes before subsampling."""
+    templates = spec["templates"]
+    rels = spec["relations"]
+    needed = {(r, s) for r in rels["in_distribution"] for s in ARCHIVE_SPLITS}
+    needed |= {(r, "test") for r in list(templates) + rels["out_of_distribution"]}
+    frames = read_archive(archive, templates, sorted(needed))
+    splits = build_splits(frames, rels["in_distribution"], rels["out_of_distribution"], list(templates))
+    sizes = split_sizes(splits)
+    caps = spec["subsample"]["max_per_relation"]
+    seed = spec["subsample"]["seed"]
+    return {name: subsample(f, caps[name], seed, salt=name) for name, f in splits.items()}, sizes
+
+
+def main(smk) -> None:
+    log = setup_logging(smk.log[0])
+    spec = json.loads(smk.params.spec)
+    splits, sizes = prepare(smk.input.archive, spec)
+    for name in OUTPUT_SPLITS:
+        write_parquet(splits[name], smk.output[name])
+        log.info("%s: %d questions in %d relations", name, splits[name].height, splits[name]["relation"].n_unique())
+    write_csv(sizes, smk.output.sizes)
+    write_provenance([smk.output[n] for n in (*OUTPUT_SPLITS, "sizes")], smk)
+
+
+if "snakemake" in globals():
+    main(snakemake)  # noqa: F821
