@@ -1,4 +1,4 @@
-# Helpers shared by the rule files: config validation, config slices for params, code hashes.
+# Helpers shared by the workflow files (config validation, config slices for params, code hashes).
 import hashlib
 import json
 import sys
@@ -13,16 +13,13 @@ if str(SCRIPTS) not in sys.path:
 from eqtools.config import ConfigError, load_schema, validate_config  # noqa: E402
 
 try:
-    validate_config(config, load_schema(Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"))
+    validate_config(
+        config, load_schema(Path(workflow.basedir) / "workflow/schemas/config.schema.yaml")
+    )
 except ConfigError as e:
     raise WorkflowError(str(e)) from None
 
 SPLITS = ["train", "dev", "test", "ood_test"]
-
-
-wildcard_constraints:
-    split="|".join(SPLITS),
-    model="|".join(map(str, config["models"])),
 
 
 def canon(obj):
@@ -32,8 +29,8 @@ def canon(obj):
 
 
 def code_hash(*modules):
-    """Content hash of the shared modules (workflow/scripts/eqtools/<name>.py) a rule imports:
-    Snakemake tracks the rule's script but not what it imports."""
+    """Content hash of the shared modules (workflow/scripts/eqtools/<name>.py) a script imports.
+    Snakemake tracks a script's own file, not what it imports."""
     h = hashlib.sha256()
     for name in sorted(set(modules)):
         h.update(name.encode())

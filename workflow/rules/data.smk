@@ -9,8 +9,6 @@ localrules:
 rule download_entity_questions:
     output:
         "resources/entity_questions/dataset.zip",
-    params:
-        relations=list(config["templates"]),
     # dataset.source/sha256/timeout_s are read by the script from the config on purpose, not
     # passed as params: a mirror or a local copy gives the same archive (its sha256 goes to the
     # provenance sidecar), so switching the source must not rerun the whole study.
@@ -18,6 +16,8 @@ rule download_entity_questions:
         "logs/download_entity_questions.log",
     conda:
         "../../envs/data.yaml"
+    params:
+        relations=list(config["templates"]),
     script:
         "../scripts/download_entity_questions.py"
 
@@ -31,14 +31,14 @@ rule prepare_splits:
         test="results/data/test.parquet",
         ood_test="results/data/ood_test.parquet",
         sizes="results/data/split_sizes.csv",
-    params:
-        spec=data_spec(),
-        code=code_hash("entity_questions", "sampling", "io", "provenance"),
     log:
         "logs/prepare_splits.log",
     benchmark:
         "benchmarks/runs/prepare_splits.tsv"
     conda:
         "../../envs/data.yaml"
+    params:
+        spec=data_spec(),
+        code=code_hash("entity_questions", "sampling", "io", "provenance"),
     script:
         "../scripts/prepare_splits.py"

@@ -7,6 +7,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path
 
 from eqtools.entity_questions import member_name
@@ -63,7 +64,7 @@ def check_archive(path: Path, source: str, expected_sha256: str | None, relation
         with zipfile.ZipFile(path) as zf:
             bad = zf.testzip()
             names = set(zf.namelist())
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
         raise DownloadError(f"dataset.source {source!r} is a corrupt zip archive: {e}") from None
     if bad is not None:
         raise DownloadError(f"dataset.source {source!r} is a corrupt zip archive (member {bad} fails its CRC)")

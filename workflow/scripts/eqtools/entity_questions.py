@@ -3,6 +3,7 @@
 
 import json
 import zipfile
+import zlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -115,7 +116,7 @@ def read_archive(path: str | Path, templates: Mapping[str, str], needed: Iterabl
                 )
             try:
                 raw = zf.read(name)
-            except (zipfile.BadZipFile, OSError, EOFError) as e:
+            except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
                 raise DataError(f"{path}: member {name} is corrupt ({e})") from None
             frames[relation, split] = parse_relation_file(
                 raw, relation, split, templates[relation], where=f"{path}:{name}"

@@ -1,0 +1,60 @@
+import copy
+
+import pytest
+import yaml
+from helpers import ROOT, tiny_config
+
+from eqtools.config import ConfigError, load_schema, validate_config
+
+SCHEMA = load_schema(ROOT / "workflow/schemas/config.schema.yaml")
+
+
+def quickstart():
+    return yaml.safe_load((ROOT / "config/config.yaml").read_text())
+
+
+def test_quickstart_and_paper_configs_are_valid():
+    config = validate_config(quickstart(), copy.deepcopy(SCHEMA))
+    assert config["models"]["smollm2-135m"]["device"] == "auto"
+    paper = yaml.safe_load((ROOT / "config/paper.yaml").read_text())
+    merged = quickstart()
+    merged["subsample"] = paper["subsample"]
+    assert validate_config(merged, SCHEMA)["subsample"]["max_per_relation"]["train"] is None
+
+
+def test_defaults_are_filled_in():
+    config = tiny_config()
+    del config["dataset"]
+    config["dataset"] = {"source": "x.zip"}
+    validate_config(config, SCHEMA)
+    assert config["dataset"] == {"source": "x.zip", "sha256": None, "timeout_s": 60}
+    assert config["models"]["smollm2-135m"]["dtype"] == "float32"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"datset": {"source": "x"}}, "config key '<top level>': Additional properties are not allowed ('datset'"),
+        ({"subsample": {"seed": "one"}}, "config key 'subsample.seed': 'one' is not of type 'integer'"),
+        ({"subsample": {"max_per_relation": {"train": 0}}}, "config key 'subsample.max_per_relation.train': 0 is less than the minimum of 1"),
+        ({"subsample": {"max_per_relation": {"trian": 3}}}, "config key 'subsample.max_per_relation'"),
+        ({"dataset": {"sha256": "abc"}}, "config key 'dataset.sha256': 'abc' does not match"),
+        ({"relations": {"in_distribution": ["P17", "Q5"]}}, "config key 'relations.in_distribution.1': 'Q5' does not match"),
+        ({"relations": {"in_distribution": ["P17", "P99"]}}, "config key 'relations.in_distribution': relation P99 has no entry in 'templates'"),
+        ({"relations": {"out_of_distribution": ["P17"]}}, "P17 listed as both"),
+        ({"models": {"smollm2-135m": {"dtype": "fp8"}}}, "config key 'models.smollm2-135m.dtype': 'fp8' is not one of"),
+        ({"models": {"smollm2-135m": {"path": "/x"}}}, "give exactly one of 'path'"),
+        ({"models": {"bad name": {"path": "/x"}}}, "config key 'models': 'bad name' does not match"),
+        ({"templates": {"P17": "no placeholder"}}, "config key 'templates.P17'"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        validate_config(tiny_config(**override), SCHEMA)
+    assert message in str(err.value)
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        validate_config(tiny_config(subsample={"seed": "x"}, dataset={"timeout_s": -1}), SCHEMA)
+    assert "subsample.seed" in str(err.value) and "dataset.timeout_s" in str(err.value)
