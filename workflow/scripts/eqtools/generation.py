@@ -1,0 +1,444 @@
+"""The one generation engine: batched greedy and sampled decoding that stops at the first newline,
+for SliCK labelling (few-shot) and evaluation (zero-shot). Backend: transformers (CPU or CUDA).
+
+What makes it fast, all of it exact:
+- a prompt prefix (the 4-shot exemplars) is encoded once; its KV cache is copied into every row
+  that uses it, so only the question is prefilled;
+- requests with the same (prefix, prompt) share one prefill: the 16 samples of a question draw
+  their first token from the same logits, and their rows start from the same KV cache;
+- a wave runs many rows at once (across questions and exemplar sets) in one preallocated KV
+  buffer: no reallocation per step, and finished or cancelled rows are dropped from the batch;
+- decoding stops at the first newline; the caller can cancel requests whose outcome is settled.
+
+KV caches are kept at the level where they are shared, never copied per row: one per prefix,
+one per (prefix, prompt) group, and one per row for its generated tokens. A custom attention
+function (registered with transformers' AttentionInterface and used only inside the engine's
+own forward calls) attends over the levels with one softmax across them, as a single
+concatenated cache would. Dropping a finished row moves only its generated tokens.
+
+Sampling is reproducible independently of batching: the noise for a sampled token comes from a
+counter-based hash of (request key, step, rank among the top-k tokens), and the token is the
+Gumbel-max choice among the top-k logits at the temperature. So a sample's outcome does not
+depend on which other rows share its batch, on the wave size, or on which requests were skipped.
+"""
+
+import contextvars
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+log = logging.getLogger(__name__)
+
+_M32 = 0xFFFFFFFF
+
+
+def pcg_hash(x: torch.Tensor) -> torch.Tensor:
+    """PCG-RXS-M-XS 32-bit hash (Jarzynski & Olano 2020) of int64 tensors holding uint32 values."""
+    state = (x * 747796405 + 2891336453) & _M32
+    word = (((state >> ((state >> 28) + 4)) ^ state) * 277803737) & _M32
+    return ((word >> 22) ^ word) & _M32
+
+
+def gumbel_noise(keys: torch.Tensor, step: int, k: int) -> torch.Tensor:
+    """Gumbel(0, 1) noise [rows, k], a pure function of (key, step, rank)."""
+    base = pcg_hash((keys ^ int(pcg_hash(torch.tensor(step + 1)))) & _M32)
+    ranks = torch.arange(k, device=keys.device)
+    bits = pcg_hash((base[:, None] + ranks[None, :] * 0x9E3779B9) & _M32)
+    u = (bits.double() + 0.5) / 4294967296.0
+    return -torch.log(-torch.log(u))
+
+
+def choose_tokens(
+    logits: torch.Tensor, keys: torch.Tensor, sample: torch.Tensor, step: int, temperature: float, top_k: int
+) -> torch.Tensor:
+    """Greedy (argmax) for rows with sample=False; top-k sampling at `temperature` for the rest."""
+    greedy = logits.argmax(dim=-1)
+    if not bool(sample.any()):
+        return greedy
+    k = min(top_k, logits.shape[-1])
+    values, indices = logits[sample].float().topk(k, dim=-1)
+    scores = values.double() / temperature + gumbel_noise(keys[sample], step, k)
+    sampled = indices.gather(1, scores.argmax(dim=-1, keepdim=True)).squeeze(1)
+    out = greedy.clone()
+    out[sample] = sampled
+    return out
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation. `prompt`: token ids after the prefix. `key`: None = greedy, else the
+    sample's random stream (a uint32)."""
+
+    prefix: int
+    prompt: tuple[int, ...]
+    key: int | None = None
+
+
+@dataclass
+class Stats:
+    forward_calls: int = 0
+    tokens: int = 0  # real (non-padding) tokens processed by the model
+    padded_tokens: int = 0  # positions computed, padding included
+    forward_rows: int = 0  # real rows whose next-token logits were computed
+    seconds: float = 0.0
+    waves: int = 0
+    rows: int = 0
+
+
+class _Level:
+    """KV states shared by several rows: per layer [entries, kv_heads, length, head_dim], a validity
+    mask [entries, length] and the entry of every row."""
+
+    def __init__(self, keys, values, valid, entry):
+        self.keys, self.values, self.valid = keys, values, valid
+        self.set_rows(entry)
+
+    def set_rows(self, entry: torch.Tensor) -> None:
+        self.entry = entry
+        n = self.valid.shape[0]
+        self.identity = entry.numel() == n and bool((entry == torch.arange(n, device=entry.device)).all())
+        if not self.identity:
+            # rank of each row among the rows of its entry: rows of one entry form a block, so
+            # all of them attend to the entry's keys in one matmul
+            order = torch.argsort(entry, stable=True)
+            counts = torch.bincount(entry, minlength=n)
+            starts = torch.cumsum(counts, 0) - counts
+            pos = torch.empty_like(entry)
+            pos[order] = torch.arange(entry.numel(), device=entry.device) - starts[entry[order]]
+            self.pos, self.max_rows = pos, int(counts.max())
+        self.row_valid = self.valid if self.identity else self.valid.index_select(0, entry)
+
+    def _to_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """[rows, kv, M, d] -> [entries, kv, max_rows * M, d] (zeros where no row)."""
+        n, (_, kv, m, d) = self.valid.shape[0], x.shape
+        blocks = x.new_zeros(n, kv, self.max_rows, m, d)
+        blocks[self.entry, :, self.pos] = x
+        return blocks.view(n, kv, self.max_rows * m, d)
+
+    def _from_blocks(self, x: torch.Tensor, m: int) -> torch.Tensor:
+        n, kv, _, d = x.shape
+        return x.view(n, kv, self.max_rows, m, d)[self.entry, :, self.pos]
+
+    def scores(self, layer: int, q: torch.Tensor, length: int) -> torch.Tensor:
+        keys = self.keys[layer][:, :, :length].transpose(-1, -2)
+        if self.identity:
+            return q @ keys
+        return self._from_blocks(self._to_blocks(q) @ keys, q.shape[2])
+
+    def output(self, layer: int, weights: torch.Tensor, length: int) -> torch.Tensor:
+        values = self.values[layer][:, :, :length]
+        if self.identity:
+            return weights @ values
+        return self._from_blocks(self._to_blocks(weights) @ values, weights.shape[2])
+
+
+class _LevelCache:
+    """The cache object handed to the model: shared levels (read) and the rows' own level, into
+    which `update` writes the keys/values of the tokens being processed."""
+
+    def __init__(self, shared: list[_Level], own: _Level, causal: bool):
+        self.shared, self.own, self.causal = shared, own, causal
+        self.write_at = 0  # column of the own level that this forward writes
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        end = self.write_at + key_states.shape[-2]
+        self.own.keys[layer_idx][:, :, self.write_at : end] = key_states
+        self.own.values[layer_idx][:, :, self.write_at : end] = value_states
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.write_at
+
+    def attend(self, layer: int, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        rows, heads, q_len, dim = query.shape
+        kv = self.own.keys[layer].shape[1]
+        rep = heads // kv
+        q = (query * scaling).reshape(rows, kv, rep * q_len, dim)  # head h -> kv head h // rep
+        end = self.write_at + q_len
+        parts, lengths = [], []
+        for level in self.shared:
+            length = level.valid.shape[1]
+            s = level.scores(layer, q, length)
+            parts.append(s.masked_fill(~level.row_valid[:, None, None, :], float("-inf")))
+            lengths.append(length)
+        s = self.own.scores(layer, q, end).view(rows, kv, rep, q_len, end)
+        mask = self.own.row_valid[:, None, None, None, :end]
+        if self.causal:  # the own tokens of this forward see earlier ones and themselves
+            tri = torch.ones(q_len, q_len, dtype=torch.bool, device=q.device).tril()
+            causal = torch.ones(q_len, end, dtype=torch.bool, device=q.device)
+            causal[:, self.write_at :] = tri
+            eye = torch.zeros(q_len, end, dtype=torch.bool, device=q.device)
+            eye[:, self.write_at :] = torch.eye(q_len, dtype=torch.bool, device=q.device)
+            mask = (mask & causal) | eye  # a padding query attends to itself only
+        parts.append(s.masked_fill(~mask, float("-inf")).view(rows, kv, rep * q_len, end))
+        lengths.append(end)
+        weights = torch.cat(parts, dim=-1).float().softmax(dim=-1).to(query.dtype)
+        out = None
+        for level, w, length in zip([*self.shared, self.own], weights.split(lengths, dim=-1), lengths):
+            o = level.output(layer, w, length)
+            out = o if out is None else out + o
+        return out.view(rows, kv, rep, q_len, dim).reshape(rows, heads, q_len, dim).transpose(1, 2).contiguous()
+
+
+_ACTIVE: contextvars.ContextVar[_LevelCache | None] = contextvars.ContextVar("slick_cache", default=None)
+
+
+def _level_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention over the engine's levels inside its forwards; plain SDPA everywhere else."""
+    cache = _ACTIVE.get()
+    if cache is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    return cache.attend(module.layer_idx, query, scaling if scaling is not None else query.shape[-1] ** -0.5), None
+
+
+AttentionInterface.register("slick_levels", _level_attention)
+
+
+@dataclass
+class _Prefix:
+    text: str
+    tokens: list[int]
+    keys: list[torch.Tensor] = field(default_factory=list)  # per layer [kv_heads, P, head_dim]
+    values: list[torch.Tensor] = field(default_factory=list)
+
+
+class Generator:
+    """Batched generation with cached prefixes; see the module docstring."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        max_new_tokens: int = 16,
+        temperature: float = 0.5,
+        top_k: int = 40,
+        max_batch_rows: int = 512,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_k = top_k
+        self.max_batch_rows = max_batch_rows
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.n_layers = cfg.num_hidden_layers
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        model.set_attn_implementation("slick_levels")
+        self.prefixes: list[_Prefix] = []
+        self._prefix_ids: dict[str, int] = {}
+        self.stop_token = self._stop_tokens()
+        self._no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
+        self.stats = Stats()
+
+    # ----- prompts -----
+    def _stop_tokens(self) -> torch.Tensor:
+        """A mask over the vocabulary: tokens whose text contains a newline, and EOS tokens."""
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        n = min(vocab, len(self.tokenizer))
+        texts = self.tokenizer.batch_decode([[i] for i in range(n)])
+        mask = torch.zeros(vocab, dtype=torch.bool)
+        mask[:n] = torch.tensor(["\n" in t for t in texts])
+        eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
+        eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
+        if self.tokenizer.eos_token_id is not None:
+            eos.append(self.tokenizer.eos_token_id)
+        mask[[e for e in eos if e < vocab]] = True
+        return mask.to(self.device)
+
+    def _own_level(self, rows: int, length: int, valid: torch.Tensor) -> _Level:
+        shape = (rows, self.kv_heads, length, self.head_dim)
+        keys = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
+        values = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
+        return _Level(keys, values, valid, torch.arange(rows, device=self.device))
+
+    def add_prefix(self, text: str) -> int:
+        """Encode a prompt prefix once (with the tokenizer's special tokens, e.g. BOS)."""
+        if text in self._prefix_ids:
+            return self._prefix_ids[text]
+        tokens = self.tokenizer(text, add_special_tokens=True).input_ids
+        prefix = _Prefix(text, tokens)
+        if tokens:
+            n = len(tokens)
+            own = self._own_level(1, n, torch.ones(1, n, dtype=torch.bool, device=self.device))
+            ids = torch.tensor([tokens], device=self.device)
+            self._forward(ids, torch.arange(n, device=self.device)[None], _LevelCache([], own, causal=True), n, 1)
+            prefix.keys = [k[0] for k in own.keys]
+            prefix.values = [v[0] for v in own.values]
+        self.prefixes.append(prefix)
+        self._prefix_ids[text] = len(self.prefixes) - 1
+        return len(self.prefixes) - 1
+
+    def prompt_tokens(self, prefix: int, text: str) -> tuple[int, ...]:
+        """Token ids of `text` following `prefix`, exactly as the whole prompt tokenizes."""
+        head = self.prefixes[prefix].tokens
+        full = self.tokenizer(self.prefixes[prefix].text + text, add_special_tokens=True).input_ids
+        if full[: len(head)] != head or len(full) == len(head):
+            raise ValueError(
+                f"the tokenizer merges tokens across the prefix/prompt boundary of {text[:60]!r}; "
+                "prefix caching would change the prompt"
+            )
+        return tuple(full[len(head) :])
+
+    # ----- model calls -----
+    def _forward(self, ids, positions, cache: _LevelCache, real_tokens: int, real_rows: int):
+        t = time.perf_counter()
+        token = _ACTIVE.set(cache)
+        try:
+            with torch.inference_mode():
+                out = self.model(
+                    input_ids=ids,
+                    position_ids=positions,
+                    attention_mask=self._no_mask,  # a 4D mask is passed through; attention masks itself
+                    cache=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+        finally:
+            _ACTIVE.reset(token)
+        self.stats.forward_calls += 1
+        self.stats.tokens += real_tokens
+        self.stats.forward_rows += real_rows
+        self.stats.padded_tokens += ids.numel()
+        self.stats.seconds += time.perf_counter() - t
+        return out.logits[:, -1]
+
+    # ----- generation -----
+    def generate(
+        self, requests: Sequence[Request], keep: Callable[[int], bool] | None = None
+    ) -> Iterator[tuple[int, list[int]]]:
+        """Yield (request index, generated token ids without the stop token) as rows finish.
+
+        Requests run in waves of at most `max_batch_rows` rows, in the given order. `keep(i)` is
+        asked before a request starts and after every step; when it turns False the request is
+        dropped and nothing is yielded for it."""
+        keep = keep or (lambda i: True)
+        pending = list(range(len(requests)))
+        while pending:
+            wave, rest = [], []
+            for i in pending:
+                if len(wave) < self.max_batch_rows and keep(i):
+                    wave.append(i)
+                elif len(wave) >= self.max_batch_rows:
+                    rest.append(i)
+            pending = rest
+            if wave:
+                yield from self._run_wave([requests[i] for i in wave], wave, keep)
+
+    def _run_wave(self, reqs: list[Request], index: list[int], keep) -> Iterator[tuple[int, list[int]]]:
+        with torch.inference_mode():
+            yield from self._wave(reqs, index, keep)
+
+    def _wave(self, reqs: list[Request], index: list[int], keep) -> Iterator[tuple[int, list[int]]]:
+        dev = self.device
+        self.stats.waves += 1
+        self.stats.rows += len(reqs)
+        # one prefill per distinct (prefix, prompt); rows point at their group
+        groups: dict[tuple[int, tuple[int, ...]], int] = {}
+        row_group = [groups.setdefault((r.prefix, r.prompt), len(groups)) for r in reqs]
+        group_keys = list(groups)
+        n_groups, q_max = len(group_keys), max(len(q) for _, q in group_keys)
+
+        # the prefixes of this wave, each once
+        used = sorted({p for p, _ in group_keys if self.prefixes[p].tokens})
+        slot = {p: i for i, p in enumerate(used)}
+        shared = []
+        if used:
+            p_max = max(len(self.prefixes[p].tokens) for p in used)
+            valid = torch.zeros(len(used), p_max, dtype=torch.bool, device=dev)
+            shape = (len(used), self.kv_heads, p_max, self.head_dim)
+            keys = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in range(self.n_layers)]
+            values = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in range(self.n_layers)]
+            for p in used:
+                n = len(self.prefixes[p].tokens)
+                valid[slot[p], :n] = True
+                for layer in range(self.n_layers):
+                    keys[layer][slot[p], :, :n] = self.prefixes[p].keys[layer]
+                    values[layer][slot[p], :, :n] = self.prefixes[p].values[layer]
+            # groups without a prefix point at an entry whose keys are all invalid
+            group_prefix = torch.tensor([slot.get(p, 0) for p, _ in group_keys], device=dev)
+            no_prefix = torch.tensor([not self.prefixes[p].tokens for p, _ in group_keys], device=dev)
+            if bool(no_prefix.any()):
+                valid = torch.cat([valid, torch.zeros(1, p_max, dtype=torch.bool, device=dev)])
+                keys = [torch.cat([k, k[:1]]) for k in keys]
+                values = [torch.cat([v, v[:1]]) for v in values]
+                group_prefix[no_prefix] = len(used)
+            prefix_level = _Level(keys, values, valid, group_prefix)
+            shared.append(prefix_level)
+
+        # prefill the prompts of all groups in one forward (left-padded)
+        q_valid = torch.zeros(n_groups, q_max, dtype=torch.bool)
+        ids = torch.full((n_groups, q_max), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+        pos = torch.zeros(n_groups, q_max, dtype=torch.long)
+        for g, (p, prompt) in enumerate(group_keys):
+            n_p, n_q = len(self.prefixes[p].tokens), len(prompt)
+            q_valid[g, q_max - n_q :] = True
+            ids[g, q_max - n_q :] = torch.tensor(prompt)
+            pos[g, q_max - n_q :] = torch.arange(n_p, n_p + n_q)
+        own = self._own_level(n_groups, q_max, q_valid.to(dev))
+        logits = self._forward(
+            ids.to(dev),
+            pos.to(dev),
+            _LevelCache(shared, own, causal=True),
+            real_tokens=sum(len(q) for _, q in group_keys),
+            real_rows=n_groups,
+        )
+
+        # decoding: rows see their prefix, their group's prompt and their own tokens
+        rg = torch.tensor(row_group, device=dev)
+        group_level = _Level(own.keys, own.values, own.valid, rg)
+        if shared:
+            prefix_of_row = prefix_level.entry.index_select(0, rg) if len(reqs) != n_groups else prefix_level.entry
+            prefix_level.set_rows(prefix_of_row)
+        shared = [*shared, group_level]
+        rows = self._own_level(len(reqs), self.max_new_tokens, torch.ones(len(reqs), self.max_new_tokens, dtype=torch.bool, device=dev))
+        cache = _LevelCache(shared, rows, causal=False)
+        next_pos = pos[:, -1].to(dev).index_select(0, rg) + 1
+        logits = logits.index_select(0, rg)
+        keys = torch.tensor([r.key or 0 for r in reqs], dtype=torch.long, device=dev)
+        sample = torch.tensor([r.key is not None for r in reqs], dtype=torch.bool, device=dev)
+        slot_req = list(range(len(reqs)))  # batch row -> request position
+        generated: list[list[int]] = [[] for _ in reqs]
+
+        for step in range(self.max_new_tokens):
+            tokens = choose_tokens(logits, keys, sample, step, self.temperature, self.top_k)
+            stop = self.stop_token[tokens].tolist()
+            token_list = tokens.tolist()
+            last = step + 1 == self.max_new_tokens
+            live = []
+            for row, r in enumerate(slot_req):
+                if stop[row]:
+                    yield index[r], generated[r]
+                    continue
+                generated[r].append(token_list[row])
+                if last:
+                    yield index[r], generated[r]
+                elif keep(index[r]):
+                    live.append(row)
+            if not live:
+                return
+            if len(live) < len(slot_req):  # drop finished rows: only their own tokens move
+                sel = torch.tensor(live, device=dev)
+                rows.keys = [k.index_select(0, sel) for k in rows.keys]
+                rows.values = [v.index_select(0, sel) for v in rows.values]
+                rows.valid = rows.valid.index_select(0, sel)
+                rows.set_rows(torch.arange(len(live), device=dev))
+                for level in shared:
+                    level.set_rows(level.entry.index_select(0, sel))
+                next_pos, keys, sample, tokens = (t.index_select(0, sel) for t in (next_pos, keys, sample, tokens))
+                slot_req = [slot_req[row] for row in live]
+            cache.write_at = step
+            logits = self._forward(tokens[:, None], next_pos[:, None], cache, len(live), len(live))
+            next_pos = next_pos + 1
+
+    def decode(self, tokens: list[int]) -> str:
+        """The answer: generated text up to its first newline, stripped."""
+        return self.tokenizer.decode(tokens, skip_special_tokens=True).split("\n", 1)[0].strip()
