@@ -38,8 +38,12 @@ test: setup
 	$(BIN)/python -m pytest
 	$(MAKE) --no-print-directory lint
 
+# Needs the dataset archive and the materialised embedded model; offline, add
+# SMK_ARGS="--config 'dataset={source: /path/to/dataset.zip}'".
 bench: setup
-	@echo "no benchmarks yet"
+	$(BIN)/snakemake --cores $(CORES) resources/entity_questions/dataset.zip resources/models/smollm2-135m $(SMK_ARGS)
+	mkdir -p benchmarks/runs
+	$(BIN)/python benchmarks/slick_throughput.py --json benchmarks/runs/slick_throughput.json
 
 clean-results:
 	rm -rf results logs benchmarks/runs

@@ -16,9 +16,11 @@ include: "workflow/rules/common.smk"
 wildcard_constraints:
     split="|".join(SPLITS),
     model="|".join(map(str, config["models"])),
+    relation="P[0-9]+",
 
 
 include: "workflow/rules/data.smk"
+include: "workflow/rules/labels.smk"
 
 
 rule all:

@@ -9,7 +9,7 @@ import pytest
 from helpers import FIXTURE_ZIP, ROOT, snakemake, tiny_config, write_config
 
 pytestmark = pytest.mark.workflow
-DATA_OUTPUTS = ["train", "dev", "test", "ood_test"]
+DATA_OUTPUTS = ["train", "dev", "test", "ood_test", "ood_dev"]
 
 
 def data_targets():
@@ -22,8 +22,8 @@ def test_data_stage_on_fixture(tmp_path):
     train = pl.read_parquet(tmp_path / "results/data/train.parquet")
     assert train.columns == ["id", "relation", "subject", "question", "answer"]
     assert set(train["relation"]) == {"P17", "P36", "P495", "P26"}
-    ood = pl.read_parquet(tmp_path / "results/data/ood_test.parquet")
-    assert set(ood["relation"]) == {"P50", "P407"}
+    for name in ("ood_test", "ood_dev"):
+        assert set(pl.read_parquet(tmp_path / f"results/data/{name}.parquet")["relation"]) == {"P50", "P407"}
     test_subjects = set(pl.read_parquet(tmp_path / "results/data/test.parquet")["subject"])
     assert not set(train["subject"]) & test_subjects
     sizes = pl.read_csv(tmp_path / "results/data/split_sizes.csv")

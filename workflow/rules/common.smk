@@ -19,7 +19,9 @@ try:
 except ConfigError as e:
     raise WorkflowError(str(e)) from None
 
-SPLITS = ["train", "dev", "test", "ood_test"]
+SPLITS = ["train", "dev", "test", "ood_test", "ood_dev"]
+# the splits that get SliCK labels (ood_dev is only the exemplar pool of the OOD relations)
+LABELLED_SPLITS = ["train", "dev", "test", "ood_test"]
 
 
 def canon(obj):
@@ -48,5 +50,40 @@ def data_spec():
     )
 
 
+def model_spec(wildcards):
+    return canon(config["models"][wildcards.model])
+
+
+def exemplar_spec():
+    slick = config["slick"]
+    return canon({k: slick[k] for k in ("n_exemplar_sets", "k_shot", "seed")})
+
+
+def label_spec(wildcards):
+    """Everything that changes a label: the SliCK settings and the model entry."""
+    return canon({"slick": config["slick"], "model": config["models"][wildcards.model]})
+
+
+def split_relations(split):
+    rels = config["relations"]
+    return rels["out_of_distribution"] if split.startswith("ood_") else rels["in_distribution"]
+
+
+def label_chunks(wildcards):
+    return expand(
+        "results/labels/{model}/chunks/{split}/{relation}.parquet",
+        model=wildcards.model,
+        split=wildcards.split,
+        relation=split_relations(wildcards.split),
+    )
+
+
 def all_targets():
-    return expand("results/data/{split}.parquet", split=SPLITS) + ["results/data/split_sizes.csv"]
+    return (
+        expand("results/data/{split}.parquet", split=SPLITS)
+        + ["results/data/split_sizes.csv"]
+        + expand(
+            "results/labels/{model}/{split}.parquet", model=config["models"], split=LABELLED_SPLITS
+        )
+        + expand("results/labels/{model}/category_summary.csv", model=config["models"])
+    )

@@ -30,6 +30,7 @@ rule prepare_splits:
         dev="results/data/dev.parquet",
         test="results/data/test.parquet",
         ood_test="results/data/ood_test.parquet",
+        ood_dev="results/data/ood_dev.parquet",
         sizes="results/data/split_sizes.csv",
     log:
         "logs/prepare_splits.log",

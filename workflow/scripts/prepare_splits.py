@@ -20,7 +20,8 @@ def prepare(archive: str, spec: dict) -> tuple[dict, object]:
     templates = spec["templates"]
     rels = spec["relations"]
     needed = {(r, s) for r in rels["in_distribution"] for s in ARCHIVE_SPLITS}
-    needed |= {(r, "test") for r in list(templates) + rels["out_of_distribution"]}
+    needed |= {(r, s) for r in rels["out_of_distribution"] for s in ("dev", "test")}
+    needed |= {(r, "test") for r in templates}
     frames = read_archive(archive, templates, sorted(needed))
     splits = build_splits(frames, rels["in_distribution"], rels["out_of_distribution"], list(templates))
     sizes = split_sizes(splits)

@@ -12,7 +12,8 @@ import polars as pl
 from eqtools.sampling import stable_keys
 
 ARCHIVE_SPLITS = ("train", "dev", "test")
-OUTPUT_SPLITS = ("train", "dev", "test", "ood_test")
+# ood_dev: dev questions of the out-of-distribution relations, the SliCK exemplar pool for them
+OUTPUT_SPLITS = ("train", "dev", "test", "ood_test", "ood_dev")
 COLUMNS = ("id", "relation", "subject", "question", "answer")
 
 
@@ -154,10 +155,9 @@ def build_splits(
         "dev": single_answer(cat(in_distribution, "dev")),
         "test": single_answer(cat(in_distribution, "test")),
     }
-    ood = cat(out_of_distribution, "test")
-    splits["ood_test"] = (
-        single_answer(ood) if ood is not None else splits["test"].clear()
-    )
+    for name, split in (("ood_test", "test"), ("ood_dev", "dev")):
+        ood = cat(out_of_distribution, split)
+        splits[name] = single_answer(ood) if ood is not None else splits["test"].clear()
     return {name: frame.select(COLUMNS) for name, frame in splits.items()}
 
 

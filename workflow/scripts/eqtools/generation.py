@@ -91,98 +91,82 @@ class Stats:
 
 
 class _Level:
-    """KV states shared by several rows: per layer [entries, kv_heads, length, head_dim], a validity
-    mask [entries, length] and the entry of every row."""
+    """KV states shared by several rows: per layer [entries, kv_heads, length, head_dim], the entry
+    of every attention row and which of the entry's positions each row sees."""
 
-    def __init__(self, keys, values, valid, entry):
+    def __init__(self, keys, values, valid, entry, row_valid=None):
         self.keys, self.values, self.valid = keys, values, valid
-        self.set_rows(entry)
+        self.set_rows(entry, row_valid)
 
-    def set_rows(self, entry: torch.Tensor) -> None:
+    def set_rows(self, entry: torch.Tensor, row_valid: torch.Tensor | None = None) -> None:
         self.entry = entry
         n = self.valid.shape[0]
         self.identity = entry.numel() == n and bool((entry == torch.arange(n, device=entry.device)).all())
         if not self.identity:
-            # rank of each row among the rows of its entry: rows of one entry form a block, so
-            # all of them attend to the entry's keys in one matmul
+            # rank of each row among the rows of its entry: the rows of one entry form a block
+            # that attends to the entry's keys in one matmul, without copying the keys
             order = torch.argsort(entry, stable=True)
             counts = torch.bincount(entry, minlength=n)
             starts = torch.cumsum(counts, 0) - counts
             pos = torch.empty_like(entry)
             pos[order] = torch.arange(entry.numel(), device=entry.device) - starts[entry[order]]
             self.pos, self.max_rows = pos, int(counts.max())
-        self.row_valid = self.valid if self.identity else self.valid.index_select(0, entry)
+        if row_valid is None:
+            row_valid = self.valid if self.identity else self.valid.index_select(0, entry)
+        self.row_valid = row_valid
 
-    def _to_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        """[rows, kv, M, d] -> [entries, kv, max_rows * M, d] (zeros where no row)."""
-        n, (_, kv, m, d) = self.valid.shape[0], x.shape
-        blocks = x.new_zeros(n, kv, self.max_rows, m, d)
+    def _blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """[rows, kv, m, d] -> [entries, kv, max_rows * m, d], zeros where an entry has fewer rows."""
+        rows, kv, m, d = x.shape
+        blocks = x.new_zeros(self.valid.shape[0], kv, self.max_rows, m, d)
         blocks[self.entry, :, self.pos] = x
-        return blocks.view(n, kv, self.max_rows * m, d)
+        return blocks.view(self.valid.shape[0], kv, self.max_rows * m, d)
 
-    def _from_blocks(self, x: torch.Tensor, m: int) -> torch.Tensor:
+    def _unblocks(self, x: torch.Tensor, m: int) -> torch.Tensor:
         n, kv, _, d = x.shape
         return x.view(n, kv, self.max_rows, m, d)[self.entry, :, self.pos]
 
-    def scores(self, layer: int, q: torch.Tensor, length: int) -> torch.Tensor:
-        keys = self.keys[layer][:, :, :length].transpose(-1, -2)
-        if self.identity:
-            return q @ keys
-        return self._from_blocks(self._to_blocks(q) @ keys, q.shape[2])
+    def scores(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        keys = self.keys[layer].transpose(-1, -2)
+        s = q @ keys if self.identity else self._unblocks(self._blocks(q) @ keys, q.shape[2])
+        return s.masked_fill(~self.row_valid[:, None, None, :], float("-inf"))
 
-    def output(self, layer: int, weights: torch.Tensor, length: int) -> torch.Tensor:
-        values = self.values[layer][:, :, :length]
+    def output(self, layer: int, weights: torch.Tensor) -> torch.Tensor:
+        values = self.values[layer]
         if self.identity:
             return weights @ values
-        return self._from_blocks(self._to_blocks(weights) @ values, weights.shape[2])
+        return self._unblocks(self._blocks(weights) @ values, weights.shape[2])
 
 
 class _LevelCache:
-    """The cache object handed to the model: shared levels (read) and the rows' own level, into
-    which `update` writes the keys/values of the tokens being processed."""
+    """The cache object handed to the model. Every attention row is one query token: in a packed
+    prefill the tokens of one sequence (batch 1), in decoding one token per batch row. `update`
+    scatters the new keys/values to (entry, column) of the `target` level; `attend` attends over
+    all levels with one softmax."""
 
-    def __init__(self, shared: list[_Level], own: _Level, causal: bool):
-        self.shared, self.own, self.causal = shared, own, causal
-        self.write_at = 0  # column of the own level that this forward writes
+    def __init__(self, levels: list[_Level], target: _Level, write_entry, write_col, packed: bool):
+        self.levels, self.target, self.packed = levels, target, packed
+        self.write_entry, self.write_col = write_entry, write_col
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        end = self.write_at + key_states.shape[-2]
-        self.own.keys[layer_idx][:, :, self.write_at : end] = key_states
-        self.own.values[layer_idx][:, :, self.write_at : end] = value_states
+        # packed: [1, kv, tokens, d]; decoding: [rows, kv, 1, d] -> [n, kv, d]
+        k = key_states[0].transpose(0, 1) if self.packed else key_states[:, :, 0]
+        v = value_states[0].transpose(0, 1) if self.packed else value_states[:, :, 0]
+        self.target.keys[layer_idx][self.write_entry, :, self.write_col] = k
+        self.target.values[layer_idx][self.write_entry, :, self.write_col] = v
         return key_states, value_states
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.write_at
-
     def attend(self, layer: int, query: torch.Tensor, scaling: float) -> torch.Tensor:
-        rows, heads, q_len, dim = query.shape
-        kv = self.own.keys[layer].shape[1]
-        rep = heads // kv
-        q = (query * scaling).reshape(rows, kv, rep * q_len, dim)  # head h -> kv head h // rep
-        end = self.write_at + q_len
-        parts, lengths = [], []
-        for level in self.shared:
-            length = level.valid.shape[1]
-            s = level.scores(layer, q, length)
-            parts.append(s.masked_fill(~level.row_valid[:, None, None, :], float("-inf")))
-            lengths.append(length)
-        s = self.own.scores(layer, q, end).view(rows, kv, rep, q_len, end)
-        mask = self.own.row_valid[:, None, None, None, :end]
-        if self.causal:  # the own tokens of this forward see earlier ones and themselves
-            tri = torch.ones(q_len, q_len, dtype=torch.bool, device=q.device).tril()
-            causal = torch.ones(q_len, end, dtype=torch.bool, device=q.device)
-            causal[:, self.write_at :] = tri
-            eye = torch.zeros(q_len, end, dtype=torch.bool, device=q.device)
-            eye[:, self.write_at :] = torch.eye(q_len, dtype=torch.bool, device=q.device)
-            mask = (mask & causal) | eye  # a padding query attends to itself only
-        parts.append(s.masked_fill(~mask, float("-inf")).view(rows, kv, rep * q_len, end))
-        lengths.append(end)
-        weights = torch.cat(parts, dim=-1).float().softmax(dim=-1).to(query.dtype)
-        out = None
-        for level, w, length in zip([*self.shared, self.own], weights.split(lengths, dim=-1), lengths):
-            o = level.output(layer, w, length)
-            out = o if out is None else out + o
-        return out.view(rows, kv, rep, q_len, dim).reshape(rows, heads, q_len, dim).transpose(1, 2).contiguous()
+        q = query.transpose(0, 2) if self.packed else query  # -> [rows, heads, 1, d]
+        rows, heads, _, dim = q.shape
+        kv = self.target.keys[layer].shape[1]
+        q = (q * scaling).reshape(rows, kv, heads // kv, dim)  # head h uses kv head h // (heads // kv)
+        scores = [level.scores(layer, q) for level in self.levels]
+        lengths = [s.shape[-1] for s in scores]
+        weights = torch.cat(scores, dim=-1).float().softmax(dim=-1).to(query.dtype)
+        out = sum(level.output(layer, w) for level, w in zip(self.levels, weights.split(lengths, dim=-1)))
+        out = out.reshape(rows, heads, dim)
+        return out[None] if self.packed else out[:, None]  # [batch, tokens, heads, d]
 
 
 _ACTIVE: contextvars.ContextVar[_LevelCache | None] = contextvars.ContextVar("slick_cache", default=None)
@@ -254,11 +238,34 @@ class Generator:
         mask[[e for e in eos if e < vocab]] = True
         return mask.to(self.device)
 
-    def _own_level(self, rows: int, length: int, valid: torch.Tensor) -> _Level:
-        shape = (rows, self.kv_heads, length, self.head_dim)
-        keys = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
-        values = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
-        return _Level(keys, values, valid, torch.arange(rows, device=self.device))
+    def _empty_level(self, entries: int, length: int, valid: torch.Tensor, entry, row_valid=None) -> _Level:
+        shape = (entries, self.kv_heads, length, self.head_dim)
+        keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
+        values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
+        return _Level(keys, values, valid, entry, row_valid)
+
+    def _prefill(self, sequences: list[tuple[int, ...]], offsets: list[int], prefixes=None, seq_prefix=None):
+        """Encode token sequences packed into one row (no padding): each token attends to its
+        sequence's prefix (entry `seq_prefix[i]` of the level `prefixes`) and to the earlier
+        tokens of its own sequence, which starts at model position `offsets[i]`. Returns the
+        level holding the sequences' KV and their last logits."""
+        dev = self.device
+        lengths = torch.tensor([len(q) for q in sequences], device=dev)
+        width = int(lengths.max())
+        entry = torch.repeat_interleave(torch.arange(len(sequences), device=dev), lengths)
+        col = torch.cat([torch.arange(n, device=dev) for n in lengths.tolist()])
+        valid = torch.arange(width, device=dev)[None, :] < lengths[:, None]
+        level = self._empty_level(len(sequences), width, valid, entry, torch.arange(width, device=dev)[None, :] <= col[:, None])
+        ids = torch.tensor([t for q in sequences for t in q], device=dev)[None]
+        positions = (torch.tensor(offsets, device=dev)[entry] + col)[None]
+        last = torch.cumsum(lengths, 0) - 1
+        shared = []
+        if prefixes is not None:
+            prefixes.set_rows(seq_prefix[entry])
+            shared.append(prefixes)
+        cache = _LevelCache([*shared, level], level, entry, col, packed=True)
+        logits = self._forward(ids, positions, cache, len(col), len(sequences), keep=last)
+        return level, logits
 
     def add_prefix(self, text: str) -> int:
         """Encode a prompt prefix once (with the tokenizer's special tokens, e.g. BOS)."""
@@ -267,12 +274,9 @@ class Generator:
         tokens = self.tokenizer(text, add_special_tokens=True).input_ids
         prefix = _Prefix(text, tokens)
         if tokens:
-            n = len(tokens)
-            own = self._own_level(1, n, torch.ones(1, n, dtype=torch.bool, device=self.device))
-            ids = torch.tensor([tokens], device=self.device)
-            self._forward(ids, torch.arange(n, device=self.device)[None], _LevelCache([], own, causal=True), n, 1)
-            prefix.keys = [k[0] for k in own.keys]
-            prefix.values = [v[0] for v in own.values]
+            level, _ = self._prefill([tuple(tokens)], [0])
+            prefix.keys = [k[0] for k in level.keys]
+            prefix.values = [v[0] for v in level.values]
         self.prefixes.append(prefix)
         self._prefix_ids[text] = len(self.prefixes) - 1
         return len(self.prefixes) - 1
@@ -289,7 +293,7 @@ class Generator:
         return tuple(full[len(head) :])
 
     # ----- model calls -----
-    def _forward(self, ids, positions, cache: _LevelCache, real_tokens: int, real_rows: int):
+    def _forward(self, ids, positions, cache: _LevelCache, real_tokens: int, real_rows: int, keep=None):
         t = time.perf_counter()
         token = _ACTIVE.set(cache)
         try:
@@ -300,7 +304,7 @@ class Generator:
                     attention_mask=self._no_mask,  # a 4D mask is passed through; attention masks itself
                     cache=cache,
                     use_cache=True,
-                    logits_to_keep=1,
+                    logits_to_keep=1 if keep is None else keep,
                 )
         finally:
             _ACTIVE.reset(token)
@@ -309,7 +313,7 @@ class Generator:
         self.stats.forward_rows += real_rows
         self.stats.padded_tokens += ids.numel()
         self.stats.seconds += time.perf_counter() - t
-        return out.logits[:, -1]
+        return out.logits[0] if keep is not None else out.logits[:, -1]
 
     # ----- generation -----
     def generate(
@@ -345,63 +349,37 @@ class Generator:
         groups: dict[tuple[int, tuple[int, ...]], int] = {}
         row_group = [groups.setdefault((r.prefix, r.prompt), len(groups)) for r in reqs]
         group_keys = list(groups)
-        n_groups, q_max = len(group_keys), max(len(q) for _, q in group_keys)
 
-        # the prefixes of this wave, each once
+        # the prefixes of this wave, each once; entry `len(used)` is an empty prefix
         used = sorted({p for p, _ in group_keys if self.prefixes[p].tokens})
         slot = {p: i for i, p in enumerate(used)}
-        shared = []
-        if used:
-            p_max = max(len(self.prefixes[p].tokens) for p in used)
-            valid = torch.zeros(len(used), p_max, dtype=torch.bool, device=dev)
-            shape = (len(used), self.kv_heads, p_max, self.head_dim)
-            keys = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in range(self.n_layers)]
-            values = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in range(self.n_layers)]
-            for p in used:
-                n = len(self.prefixes[p].tokens)
-                valid[slot[p], :n] = True
-                for layer in range(self.n_layers):
-                    keys[layer][slot[p], :, :n] = self.prefixes[p].keys[layer]
-                    values[layer][slot[p], :, :n] = self.prefixes[p].values[layer]
-            # groups without a prefix point at an entry whose keys are all invalid
-            group_prefix = torch.tensor([slot.get(p, 0) for p, _ in group_keys], device=dev)
-            no_prefix = torch.tensor([not self.prefixes[p].tokens for p, _ in group_keys], device=dev)
-            if bool(no_prefix.any()):
-                valid = torch.cat([valid, torch.zeros(1, p_max, dtype=torch.bool, device=dev)])
-                keys = [torch.cat([k, k[:1]]) for k in keys]
-                values = [torch.cat([v, v[:1]]) for v in values]
-                group_prefix[no_prefix] = len(used)
-            prefix_level = _Level(keys, values, valid, group_prefix)
-            shared.append(prefix_level)
+        p_max = max([len(self.prefixes[p].tokens) for p in used] or [1])
+        prefix_level = self._empty_level(
+            len(used) + 1, p_max, torch.zeros(len(used) + 1, p_max, dtype=torch.bool, device=dev), torch.zeros(1, dtype=torch.long, device=dev)
+        )
+        for p in used:
+            n = len(self.prefixes[p].tokens)
+            prefix_level.valid[slot[p], :n] = True
+            for layer in range(self.n_layers):
+                prefix_level.keys[layer][slot[p], :, :n] = self.prefixes[p].keys[layer]
+                prefix_level.values[layer][slot[p], :, :n] = self.prefixes[p].values[layer]
+        group_prefix = torch.tensor([slot.get(p, len(used)) for p, _ in group_keys], device=dev)
 
-        # prefill the prompts of all groups in one forward (left-padded)
-        q_valid = torch.zeros(n_groups, q_max, dtype=torch.bool)
-        ids = torch.full((n_groups, q_max), self.tokenizer.pad_token_id or 0, dtype=torch.long)
-        pos = torch.zeros(n_groups, q_max, dtype=torch.long)
-        for g, (p, prompt) in enumerate(group_keys):
-            n_p, n_q = len(self.prefixes[p].tokens), len(prompt)
-            q_valid[g, q_max - n_q :] = True
-            ids[g, q_max - n_q :] = torch.tensor(prompt)
-            pos[g, q_max - n_q :] = torch.arange(n_p, n_p + n_q)
-        own = self._own_level(n_groups, q_max, q_valid.to(dev))
-        logits = self._forward(
-            ids.to(dev),
-            pos.to(dev),
-            _LevelCache(shared, own, causal=True),
-            real_tokens=sum(len(q) for _, q in group_keys),
-            real_rows=n_groups,
+        # prefill every group's prompt, packed
+        group_level, logits = self._prefill(
+            [q for _, q in group_keys], [len(self.prefixes[p].tokens) for p, _ in group_keys], prefix_level, group_prefix
         )
 
         # decoding: rows see their prefix, their group's prompt and their own tokens
         rg = torch.tensor(row_group, device=dev)
-        group_level = _Level(own.keys, own.values, own.valid, rg)
-        if shared:
-            prefix_of_row = prefix_level.entry.index_select(0, rg) if len(reqs) != n_groups else prefix_level.entry
-            prefix_level.set_rows(prefix_of_row)
-        shared = [*shared, group_level]
-        rows = self._own_level(len(reqs), self.max_new_tokens, torch.ones(len(reqs), self.max_new_tokens, dtype=torch.bool, device=dev))
-        cache = _LevelCache(shared, rows, causal=False)
-        next_pos = pos[:, -1].to(dev).index_select(0, rg) + 1
+        prefix_level.set_rows(group_prefix.index_select(0, rg))
+        group_level.set_rows(rg)
+        steps = torch.arange(self.max_new_tokens, device=dev)
+        rows = self._empty_level(
+            len(reqs), self.max_new_tokens, torch.ones(len(reqs), self.max_new_tokens, dtype=torch.bool, device=dev), torch.arange(len(reqs), device=dev)
+        )
+        lengths = torch.tensor([len(q) + len(self.prefixes[p].tokens) for p, q in group_keys], device=dev)
+        next_pos = lengths.index_select(0, rg)
         logits = logits.index_select(0, rg)
         keys = torch.tensor([r.key or 0 for r in reqs], dtype=torch.long, device=dev)
         sample = torch.tensor([r.key is not None for r in reqs], dtype=torch.bool, device=dev)
@@ -430,13 +408,14 @@ class Generator:
                 rows.keys = [k.index_select(0, sel) for k in rows.keys]
                 rows.values = [v.index_select(0, sel) for v in rows.values]
                 rows.valid = rows.valid.index_select(0, sel)
-                rows.set_rows(torch.arange(len(live), device=dev))
-                for level in shared:
+                for level in (prefix_level, group_level):
                     level.set_rows(level.entry.index_select(0, sel))
                 next_pos, keys, sample, tokens = (t.index_select(0, sel) for t in (next_pos, keys, sample, tokens))
                 slot_req = [slot_req[row] for row in live]
-            cache.write_at = step
-            logits = self._forward(tokens[:, None], next_pos[:, None], cache, len(live), len(live))
+            n = len(slot_req)
+            rows.set_rows(torch.arange(n, device=dev), (steps <= step)[None, :].expand(n, -1))
+            cache = _LevelCache([prefix_level, group_level, rows], rows, torch.arange(n, device=dev), step, packed=False)
+            logits = self._forward(tokens[:, None], next_pos[:, None], cache, n, n)
             next_pos = next_pos + 1
 
     def decode(self, tokens: list[int]) -> str:

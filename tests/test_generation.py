@@ -1,0 +1,94 @@
+"""The generation engine on a tiny random model: exact against transformers' generate."""
+
+import pytest
+import torch
+
+from eqtools.generation import Generator, Request, choose_tokens, gumbel_noise
+from eqtools.models import load
+
+PREFIXES = ["Q: What is the capital of France?\nA: Paris\n", "Q: Who wrote Hamlet?\nA: Shakespeare\nQ: Where is Rome?\nA: Italy\n", ""]
+QUESTIONS = ["Q: What is the capital of Peru?\nA:", "Q: Which country is Lyon located in?\nA:", "Q: Hi?\nA:"]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    torch.set_num_threads(1)
+    return load(tiny_model_dir, device="cpu")[:2]
+
+
+def reference_greedy(model, tokenizer, prompt, max_new):
+    ids = tokenizer(prompt, return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**ids, do_sample=False, max_new_tokens=max_new, pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.input_ids.shape[1] :], skip_special_tokens=True).split("\n")[0].strip()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 64])
+def test_greedy_matches_generate(model, rows):
+    m, tok = model
+    gen = Generator(m, tok, max_new_tokens=6, max_batch_rows=rows)
+    cases = [(p, q) for p in PREFIXES for q in QUESTIONS]
+    reqs = []
+    for p, q in cases:
+        pid = gen.add_prefix(p)
+        reqs.append(Request(pid, gen.prompt_tokens(pid, q)))
+    got = {i: gen.decode(t) for i, t in gen.generate(reqs)}
+    assert len(got) == len(cases)
+    for i, (p, q) in enumerate(cases):
+        assert got[i] == reference_greedy(m, tok, p + q, 6), (p, q)
+    assert gen.stats.tokens > 0 and gen.stats.padded_tokens >= gen.stats.tokens
+
+
+def test_samples_do_not_depend_on_batching(model):
+    m, tok = model
+    outs = []
+    for rows in (1, 5, 200):
+        gen = Generator(m, tok, max_new_tokens=5, max_batch_rows=rows, temperature=0.7, top_k=20)
+        reqs = []
+        for p in PREFIXES:
+            pid = gen.add_prefix(p)
+            reqs += [Request(pid, gen.prompt_tokens(pid, q), key=100 * len(reqs) + s) for q in QUESTIONS for s in range(4)]
+        outs.append(dict(gen.generate(reqs)))
+    assert outs[0] == outs[1] == outs[2]
+    assert len({tuple(t) for t in outs[0].values()}) > 1  # the samples differ from each other
+
+
+def test_cancelled_requests_yield_nothing(model):
+    m, tok = model
+    gen = Generator(m, tok, max_new_tokens=4, max_batch_rows=4)
+    pid = gen.add_prefix(PREFIXES[0])
+    reqs = [Request(pid, gen.prompt_tokens(pid, QUESTIONS[0]), key=k) for k in range(10)]
+    got = dict(gen.generate(reqs, keep=lambda i: i % 2 == 0))
+    assert sorted(got) == [0, 2, 4, 6, 8]
+
+
+def test_prompt_tokens_equal_whole_prompt_tokenization(model):
+    m, tok = model
+    gen = Generator(m, tok)
+    for p in PREFIXES:
+        pid = gen.add_prefix(p)
+        for q in QUESTIONS:
+            assert list(gen.prefixes[pid].tokens) + list(gen.prompt_tokens(pid, q)) == tok(p + q).input_ids
+    pid = gen.add_prefix("Hello wor")
+    with pytest.raises(ValueError, match="merges tokens across the prefix/prompt boundary"):
+        gen.prompt_tokens(pid, "ld")
+
+
+def test_sampler_follows_the_top_k_softmax():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 50) * 2
+    n = 20000
+    keys = torch.arange(n, dtype=torch.long)
+    tokens = choose_tokens(logits.expand(n, -1), keys, torch.ones(n, dtype=torch.bool), 0, temperature=0.5, top_k=5)
+    top = logits[0].topk(5)
+    probs = torch.softmax(top.values / 0.5, dim=-1)
+    freq = torch.stack([(tokens == t).float().mean() for t in top.indices])
+    assert set(tokens.unique().tolist()) <= set(top.indices.tolist())
+    assert torch.allclose(freq, probs, atol=0.015), (freq, probs)
+
+
+def test_gumbel_noise_is_a_pure_function():
+    keys = torch.tensor([1, 2, 3])
+    assert torch.equal(gumbel_noise(keys, 4, 8), gumbel_noise(keys, 4, 8))
+    assert not torch.equal(gumbel_noise(keys, 4, 8), gumbel_noise(keys, 5, 8))
+    assert torch.equal(gumbel_noise(keys, 4, 8)[1], gumbel_noise(torch.tensor([2]), 4, 8)[0])

@@ -1,0 +1,94 @@
+# SliCK knowledge labels: what the base model knows, per question (PAPER.md, "SliCK").
+
+
+# A localrule: a hub id is downloaded here, and compute nodes often have no internet access.
+localrules:
+    prepare_model,
+
+
+rule prepare_model:
+    output:
+        directory("resources/models/{model}"),
+    log:
+        "logs/prepare_model/{model}.log",
+    conda:
+        "../../envs/model.yaml"
+    params:
+        spec=model_spec,
+        code=code_hash("models", "io", "provenance"),
+    script:
+        "../scripts/prepare_model.py"
+
+
+rule select_exemplars:
+    input:
+        "results/data/dev.parquet",
+        "results/data/ood_dev.parquet",
+    output:
+        "results/labels/{model}/exemplars.json",
+    log:
+        "logs/select_exemplars/{model}.log",
+    conda:
+        "../../envs/data.yaml"
+    params:
+        spec=exemplar_spec(),
+        code=code_hash("slick", "sampling", "io", "provenance"),
+    script:
+        "../scripts/select_exemplars.py"
+
+
+rule label_questions:
+    input:
+        model="resources/models/{model}",
+        questions="results/data/{split}.parquet",
+        exemplars="results/labels/{model}/exemplars.json",
+    output:
+        "results/labels/{model}/chunks/{split}/{relation}.parquet",
+    log:
+        "logs/label_questions/{model}/{split}/{relation}.log",
+    benchmark:
+        "benchmarks/runs/label_questions/{model}/{split}/{relation}.tsv"
+    conda:
+        "../../envs/model.yaml"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=240,
+    params:
+        spec=label_spec,
+        code=code_hash("generation", "slick", "em", "models", "sampling", "io", "provenance"),
+    script:
+        "../scripts/label_questions.py"
+
+
+rule merge_labels:
+    input:
+        questions="results/data/{split}.parquet",
+        chunks=label_chunks,
+    output:
+        "results/labels/{model}/{split}.parquet",
+    log:
+        "logs/merge_labels/{model}/{split}.log",
+    conda:
+        "../../envs/data.yaml"
+    params:
+        code=code_hash("io", "provenance"),
+    script:
+        "../scripts/merge_labels.py"
+
+
+rule summarize_labels:
+    input:
+        expand("results/labels/{{model}}/{split}.parquet", split=LABELLED_SPLITS),
+    output:
+        csv="results/labels/{model}/category_summary.csv",
+        md="results/labels/{model}/category_summary.md",
+    log:
+        "logs/summarize_labels/{model}.log",
+    conda:
+        "../../envs/data.yaml"
+    params:
+        spec=canon({"splits": LABELLED_SPLITS}),
+        code=code_hash("slick", "io", "provenance"),
+    script:
+        "../scripts/summarize_labels.py"
