@@ -1,10 +1,9 @@
 import polars as pl
 import pytest
 
+from eqtools.categories import CATEGORIES, categorize
 from eqtools.slick import (
-    CATEGORIES,
     ExemplarError,
-    categorize,
     draw_exemplars,
     exemplar_set_for,
     format_exemplars,

@@ -32,7 +32,7 @@ rule select_exemplars:
         "../../envs/data.yaml"
     params:
         spec=exemplar_spec(),
-        code=code_hash("slick", "sampling", "io", "provenance"),
+        code=code_hash("slick", "categories", "em", "sampling", "io", "provenance"),
     script:
         "../scripts/select_exemplars.py"
 
@@ -56,7 +56,7 @@ rule label_questions:
         runtime=240,
     params:
         spec=label_spec,
-        code=code_hash("generation", "slick", "em", "models", "sampling", "io", "provenance"),
+        code=code_hash("generation", "slick", "categories", "em", "models", "sampling", "io", "provenance"),
     script:
         "../scripts/label_questions.py"
 
@@ -89,6 +89,6 @@ rule summarize_labels:
         "../../envs/data.yaml"
     params:
         spec=canon({"splits": LABELLED_SPLITS}),
-        code=code_hash("slick", "io", "provenance"),
+        code=code_hash("categories", "io", "provenance"),
     script:
         "../scripts/summarize_labels.py"

@@ -6,7 +6,7 @@ import polars as pl
 
 from eqtools.io import setup_logging, write_csv, write_text
 from eqtools.provenance import write_provenance
-from eqtools.slick import CATEGORIES
+from eqtools.categories import CATEGORIES
 
 
 def summarize(labels: dict[str, pl.DataFrame]) -> pl.DataFrame:

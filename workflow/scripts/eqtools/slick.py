@@ -6,14 +6,11 @@ from collections.abc import Mapping
 
 import polars as pl
 
+from eqtools.categories import CATEGORIES, categorize
 from eqtools.em import exact_match
-from eqtools.generation import Generator, Request
 from eqtools.sampling import stable_keys
 
 log = logging.getLogger(__name__)
-
-CATEGORIES = ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown")
-KNOWN = CATEGORIES[:3]
 
 
 class ExemplarError(ValueError):
@@ -61,16 +58,8 @@ def sample_key(seed: int, question_id: str, set_index: int, sample_index: int) -
     return int.from_bytes(digest[:4], "little")
 
 
-def categorize(n_greedy_correct: int, n_greedy: int, n_sampled_correct: int) -> str:
-    if n_greedy_correct == n_greedy:
-        return "HighlyKnown"
-    if n_greedy_correct > 0:
-        return "MaybeKnown"
-    return "WeaklyKnown" if n_sampled_correct > 0 else "Unknown"
-
-
 def label_questions(
-    generator: Generator,
+    generator,
     questions: pl.DataFrame,
     exemplars: Mapping[str, dict],
     n_samples: int,
@@ -81,7 +70,10 @@ def label_questions(
 
     Greedy answers for every exemplar set first; then, unless `full_p_correct`, samples only for
     questions whose greedy answers are all wrong, stopping at the first correct sample. The
-    categories equal those of full sampling: samples are drawn from per-sample random streams."""
+    categories equal those of full sampling: samples are drawn from per-sample random streams.
+    `generator` is an eqtools.generation.Generator."""
+    from eqtools.generation import Request  # torch: only the labelling job needs it
+
     rows = questions.select("id", "relation", "question", "answer").to_dicts()
     n_sets = len(next(iter(exemplars.values()))["sets"]) if exemplars else 0
     prompts = []  # (question position, set index, prefix id, prompt tokens)
