@@ -17,10 +17,14 @@ wildcard_constraints:
     split="|".join(SPLITS),
     model="|".join(map(str, config["models"])),
     relation="P[0-9]+",
+    mixture="[a-z_]+(_[0-9]+)?",
+    recipe="|".join(map(str, config["recipes"])),
+    stop="early_stop|convergence",
 
 
 include: "workflow/rules/data.smk"
 include: "workflow/rules/labels.smk"
+include: "workflow/rules/finetune.smk"
 
 
 rule all:

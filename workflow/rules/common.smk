@@ -78,6 +78,55 @@ def label_chunks(wildcards):
     )
 
 
+def mixture_spec():
+    mix = config["mixtures"]
+    return canon({k: mix[k] for k in ("per_relation_size", "relations", "seed")})
+
+
+def finetune_spec(wildcards):
+    ft = config["finetune"]
+    return canon(
+        {
+            "recipe": config["recipes"][wildcards.recipe],
+            "eval_every": ft["eval_every"],
+            "device": ft["device"],
+        }
+    )
+
+
+def evaluate_spec(wildcards):
+    recipe = config["recipes"][wildcards.recipe]
+    return canon(
+        {
+            "method": recipe["method"],
+            "max_new_tokens": recipe["max_new_tokens"],
+            "device": config["finetune"]["device"],
+        }
+    )
+
+
+def recipe_mem_mb(wildcards, attempt):
+    return config["recipes"][wildcards.recipe]["mem_mb"] * attempt
+
+
+def recipe_runtime(wildcards):
+    return config["recipes"][wildcards.recipe]["runtime"]
+
+
+def finetune_targets():
+    ft = dict(
+        model=config["models"],
+        recipe=config["finetune"]["recipes"],
+        mixture=config["mixtures"]["names"],
+    )
+    return expand("results/finetune/{model}/{recipe}/{mixture}/metrics.jsonl", **ft) + expand(
+        "results/eval/{model}/{recipe}/{mixture}/{stop}/{split}.parquet",
+        **ft,
+        stop=["early_stop", "convergence"],
+        split=["test", "ood_test"],
+    )
+
+
 def all_targets():
     return (
         expand("results/data/{split}.parquet", split=SPLITS)
@@ -86,4 +135,5 @@ def all_targets():
             "results/labels/{model}/{split}.parquet", model=config["models"], split=LABELLED_SPLITS
         )
         + expand("results/labels/{model}/category_summary.csv", model=config["models"])
+        + finetune_targets()
     )

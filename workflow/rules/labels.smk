@@ -56,7 +56,9 @@ rule label_questions:
         runtime=240,
     params:
         spec=label_spec,
-        code=code_hash("generation", "slick", "categories", "em", "models", "sampling", "io", "provenance"),
+        code=code_hash(
+            "generation", "slick", "categories", "em", "models", "sampling", "io", "provenance"
+        ),
     script:
         "../scripts/label_questions.py"
 

@@ -79,4 +79,13 @@ def _semantic_problems(config: dict) -> list[str]:
             f"config key 'relations': {', '.join(both)} listed as both in-distribution and "
             "out-of-distribution"
         )
+    recipes = config["recipes"]
+    finetune = config.setdefault("finetune", {})
+    finetune.setdefault("recipes", list(recipes))
+    for name in finetune["recipes"]:
+        if name not in recipes:
+            problems.append(f"config key 'finetune.recipes': {name!r} is not a key of 'recipes' ({', '.join(recipes)})")
+    for rel in config["mixtures"]["relations"] or []:
+        if rel not in rels["in_distribution"]:
+            problems.append(f"config key 'mixtures.relations': {rel} is not an in-distribution relation")
     return problems

@@ -1,0 +1,129 @@
+"""Fine-tuning: loss masking, early stopping, NaN detection, and kill-and-resume on a tiny model."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+from helpers import ROOT
+
+from eqtools.training import (
+    TrainingError,
+    accuracy_by_category,
+    best_epoch,
+    encode_examples,
+    epoch_order,
+    finetune,
+)
+
+RECIPE = {
+    "method": "lora", "learning_rate": 5e-3, "batch_size": 4, "micro_batch_size": 2, "dropout": 0.05,
+    "epochs": 6, "seed": 3, "warmup_steps": 0, "weight_decay": 0.0, "dtype": "float32", "max_new_tokens": 4,
+    "lora": {"rank": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]},
+}
+
+
+def frames():
+    qs = [f"Who founded company number {i}?" for i in range(10)]
+    train = pl.DataFrame({"id": [str(i) for i in range(6)], "question": qs[:6], "answer": [f"Person {i}" for i in range(6)],
+                          "gold": [f"Person {i}" for i in range(6)], "category": ["Unknown", "HighlyKnown"] * 3})
+    dev = pl.DataFrame({"question": qs[6:], "gold": ["x"] * 4, "category": ["Unknown"] * 4})
+    return train, {"dev": dev, "test": dev}
+
+
+def test_loss_only_on_the_answer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    (ids, labels), = encode_examples(tok, ["What is the capital of France?"], ["Paris"])
+    answer = [t for t, lab in zip(ids, labels) if lab != -100]
+    assert tok.decode(answer) == "Paris\n"
+    assert tok.decode(ids[: labels.index(answer[0])]) == "Answer the following question. What is the capital of France?\n"
+
+
+def test_epoch_order_depends_on_seed_and_epoch_only():
+    assert epoch_order(10, 1, 2) == epoch_order(10, 1, 2)
+    assert epoch_order(10, 1, 2) != epoch_order(10, 1, 3)
+    assert sorted(epoch_order(10, 1, 2)) == list(range(10))
+
+
+def test_best_epoch_is_the_earliest_best_dev_accuracy():
+    lines = [{"epoch": 1, "dev_accuracy": 0.2}, {"epoch": 2, "dev_accuracy": 0.5}, {"epoch": 3, "dev_accuracy": 0.5},
+             {"epoch": 4, "dev_accuracy": 0.4}]
+    assert best_epoch(lines) == 2
+    assert best_epoch(lines[:1]) == 1
+    assert best_epoch([{"epoch": 1}]) is None
+
+
+def test_accuracy_by_category():
+    frame = pl.DataFrame({"gold": ["Paris", "Rome", "Oslo"], "category": ["HighlyKnown", "Unknown", "Unknown"]})
+    graded, summary = accuracy_by_category(frame, ["paris", "Milan", "Oslo."])
+    assert graded["correct"].to_list() == [True, False, True]
+    assert summary["accuracy"] == pytest.approx(2 / 3)
+    assert summary["accuracy_Unknown"] == 0.5 and summary["n_HighlyKnown"] == 1
+
+
+def test_nan_loss_stops_with_a_clear_error(tiny_model_dir, tmp_path):
+    train, evals = frames()
+    recipe = {**RECIPE, "epochs": 2, "learning_rate": float("inf")}  # weights become inf/nan
+    out = {k: tmp_path / k for k in ("early_stop", "convergence", "state")} | {"metrics": tmp_path / "m.jsonl"}
+    torch.set_num_threads(1)
+    with pytest.raises(TrainingError, match="loss is (nan|inf)"):
+        finetune(str(tiny_model_dir), train, evals, recipe, out, eval_every={})
+
+
+RUNNER = """
+import json, sys
+sys.path[:0] = [{scripts!r}, {tests!r}]
+import torch
+torch.set_num_threads(1)
+from test_training import RECIPE, frames
+from eqtools.training import finetune
+train, evals = frames()
+out = {{k: {out!r} + "/" + k for k in ("early_stop", "convergence", "state")}}
+out["metrics"] = {out!r} + "/metrics.jsonl"
+finetune({model!r}, train, evals, RECIPE, out, eval_every={{}})
+"""
+
+
+def run(model_dir, out_dir: Path, kill_after_state_epoch: int | None = None):
+    code = RUNNER.format(scripts=str(ROOT / "workflow/scripts"), tests=str(ROOT / "tests"), out=str(out_dir), model=str(model_dir))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if kill_after_state_epoch is None:
+        output, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, output
+        return
+    state = out_dir / "state" / "trainer.pt"
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if state.exists() and torch.load(state, weights_only=False)["epoch"] >= kill_after_state_epoch:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)  # somewhere in the next epoch
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def test_killed_run_resumes_to_the_same_metrics(tiny_model_dir, tmp_path):
+    run(tiny_model_dir, tmp_path / "straight")
+    run(tiny_model_dir, tmp_path / "killed", kill_after_state_epoch=2)
+    assert not (tmp_path / "killed/convergence").exists()
+    done = json.loads((tmp_path / "killed/metrics.jsonl").read_text().splitlines()[-1])["epoch"]
+    assert 2 <= done < RECIPE["epochs"]
+    run(tiny_model_dir, tmp_path / "killed")  # the same command again resumes
+    straight = (tmp_path / "straight/metrics.jsonl").read_text()
+    assert (tmp_path / "killed/metrics.jsonl").read_text() == straight
+    assert len(straight.splitlines()) == RECIPE["epochs"]
+    from safetensors.torch import load_file
+
+    for stop in ("convergence", "early_stop"):
+        a = load_file(next((tmp_path / "straight" / stop).glob("*.safetensors")))
+        b = load_file(next((tmp_path / "killed" / stop).glob("*.safetensors")))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "straight/state").exists()  # removed once the run is complete

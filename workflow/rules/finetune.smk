@@ -1,0 +1,68 @@
+# Training mixtures, fine-tuning with per-epoch evaluation, and test predictions at both stops.
+
+
+rule build_mixture:
+    input:
+        "results/labels/{model}/train.parquet",
+    output:
+        "results/mixtures/{model}/{mixture}.parquet",
+    log:
+        "logs/build_mixture/{model}/{mixture}.log",
+    conda:
+        "../../envs/data.yaml"
+    params:
+        spec=mixture_spec(),
+        code=code_hash("mixtures", "categories", "sampling", "io", "provenance"),
+    script:
+        "../scripts/build_mixture.py"
+
+
+rule finetune:
+    input:
+        model="resources/models/{model}",
+        mixture="results/mixtures/{model}/{mixture}.parquet",
+        dev="results/labels/{model}/dev.parquet",
+        test="results/labels/{model}/test.parquet",
+        ood_test="results/labels/{model}/ood_test.parquet",
+    output:
+        metrics="results/finetune/{model}/{recipe}/{mixture}/metrics.jsonl",
+        early_stop=directory("results/finetune/{model}/{recipe}/{mixture}/early_stop"),
+        convergence=directory("results/finetune/{model}/{recipe}/{mixture}/convergence"),
+    log:
+        "logs/finetune/{model}/{recipe}/{mixture}.log",
+    benchmark:
+        "benchmarks/runs/finetune/{model}/{recipe}/{mixture}.tsv"
+    conda:
+        "../../envs/model.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=recipe_mem_mb,
+        runtime=recipe_runtime,
+    params:
+        spec=finetune_spec,
+        code=code_hash("training", "generation", "em", "models", "io", "provenance"),
+    script:
+        "../scripts/finetune.py"
+
+
+rule evaluate_checkpoint:
+    input:
+        model="resources/models/{model}",
+        checkpoint="results/finetune/{model}/{recipe}/{mixture}/{stop}",
+        labels="results/labels/{model}/{split}.parquet",
+    output:
+        "results/eval/{model}/{recipe}/{mixture}/{stop}/{split}.parquet",
+    log:
+        "logs/evaluate_checkpoint/{model}/{recipe}/{mixture}/{stop}/{split}.log",
+    conda:
+        "../../envs/model.yaml"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    params:
+        spec=evaluate_spec,
+        code=code_hash("training", "generation", "em", "models", "io", "provenance"),
+    script:
+        "../scripts/evaluate_checkpoint.py"

@@ -1,0 +1,270 @@
+"""Fine-tuning on a mixture (PAPER.md, "Fine-tuning"): full or LoRA, loss on the answer tokens,
+evaluation after every epoch with the shared generation engine, resumable after a kill.
+
+One loop, read top to bottom (nanoGPT style). The resumable state (model or adapter, optimizer,
+scheduler, RNG, epoch, best dev accuracy) is written atomically after every epoch to a state
+directory that Snakemake does not own, so a killed or preempted job resumes from its last
+completed epoch and ends with the metrics of an uninterrupted run.
+"""
+
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import polars as pl
+import torch
+
+from eqtools.em import exact_match
+
+log = logging.getLogger(__name__)
+
+PROMPT = "Answer the following question. {question}\n"
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def format_prompt(question: str) -> str:
+    return PROMPT.format(question=question)
+
+
+def encode_examples(tokenizer, questions: list[str], answers: list[str]) -> list[tuple[list[int], list[int]]]:
+    """(input ids, labels) per example; the loss sees only the answer and its closing newline."""
+    out = []
+    for q, a in zip(questions, answers):
+        prompt = tokenizer(format_prompt(q), add_special_tokens=True).input_ids
+        full = tokenizer(format_prompt(q) + a + "\n", add_special_tokens=True).input_ids
+        if full[: len(prompt)] != prompt:
+            raise TrainingError(f"prompt and answer tokenise across their boundary for {q!r}")
+        out.append((full, [-100] * len(prompt) + full[len(prompt) :]))
+    return out
+
+
+def batches(examples, order: list[int], batch_size: int, pad_id: int):
+    """Right-padded micro-batches in `order`."""
+    for start in range(0, len(order), batch_size):
+        chunk = [examples[i] for i in order[start : start + batch_size]]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, (i, lab) in enumerate(chunk):
+            ids[row, : len(i)] = torch.tensor(i)
+            labels[row, : len(lab)] = torch.tensor(lab)
+            mask[row, : len(i)] = 1
+        yield ids, labels, mask
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The example order of an epoch: a function of (seed, epoch) only, so a resumed run sees
+    the same order as an uninterrupted one."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def answer_questions(generator, questions: list[str]) -> list[str]:
+    """Zero-shot greedy answers in the training format, through the shared engine."""
+    from eqtools.generation import Request
+
+    prefix = generator.add_prefix("")
+    requests = [Request(prefix, generator.prompt_tokens(prefix, format_prompt(q))) for q in questions]
+    answers = [""] * len(questions)
+    for i, tokens in generator.generate(requests):
+        answers[i] = generator.decode(tokens)
+    return answers
+
+
+def accuracy_by_category(frame: pl.DataFrame, predictions: list[str]) -> tuple[pl.DataFrame, dict]:
+    """Per-question correctness, overall accuracy and accuracy per SliCK category."""
+    graded = frame.with_columns(
+        pl.Series("prediction", predictions, dtype=pl.String),
+        pl.Series("correct", [exact_match(p, g) for p, g in zip(predictions, frame["gold"])], dtype=pl.Boolean),
+    )
+    summary = {"accuracy": graded["correct"].mean() if graded.height else None, "n": graded.height}
+    if "category" in graded.columns:
+        for row in graded.group_by("category").agg(pl.col("correct").mean().alias("acc"), pl.len().alias("n")).iter_rows(named=True):
+            summary[f"accuracy_{row['category']}"] = row["acc"]
+            summary[f"n_{row['category']}"] = row["n"]
+    return graded, summary
+
+
+def best_epoch(lines: list[dict]) -> int | None:
+    """EARLY_STOP: the epoch with the best dev accuracy, the earliest among ties (None without dev)."""
+    scored = [(line["dev_accuracy"], -line["epoch"]) for line in lines if line.get("dev_accuracy") is not None]
+    return -max(scored)[1] if scored else None
+
+
+def _save_atomic(save: Callable[[Path], None], target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save(tmp)
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_state(state_dir: Path, model, optimizer, scheduler, epoch: int, best: dict, lines: list[dict]) -> None:
+    def save(tmp: Path) -> None:
+        model.save_pretrained(tmp / "model")
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": torch.get_rng_state(),
+                "epoch": epoch,
+                "best": best,
+                "metrics": lines,
+            },
+            tmp / "trainer.pt",
+        )
+
+    _save_atomic(save, state_dir)
+
+
+def load_state(state_dir: Path, model, optimizer, scheduler) -> tuple[int, dict, list[dict]]:
+    """Restore a saved state into `model` (in place); returns (last completed epoch, best,
+    metrics lines so far). The lines live in the state too: Snakemake deletes the declared
+    outputs of a failed job, metrics.jsonl included."""
+    from safetensors.torch import load_file
+
+    weights = next((state_dir / "model").glob("*.safetensors"))
+    state = load_file(weights)
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, state)
+    else:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected:
+            raise TrainingError(f"{weights}: unexpected weights {unexpected[:3]}")
+    trainer = torch.load(state_dir / "trainer.pt", weights_only=False)
+    optimizer.load_state_dict(trainer["optimizer"])
+    scheduler.load_state_dict(trainer["scheduler"])
+    torch.set_rng_state(trainer["rng"])
+    return trainer["epoch"], trainer["best"], trainer["metrics"]
+
+
+def build_model(model_dir: str, recipe: dict, device: str):
+    from transformers import AutoModelForCausalLM
+
+    from eqtools.models import torch_dtype
+
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch_dtype(recipe.get("dtype", "float32")), attention_dropout=recipe["dropout"]
+    ).to(device)
+    if recipe["method"] == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = recipe["lora"]
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=lora["rank"],
+                lora_alpha=lora["alpha"],
+                lora_dropout=recipe["dropout"],
+                target_modules=lora["target_modules"],
+                task_type="CAUSAL_LM",
+            ),
+        )
+    return model
+
+
+def finetune(
+    model_dir: str,
+    train: pl.DataFrame,
+    evals: dict[str, pl.DataFrame],
+    recipe: dict,
+    out: dict[str, Path],
+    eval_every: dict[str, int],
+    device: str = "cpu",
+    max_batch_rows: int = 512,
+    on_epoch: Callable[[int], None] | None = None,
+) -> list[dict]:
+    """Train for recipe["epochs"] epochs; after each, evaluate and append a metrics line.
+
+    `train` has columns id, question, answer (the training target), gold (for grading) and
+    category; `evals` maps a name (dev, test, ood_test) to frames with question, gold and
+    optionally category. `out` holds paths: metrics (jsonl), state (resumable state dir),
+    early_stop and convergence (checkpoint dirs). Returns the metrics lines."""
+    from transformers import AutoTokenizer, get_constant_schedule_with_warmup
+
+    from eqtools.generation import Generator
+
+    torch.manual_seed(recipe["seed"])
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model = build_model(model_dir, recipe, device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=recipe["learning_rate"], weight_decay=recipe["weight_decay"])
+    micro = recipe["micro_batch_size"]
+    accumulate = max(1, math.ceil(recipe["batch_size"] / micro))
+    steps_per_epoch = math.ceil(train.height / (micro * accumulate))
+    scheduler = get_constant_schedule_with_warmup(optimizer, recipe["warmup_steps"])
+    examples = encode_examples(tokenizer, train["question"].to_list(), train["answer"].to_list())
+    generator = Generator(model, tokenizer, max_new_tokens=recipe["max_new_tokens"], max_batch_rows=max_batch_rows)
+
+    metrics_path, state_dir = Path(out["metrics"]), Path(out["state"])
+    start_epoch, best = 0, {"dev_accuracy": -1.0, "epoch": None}
+    lines: list[dict] = []
+    if (state_dir / "trainer.pt").exists():
+        start_epoch, best, lines = load_state(state_dir, model, optimizer, scheduler)
+        log.info("resuming after epoch %d (best dev %.4f at epoch %s)", start_epoch, best["dev_accuracy"], best["epoch"])
+
+    for epoch in range(start_epoch + 1, recipe["epochs"] + 1):
+        model.train()
+        order = epoch_order(len(examples), recipe["seed"], epoch)
+        total, tokens = 0.0, 0
+        optimizer.zero_grad(set_to_none=True)
+        for step, (ids, labels, mask) in enumerate(batches(examples, order, micro, pad_id)):
+            ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
+            out_ = model(input_ids=ids, attention_mask=mask, labels=labels)
+            n_tokens = int((labels[:, 1:] != -100).sum())
+            loss = out_.loss
+            if not torch.isfinite(loss):
+                raise TrainingError(f"epoch {epoch}, micro-batch {step}: loss is {loss.item()}; lower the learning rate")
+            (loss / accumulate).backward()
+            total += loss.item() * n_tokens
+            tokens += n_tokens
+            if (step + 1) % accumulate == 0 or (step + 1) * micro >= len(order):
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+        model.eval()
+        line = {"epoch": epoch, "train_loss": total / max(1, tokens), "optimizer_steps": steps_per_epoch * epoch}
+        fitted, fit_summary = accuracy_by_category(
+            train.select("question", "gold", "category"), answer_questions(generator, train["question"].to_list())
+        )
+        line.update({f"train_{k}": v for k, v in fit_summary.items()})
+        for name, frame in evals.items():
+            if epoch % eval_every.get(name, 1) == 0 or epoch == recipe["epochs"]:
+                _, summary = accuracy_by_category(frame, answer_questions(generator, frame["question"].to_list()))
+                line.update({f"{name}_{k}": v for k, v in summary.items()})
+        lines.append(line)
+        if best_epoch(lines) == epoch:
+            best = {"dev_accuracy": line["dev_accuracy"], "epoch": epoch}
+            _save_atomic(model.save_pretrained, Path(out["early_stop"]))
+        log.info("epoch %d: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v for k, v in line.items()})
+        # metrics first, then the state that says this epoch is complete
+        tmp = metrics_path.with_name(f".{metrics_path.name}.part")
+        tmp.write_text("".join(json.dumps(x, sort_keys=True) + "\n" for x in lines))
+        os.replace(tmp, metrics_path)
+        save_state(state_dir, model, optimizer, scheduler, epoch, best, lines)
+        if on_epoch is not None:
+            on_epoch(epoch)
+    _save_atomic(model.save_pretrained, Path(out["convergence"]))
+    if best["epoch"] is None:  # no dev set: the last epoch is the early stop too
+        _save_atomic(model.save_pretrained, Path(out["early_stop"]))
+    if not Path(out["early_stop"]).exists():
+        raise TrainingError(f"{out['early_stop']} is missing although epoch {best['epoch']} was the best")
+    # the run is complete: its resumable state (optimizer moments: twice the trained weights) goes
+    shutil.rmtree(state_dir, ignore_errors=True)
+    return lines
