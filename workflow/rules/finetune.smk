@@ -46,15 +46,21 @@ rule finetune:
         "../scripts/finetune.py"
 
 
+# One job per fine-tune evaluates both stops on both test splits: the model loads once.
 rule evaluate_checkpoint:
     input:
         model="resources/models/{model}",
-        checkpoint="results/finetune/{model}/{recipe}/{mixture}/{stop}",
-        labels="results/labels/{model}/{split}.parquet",
+        early_stop="results/finetune/{model}/{recipe}/{mixture}/early_stop",
+        convergence="results/finetune/{model}/{recipe}/{mixture}/convergence",
+        test="results/labels/{model}/test.parquet",
+        ood_test="results/labels/{model}/ood_test.parquet",
     output:
-        "results/eval/{model}/{recipe}/{mixture}/{stop}/{split}.parquet",
+        early_stop_test="results/eval/{model}/{recipe}/{mixture}/early_stop/test.parquet",
+        early_stop_ood_test="results/eval/{model}/{recipe}/{mixture}/early_stop/ood_test.parquet",
+        convergence_test="results/eval/{model}/{recipe}/{mixture}/convergence/test.parquet",
+        convergence_ood_test="results/eval/{model}/{recipe}/{mixture}/convergence/ood_test.parquet",
     log:
-        "logs/evaluate_checkpoint/{model}/{recipe}/{mixture}/{stop}/{split}.log",
+        "logs/evaluate_checkpoint/{model}/{recipe}/{mixture}.log",
     conda:
         "../../envs/model.yaml"
     threads: 2

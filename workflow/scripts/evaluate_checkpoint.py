@@ -30,14 +30,19 @@ def main(smk) -> None:
     spec = json.loads(smk.params.spec)
     torch.set_num_threads(smk.threads)
     device = pick_device(spec["device"])
-    model, tokenizer = load_checkpoint(smk.input.model, smk.input.checkpoint, spec["method"], device)
-    labels = pl.read_parquet(smk.input.labels)
-    frame = labels.select("id", "relation", "question", pl.col("answer").alias("gold"), "category")
-    generator = Generator(model, tokenizer, max_new_tokens=spec["max_new_tokens"], max_batch_rows=smk.config["engine"]["max_batch_rows"])
-    graded, summary = accuracy_by_category(frame, answer_questions(generator, frame["question"].to_list()))
-    log.info("%s", summary)
-    write_parquet(graded, smk.output[0])
-    write_provenance(smk.output[0], smk)
+    for stop in ("early_stop", "convergence"):
+        model, tokenizer = load_checkpoint(smk.input.model, smk.input[stop], spec["method"], device)
+        generator = Generator(
+            model, tokenizer, max_new_tokens=spec["max_new_tokens"], max_batch_rows=smk.config["engine"]["max_batch_rows"]
+        )
+        for split in ("test", "ood_test"):
+            labels = pl.read_parquet(smk.input[split])
+            frame = labels.select("id", "relation", "question", pl.col("answer").alias("gold"), "category")
+            graded, summary = accuracy_by_category(frame, answer_questions(generator, frame["question"].to_list()))
+            log.info("%s %s: %s", stop, split, summary)
+            out = smk.output[f"{stop}_{split}"]
+            write_parquet(graded, out)
+            write_provenance(out, smk, inputs=[smk.input.model, smk.input[stop], smk.input[split]])
 
 
 if "snakemake" in globals():
