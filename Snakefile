@@ -19,15 +19,19 @@ wildcard_constraints:
     relation="P[0-9]+",
     mixture="[a-z_]+(_[0-9]+)?",
     recipe="|".join(map(str, config["recipes"])),
+    # "" for the recipe's own seed, "-seed{N}" for the replicates of finetune.seeds
+    seed="(-seed[0-9]+)?",
     stop="early_stop|convergence",
 
 
 include: "workflow/rules/data.smk"
 include: "workflow/rules/labels.smk"
 include: "workflow/rules/finetune.smk"
+include: "workflow/rules/tables.smk"
+include: "workflow/rules/figures.smk"
 
 
 rule all:
     default_target: True
     input:
-        all_targets(),
+        all_targets() + tables_targets() + figures_targets(),

@@ -83,11 +83,24 @@ def mixture_spec():
     return canon({k: mix[k] for k in ("per_relation_size", "relations", "seed")})
 
 
+def run_seed(wildcards):
+    """The training seed of a run: the recipe's own `seed` for the run at `{recipe}/`, N for
+    the replicate at `{recipe}-seed{N}/` (finetune.seeds)."""
+    if wildcards.seed:
+        return int(wildcards.seed.removeprefix("-seed"))
+    return config["recipes"][wildcards.recipe]["seed"]
+
+
+def seed_suffixes():
+    """Values of the {seed} wildcard: "" (the recipe's own seed) and "-seed{N}" per extra seed."""
+    return [""] + [f"-seed{n}" for n in config["finetune"]["seeds"]]
+
+
 def finetune_spec(wildcards):
     ft = config["finetune"]
     return canon(
         {
-            "recipe": config["recipes"][wildcards.recipe],
+            "recipe": config["recipes"][wildcards.recipe] | {"seed": run_seed(wildcards)},
             "eval_every": ft["eval_every"],
             "device": ft["device"],
         }
@@ -117,10 +130,11 @@ def finetune_targets():
     ft = dict(
         model=config["models"],
         recipe=config["finetune"]["recipes"],
+        seed=seed_suffixes(),
         mixture=config["mixtures"]["names"],
     )
-    return expand("results/finetune/{model}/{recipe}/{mixture}/metrics.jsonl", **ft) + expand(
-        "results/eval/{model}/{recipe}/{mixture}/{stop}/{split}.parquet",
+    return expand("results/finetune/{model}/{recipe}{seed}/{mixture}/metrics.jsonl", **ft) + expand(
+        "results/eval/{model}/{recipe}{seed}/{mixture}/{stop}/{split}.parquet",
         **ft,
         stop=["early_stop", "convergence"],
         split=["test", "ood_test"],

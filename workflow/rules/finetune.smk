@@ -25,13 +25,13 @@ rule finetune:
         test="results/labels/{model}/test.parquet",
         ood_test="results/labels/{model}/ood_test.parquet",
     output:
-        metrics="results/finetune/{model}/{recipe}/{mixture}/metrics.jsonl",
-        early_stop=directory("results/finetune/{model}/{recipe}/{mixture}/early_stop"),
-        convergence=directory("results/finetune/{model}/{recipe}/{mixture}/convergence"),
+        metrics="results/finetune/{model}/{recipe}{seed}/{mixture}/metrics.jsonl",
+        early_stop=directory("results/finetune/{model}/{recipe}{seed}/{mixture}/early_stop"),
+        convergence=directory("results/finetune/{model}/{recipe}{seed}/{mixture}/convergence"),
     log:
-        "logs/finetune/{model}/{recipe}/{mixture}.log",
+        "logs/finetune/{model}/{recipe}{seed}/{mixture}.log",
     benchmark:
-        "benchmarks/runs/finetune/{model}/{recipe}/{mixture}.tsv"
+        "benchmarks/runs/finetune/{model}/{recipe}{seed}/{mixture}.tsv"
     conda:
         "../../envs/model.yaml"
     threads: 2
@@ -50,17 +50,17 @@ rule finetune:
 rule evaluate_checkpoint:
     input:
         model="resources/models/{model}",
-        early_stop="results/finetune/{model}/{recipe}/{mixture}/early_stop",
-        convergence="results/finetune/{model}/{recipe}/{mixture}/convergence",
+        early_stop="results/finetune/{model}/{recipe}{seed}/{mixture}/early_stop",
+        convergence="results/finetune/{model}/{recipe}{seed}/{mixture}/convergence",
         test="results/labels/{model}/test.parquet",
         ood_test="results/labels/{model}/ood_test.parquet",
     output:
-        early_stop_test="results/eval/{model}/{recipe}/{mixture}/early_stop/test.parquet",
-        early_stop_ood_test="results/eval/{model}/{recipe}/{mixture}/early_stop/ood_test.parquet",
-        convergence_test="results/eval/{model}/{recipe}/{mixture}/convergence/test.parquet",
-        convergence_ood_test="results/eval/{model}/{recipe}/{mixture}/convergence/ood_test.parquet",
+        early_stop_test="results/eval/{model}/{recipe}{seed}/{mixture}/early_stop/test.parquet",
+        early_stop_ood_test="results/eval/{model}/{recipe}{seed}/{mixture}/early_stop/ood_test.parquet",
+        convergence_test="results/eval/{model}/{recipe}{seed}/{mixture}/convergence/test.parquet",
+        convergence_ood_test="results/eval/{model}/{recipe}{seed}/{mixture}/convergence/ood_test.parquet",
     log:
-        "logs/evaluate_checkpoint/{model}/{recipe}/{mixture}.log",
+        "logs/evaluate_checkpoint/{model}/{recipe}{seed}/{mixture}.log",
     conda:
         "../../envs/model.yaml"
     threads: 2
