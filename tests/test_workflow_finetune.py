@@ -41,3 +41,12 @@ def test_finetune_end_to_end_with_tiny_model(tmp_path, tiny_model_dir):
     assert "finetune" in dry and "evaluate_checkpoint" in dry
     for upstream in ("label_questions", "build_mixture", "prepare_splits", "prepare_model"):
         assert f"rule {upstream}:" not in dry
+
+
+def test_extra_seeds_replicate_every_finetune(tmp_path, tiny_model_dir):
+    config = tiny_config(mixtures={"names": ["unknown"]}, finetune={"seeds": [7]})
+    config["models"] = {"tiny": {"path": str(tiny_model_dir)}}
+    dry = snakemake(tmp_path, "-n", "-p", configfile=write_config(tmp_path, config)).stdout
+    for run in ("lora", "lora-seed7"):
+        assert f"results/finetune/tiny/{run}/unknown/metrics.jsonl" in dry
+        assert f"results/eval/tiny/{run}/unknown/early_stop/test.parquet" in dry

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -58,6 +59,30 @@ def batches(examples, order: list[int], batch_size: int, pad_id: int):
             labels[row, : len(lab)] = torch.tensor(lab)
             mask[row, : len(i)] = 1
         yield ids, labels, mask
+
+
+def train_epoch(model, optimizer, scheduler, examples, order, micro, accumulate, pad_id, device, epoch=0):
+    """One pass over `examples` in `order` with gradient accumulation. Returns (sum of the
+    token losses, answer tokens, input positions without padding)."""
+    model.train()
+    total, tokens, positions = 0.0, 0, 0
+    optimizer.zero_grad(set_to_none=True)
+    for step, (ids, labels, mask) in enumerate(batches(examples, order, micro, pad_id)):
+        ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        n_tokens = int((labels[:, 1:] != -100).sum())
+        loss = out.loss
+        if not torch.isfinite(loss):
+            raise TrainingError(f"epoch {epoch}, micro-batch {step}: loss is {loss.item()}; lower the learning rate")
+        (loss / accumulate).backward()
+        total += loss.item() * n_tokens
+        tokens += n_tokens
+        positions += int(mask.sum())
+        if (step + 1) % accumulate == 0 or (step + 1) * micro >= len(order):
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+    return total, tokens, positions
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -220,24 +245,10 @@ def finetune(
         log.info("resuming after epoch %d (best dev %.4f at epoch %s)", start_epoch, best["dev_accuracy"], best["epoch"])
 
     for epoch in range(start_epoch + 1, recipe["epochs"] + 1):
-        model.train()
         order = epoch_order(len(examples), recipe["seed"], epoch)
-        total, tokens = 0.0, 0
-        optimizer.zero_grad(set_to_none=True)
-        for step, (ids, labels, mask) in enumerate(batches(examples, order, micro, pad_id)):
-            ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
-            out_ = model(input_ids=ids, attention_mask=mask, labels=labels)
-            n_tokens = int((labels[:, 1:] != -100).sum())
-            loss = out_.loss
-            if not torch.isfinite(loss):
-                raise TrainingError(f"epoch {epoch}, micro-batch {step}: loss is {loss.item()}; lower the learning rate")
-            (loss / accumulate).backward()
-            total += loss.item() * n_tokens
-            tokens += n_tokens
-            if (step + 1) % accumulate == 0 or (step + 1) * micro >= len(order):
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+        started = time.perf_counter()
+        total, tokens, positions = train_epoch(model, optimizer, scheduler, examples, order, micro, accumulate, pad_id, device, epoch)
+        train_seconds = time.perf_counter() - started
         model.eval()
         line = {"epoch": epoch, "train_loss": total / max(1, tokens), "optimizer_steps": steps_per_epoch * epoch}
         fitted, fit_summary = accuracy_by_category(
@@ -253,6 +264,10 @@ def finetune(
             best = {"dev_accuracy": line["dev_accuracy"], "epoch": epoch}
             _save_atomic(model.save_pretrained, Path(out["early_stop"]))
         log.info("epoch %d: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v for k, v in line.items()})
+        log.info(
+            "epoch %d timing: train %.1f s (%.0f tokens/s), evaluation %.1f s",
+            epoch, train_seconds, positions / max(train_seconds, 1e-9), time.perf_counter() - started - train_seconds,
+        )
         # metrics first, then the state that says this epoch is complete
         tmp = metrics_path.with_name(f".{metrics_path.name}.part")
         tmp.write_text("".join(json.dumps(x, sort_keys=True) + "\n" for x in lines))
