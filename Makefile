@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORES ?= all
 
-.PHONY: setup quickstart test lint format bench clean-results
+.PHONY: setup quickstart test test-slurm lint format bench audit clean-results
 
 # The venv is rebuilt when the pins in pyproject.toml change.
 $(STAMP): pyproject.toml
@@ -38,12 +38,25 @@ test: setup
 	$(BIN)/python -m pytest
 	$(MAKE) --no-print-directory lint
 
+# The slurm profile against a real single-node SLURM cluster on localhost (tests/slurm/README.md):
+# installs slurm-wlm + munge when missing, starts the daemons, runs the demo and the tiny workflow
+# through `--profile slurm`, stops the daemons. Needs root; skips with the reason otherwise.
+test-slurm: setup
+	bash tests/slurm/run.sh $(BIN)/python
+
 # Needs the dataset archive and the materialised embedded model; offline, add
 # SMK_ARGS="--config 'dataset={source: /path/to/dataset.zip}'".
 bench: setup
 	$(BIN)/snakemake --cores $(CORES) resources/entity_questions/dataset.zip resources/models/smollm2-135m $(SMK_ARGS)
 	mkdir -p benchmarks/runs
 	$(BIN)/python benchmarks/slick_throughput.py --json benchmarks/runs/slick_throughput.json
+	$(BIN)/python benchmarks/finetune_throughput.py --json benchmarks/runs/finetune_throughput.json
+
+# Lineage of a result file back to the dataset archive, with every input checked against its
+# recorded sha256: make audit FIGURE=results/figures/<model>/<run>/fig1_fitting_known_unknown.png
+audit: setup
+	@test -n "$(FIGURE)" || { echo "usage: make audit FIGURE=<path of a result file>"; exit 2; }
+	$(BIN)/python workflow/scripts/audit.py $(FIGURE)
 
 clean-results:
 	rm -rf results logs benchmarks/runs

@@ -1,11 +1,15 @@
-"""envs/*.yaml (for `--sdm conda` on a cluster) use the same pins as the venv (pyproject.toml)."""
+"""envs/*.yaml (for `--sdm conda` on a cluster) use the same pins as the venv (pyproject.toml),
+every rule has one, and each rule's env holds what the rule's script imports."""
 
+import importlib.metadata
 import re
+import sys
 import tomllib
 
 import pytest
 import yaml
-from helpers import ROOT
+from helpers import ROOT, imported_eqtools, imports, workflow_rules
+from packaging.requirements import Requirement
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 PINS = {}
@@ -33,12 +37,55 @@ def test_env_pins_match_pyproject(env_file):
         assert version == PINS[name.lower()], f"{env_file.name}: {name}=={version}, pyproject has {PINS[name.lower()]}"
 
 
-def test_every_rule_env_exists():
-    referenced = set()
-    for smk in (ROOT / "workflow/rules").glob("*.smk"):
-        referenced |= set(re.findall(r'"\.\./\.\./envs/([\w.-]+\.yaml)"', smk.read_text()))
-    assert referenced
-    assert referenced <= {p.name for p in ENV_FILES}
+def test_every_rule_has_an_existing_env_and_every_env_is_used():
+    rules = workflow_rules()
+    assert len(rules) >= 10
+    missing = [r.name for r in rules.values() if r.conda is None]
+    assert not missing, f"rules without conda: {missing}"
+    used = {r.conda for r in rules.values()}
+    assert used == {p.name for p in ENV_FILES}
+
+
+def env_distributions(env_file) -> set[str]:
+    """The distributions an env ends up with: its pip pins (and the post-deploy no-deps
+    packages) and what they require, resolved in this venv's metadata."""
+    pip = next(d["pip"] for d in yaml.safe_load(env_file.read_text())["dependencies"] if isinstance(d, dict))
+    names = [line.split("==")[0] for line in pip]
+    post_deploy = env_file.with_suffix(".post-deploy.sh")
+    if post_deploy.exists():
+        names += re.findall(r"--no-deps ([\w.-]+)==", post_deploy.read_text())
+    seen = set()
+    while names:
+        name = names.pop().lower().replace("_", "-")
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in NO_DEPS:
+            continue
+        for spec in importlib.metadata.requires(name) or []:
+            req = Requirement(spec)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                names.append(req.name)
+    return seen
+
+
+NO_DEPS = {spec.split("==")[0] for spec in PYPROJECT["tool"]["slick-workflow"]["no-deps"]}
+# eqtools.slick imports eqtools.generation (torch) only inside the labelling function, which
+# select_exemplars (data env, no torch) never calls.
+NOT_LOADED = {"select_exemplars": {"generation"}}
+
+
+@pytest.mark.parametrize("rule", sorted(r for r, info in workflow_rules().items() if info.script))
+def test_rule_env_provides_what_its_script_imports(rule):
+    info = workflow_rules()[rule]
+    modules = imported_eqtools(info.script) - NOT_LOADED.get(rule, set())
+    names = imports(info.script).union(*(imports(ROOT / f"workflow/scripts/eqtools/{m}.py") for m in modules))
+    third_party = {n for n in names if not n.startswith("eqtools") and n not in sys.stdlib_module_names}
+    provided = env_distributions(ROOT / "envs" / info.conda)
+    dists = importlib.metadata.packages_distributions()
+    for module in sorted(third_party):
+        owners = {d.lower().replace("_", "-") for d in dists.get(module, [])}
+        assert owners & provided, f"rule {rule} imports {module} ({owners}); envs/{info.conda} lacks it"
 
 
 def test_post_deploy_installs_the_pinned_no_deps_packages():

@@ -4,6 +4,7 @@
 #   bash tests/slurm/cluster.sh start   # install slurm-wlm + munge if missing, start daemons
 #   bash tests/slurm/cluster.sh stop    # stop exactly the daemons started here, remove state
 #   bash tests/slurm/cluster.sh status
+#   bash tests/slurm/cluster.sh running # exit status 0 when this script's daemons are up
 #
 # Everything (configs, key, sockets, spool, logs, pid files) lives in one state directory,
 # $SLURM_TEST_STATE_DIR (default /tmp/slurm-test-cluster). The one thing outside it is the
@@ -215,5 +216,6 @@ case "${1:-}" in
     start) start ;;
     stop) stop ;;
     status) status ;;
-    *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+    running) alive munged && alive slurmctld && alive slurmd ;;
+    *) echo "usage: $0 start|stop|status|running" >&2; exit 2 ;;
 esac

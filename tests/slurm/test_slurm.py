@@ -1,9 +1,11 @@
 """The slurm profile on a real SLURM cluster: jobs go through sbatch, GPU rules ask for a GPU.
 
 Opt-in (SLURM_TEST=1) and needs the throw-away cluster of tests/slurm/cluster.sh; this module
-starts nothing itself. See tests/slurm/README.md.
+starts nothing itself (`make test-slurm` does it all). See tests/slurm/README.md.
+Two workflows: a small demo (retries with more memory) and the real one on the tiny config.
 """
 
+import json
 import os
 import re
 import shutil
@@ -12,6 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
+from helpers import tiny_config, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
 # The committed symlink ./slurm -> profiles/slurm: the directory `--profile slurm` finds from ROOT.
@@ -56,7 +60,7 @@ def slurm_jobs(output):
     """{rule: [(slurm job id, sbatch call), ...]} in submission order, from the verbose output."""
     calls, ids = {}, {}
     for call in SBATCH_CALL.findall(output):
-        rule = re.search(r"--comment rule_(\w+)", call).group(1)
+        rule = re.search(r"--output \S*/rule_(\w+)/", call).group(1)  # logs/slurm/rule_<rule>/...
         calls.setdefault(rule, []).append(call)
     for jobid, log in SUBMITTED.findall(output):
         rule = re.search(r"/rule_(\w+)/", log).group(1)
@@ -153,3 +157,104 @@ def test_retry_doubles_memory(demo_run):
     assert mems == ["4000", "8000"]
     assert [scontrol_job(jobid)["JobState"] for jobid, _ in jobs["count_words"]] == ["FAILED", "COMPLETED"]
     assert "mem_mb=8000" in (workdir / "results/count.txt").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# The real workflow (Snakefile at the repository root) on the tiny config with the tiny random
+# model: every non-local job goes through SLURM.
+
+LOCAL_RULES = {"download_entity_questions", "prepare_model"}
+GPU_RULES = {
+    rule for rule, res in yaml.safe_load((PROFILE / "config.yaml").read_text())["set-resources"].items()
+    if res.get("gpu")
+}
+
+
+@pytest.fixture(scope="module")
+def workflow_run(cluster, tmp_path_factory, tiny_model_dir):
+    workdir = tmp_path_factory.mktemp("slurm-workflow")
+    config = tiny_config(
+        relations={"in_distribution": ["P17", "P36"], "out_of_distribution": ["P50"]},
+        subsample={"max_per_relation": {"train": 6, "test": 3, "ood_test": 2}},
+        slick={"max_new_tokens": 3},
+        mixtures={"names": ["natural"]},
+        finetune={"recipes": ["lora"]},
+    )
+    config["models"] = {"tiny": {"path": str(tiny_model_dir)}}
+    cfg = write_config(workdir, config)
+    proc = run_profile(workdir, ROOT / "Snakefile", cfg, timeout=1500)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-20000:]
+    assert re.search(r"(\d+) of \1 steps \(100%\) done", output), output[-5000:]
+    return workdir, output, slurm_jobs(output)
+
+
+def slurm_ids_in_sidecars(workdir):
+    """{sidecar: device.slurm_job_id} of the .prov.json sidecars: each job records the
+    SLURM_JOB_ID of its environment (None on the submitting host)."""
+    return {
+        side.relative_to(workdir).as_posix(): json.loads(side.read_text())["device"]["slurm_job_id"]
+        for side in (workdir / "results").rglob("*.prov.json")
+    }
+
+
+def test_workflow_jobs_run_through_slurm(workflow_run):
+    workdir, output, jobs = workflow_run
+    print(f"\nSLURM jobs of the tiny workflow ({sum(map(len, jobs.values()))}):")
+    for rule in sorted(jobs):
+        print(f"  {rule:34s} {' '.join(j for j, _ in jobs[rule])}")
+    # Downloads and model materialisation stay on the submitting host.
+    for rule in LOCAL_RULES:
+        assert f"localrule {rule}:" in output
+        assert rule not in jobs
+    assert {"prepare_splits", "select_exemplars", "label_questions", "merge_labels", "build_mixture",
+            "finetune", "evaluate_checkpoint", "ptrue"} <= set(jobs)
+    assert "localrule all:" in output or "rule all:" in output
+    for rule, submissions in jobs.items():
+        for jobid, _ in submissions:
+            # The SLURM log of every job is kept under logs/slurm/rule_<rule>/<wildcards>/<id>.log.
+            logs = list((workdir / "logs/slurm" / f"rule_{rule}").rglob(f"{jobid}.log"))
+            assert len(logs) == 1, (rule, jobid)
+            assert scontrol_job(jobid)["JobState"] == "COMPLETED", (rule, jobid)
+    # Each job wrote its SLURM job id into its outputs' provenance (read from the environment).
+    all_ids = {j for subs in jobs.values() for j, _ in subs}
+    sidecars = slurm_ids_in_sidecars(workdir)
+    chunk = "results/labels/tiny/chunks/train/P17.parquet.prov.json"
+    assert sidecars[chunk] in {j for j, _ in jobs["label_questions"]}
+    assert set(sidecars.values()) <= all_ids, sidecars  # no result made outside SLURM
+    assert "command=squeue" in output and "Falling back to 'sacct'" not in output
+
+
+def test_workflow_gpu_rules_request_one_gpu(workflow_run):
+    _, _, jobs = workflow_run
+    assert GPU_RULES == {"label_questions", "finetune", "evaluate_checkpoint", "ptrue"}
+    for rule in GPU_RULES & set(jobs):
+        for jobid, call in jobs[rule]:
+            assert " -p gpu " in call and "--gpus=1" in call, call
+            assert "--ntasks-per-gpu" not in call and "--gres" not in call, call
+            job = scontrol_job(jobid)
+            assert job["Partition"] == "gpu" and job["TresPerJob"] == "gres:gpu:1", job
+    assert GPU_RULES <= set(jobs)
+    print(f"\nGPU rules ({', '.join(sorted(GPU_RULES))}): every job -p gpu --gpus=1, TresPerJob=gres:gpu:1")
+
+
+def test_workflow_cpu_rules_request_no_gpu(workflow_run):
+    _, _, jobs = workflow_run
+    cpu_rules = set(jobs) - GPU_RULES
+    assert {"prepare_splits", "merge_labels", "build_mixture"} <= cpu_rules
+    for rule in cpu_rules:
+        for jobid, call in jobs[rule]:
+            assert " -p cpu " in call, call
+            assert "--gpus" not in call and "--gres" not in call, call
+            job = scontrol_job(jobid)
+            assert job["Partition"] == "cpu", job
+            assert "gpu" not in job.get("TresPerJob", "") + job.get("TRES", ""), job
+    print(f"\nCPU rules ({', '.join(sorted(cpu_rules))}): every job -p cpu, no GPU")
+
+
+def test_workflow_memory_is_the_rules_first_attempt(workflow_run):
+    _, _, jobs = workflow_run
+    mem = {rule: {re.search(r"--mem (\d+)", call).group(1) for _, call in subs} for rule, subs in jobs.items()}
+    assert mem["label_questions"] == {"8000"}  # retry_mem_mb(8000), attempt 1
+    assert mem["finetune"] == {"2000"}  # the tiny recipe's mem_mb
+    assert mem["prepare_splits"] == {"4000"}  # the profile's default, attempt 1

@@ -32,7 +32,10 @@ def canon(obj):
 
 def code_hash(*modules):
     """Content hash of the shared modules (workflow/scripts/eqtools/<name>.py) a script imports.
-    Snakemake tracks a script's own file, not what it imports."""
+    Snakemake tracks a script's own file, not what it imports. The bookkeeping modules `io`
+    (atomic writes, logging) and `provenance` (the sidecars) are left out on purpose: they do
+    not change any result, and hashing them would rerun the whole study for a logging tweak;
+    each sidecar records the commit of the code that actually wrote it."""
     h = hashlib.sha256()
     for name in sorted(set(modules)):
         h.update(name.encode())
@@ -116,6 +119,16 @@ def evaluate_spec(wildcards):
             "device": config["finetune"]["device"],
         }
     )
+
+
+def retry_mem_mb(mb):
+    """mem_mb that grows with each attempt (the slurm profile retries failed jobs): an
+    out-of-memory kill is retried with 2x, then 3x the memory."""
+
+    def mem_mb(wildcards, attempt):
+        return mb * attempt
+
+    return mem_mb
 
 
 def recipe_mem_mb(wildcards, attempt):

@@ -40,6 +40,6 @@ rule prepare_splits:
         "../../envs/data.yaml"
     params:
         spec=data_spec(),
-        code=code_hash("entity_questions", "sampling", "io", "provenance"),
+        code=code_hash("entity_questions", "sampling"),
     script:
         "../scripts/prepare_splits.py"

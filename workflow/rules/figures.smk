@@ -1,5 +1,147 @@
-# The paper's figures (PAPER.md, "Evaluation and analyses"): results/figures/{model}/{recipe}{seed}/.
+# The paper's figures (PAPER.md, "Evaluation and analyses"): results/figures/{model}/{recipe}{seed}/,
+# each as PNG and SVG with a .prov.json sidecar; P(True), the baseline of Fig. 5; the comparison
+# of models (results/figures/comparison/) when more than one model is configured. A figure whose
+# mixtures are not configured is not requested.
 
 
-def figures_targets():
-    return []
+include: "figures_common.smk"
+
+
+rule ptrue:
+    input:
+        model="resources/models/{model}",
+        labels="results/labels/{model}/{split}.parquet",
+    output:
+        "results/labels/{model}/ptrue_{split}.parquet",
+    log:
+        "logs/ptrue/{model}/{split}.log",
+    benchmark:
+        "benchmarks/runs/ptrue/{model}/{split}.tsv"
+    conda:
+        "../../envs/model.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=retry_mem_mb(8000),
+        runtime=120,
+    params:
+        spec=ptrue_spec,
+        code=code_hash("ptrue", "models"),
+    script:
+        "../scripts/ptrue.py"
+
+
+rule figure_fitting:
+    input:
+        fig1_inputs,
+    output:
+        png=figure_report(
+            "fig1", "results/figures/{model}/{recipe}{seed}/fig1_fitting_known_unknown.png"
+        ),
+        svg="results/figures/{model}/{recipe}{seed}/fig1_fitting_known_unknown.svg",
+    log:
+        "logs/figures/{model}/{recipe}{seed}/fig1.log",
+    conda:
+        "../../envs/data.yaml"
+    params:
+        spec=fig1_spec,
+        code=code_hash("figures", "categories"),
+    script:
+        "../scripts/make_figures.py"
+
+
+rule figure_accuracy_vs_unknown_share:
+    input:
+        fig3a_inputs,
+    output:
+        png=figure_report(
+            "fig3a", "results/figures/{model}/{recipe}{seed}/fig3a_accuracy_vs_unknown_share.png"
+        ),
+        svg="results/figures/{model}/{recipe}{seed}/fig3a_accuracy_vs_unknown_share.svg",
+    log:
+        "logs/figures/{model}/{recipe}{seed}/fig3a.log",
+    conda:
+        "../../envs/data.yaml"
+    params:
+        spec=fig3a_spec,
+        code=code_hash("figures", "categories"),
+    script:
+        "../scripts/make_figures.py"
+
+
+rule figure_unknown_vs_known_only:
+    input:
+        fig3b_inputs,
+    output:
+        png=figure_report(
+            "fig3b", "results/figures/{model}/{recipe}{seed}/fig3b_unknown_vs_known_only.png"
+        ),
+        svg="results/figures/{model}/{recipe}{seed}/fig3b_unknown_vs_known_only.svg",
+    log:
+        "logs/figures/{model}/{recipe}{seed}/fig3b.log",
+    conda:
+        "../../envs/data.yaml"
+    params:
+        spec=fig3b_spec,
+        code=code_hash("figures", "categories"),
+    script:
+        "../scripts/make_figures.py"
+
+
+rule figure_fitting_by_category:
+    input:
+        fig4_inputs,
+    output:
+        png=figure_report(
+            "fig4", "results/figures/{model}/{recipe}{seed}/fig4_fitting_by_category.png"
+        ),
+        svg="results/figures/{model}/{recipe}{seed}/fig4_fitting_by_category.svg",
+    log:
+        "logs/figures/{model}/{recipe}{seed}/fig4.log",
+    conda:
+        "../../envs/data.yaml"
+    params:
+        spec=fig4_spec,
+        code=code_hash("figures", "categories"),
+    script:
+        "../scripts/make_figures.py"
+
+
+rule figure_slick_vs_ptrue:
+    input:
+        unpack(fig5_inputs),
+    output:
+        png=figure_report("fig5", "results/figures/{model}/{recipe}{seed}/fig5_slick_vs_ptrue.png"),
+        svg="results/figures/{model}/{recipe}{seed}/fig5_slick_vs_ptrue.svg",
+    log:
+        "logs/figures/{model}/{recipe}{seed}/fig5.log",
+    conda:
+        "../../envs/data.yaml"
+    params:
+        spec=fig5_spec,
+        code=code_hash("figures", "categories"),
+    script:
+        "../scripts/make_figures.py"
+
+
+rule figure_model_comparison:
+    input:
+        comparison_inputs,
+    output:
+        png=report(
+            "results/figures/comparison/{recipe}{seed}/accuracy_vs_unknown_share.png",
+            caption="../report/comparison.rst",
+            category="Figures",
+            subcategory="model comparison / {recipe}{seed}",
+            labels={"figure": "Fig. 3a per model", "model": "all", "run": "{recipe}{seed}"},
+        ),
+        svg="results/figures/comparison/{recipe}{seed}/accuracy_vs_unknown_share.svg",
+    log:
+        "logs/figures/comparison/{recipe}{seed}.log",
+    conda:
+        "../../envs/data.yaml"
+    params:
+        spec=comparison_spec,
+        code=code_hash("figures", "categories"),
+    script:
+        "../scripts/make_figures.py"

@@ -12,7 +12,7 @@ rule build_mixture:
         "../../envs/data.yaml"
     params:
         spec=mixture_spec(),
-        code=code_hash("mixtures", "categories", "sampling", "io", "provenance"),
+        code=code_hash("mixtures", "categories", "sampling"),
     script:
         "../scripts/build_mixture.py"
 
@@ -41,7 +41,7 @@ rule finetune:
         runtime=recipe_runtime,
     params:
         spec=finetune_spec,
-        code=code_hash("training", "generation", "em", "models", "io", "provenance"),
+        code=code_hash("training", "generation", "em", "models"),
     script:
         "../scripts/finetune.py"
 
@@ -65,10 +65,11 @@ rule evaluate_checkpoint:
         "../../envs/model.yaml"
     threads: 2
     resources:
-        mem_mb=8000,
+        gpu=1,
+        mem_mb=retry_mem_mb(8000),
         runtime=60,
     params:
         spec=evaluate_spec,
-        code=code_hash("training", "generation", "em", "models", "io", "provenance"),
+        code=code_hash("training", "generation", "em", "models"),
     script:
         "../scripts/evaluate_checkpoint.py"

@@ -15,7 +15,7 @@ rule prepare_model:
         "../../envs/model.yaml"
     params:
         spec=model_spec,
-        code=code_hash("models", "io", "provenance"),
+        code=code_hash("models"),
     script:
         "../scripts/prepare_model.py"
 
@@ -32,7 +32,7 @@ rule select_exemplars:
         "../../envs/data.yaml"
     params:
         spec=exemplar_spec(),
-        code=code_hash("slick", "categories", "em", "sampling", "io", "provenance"),
+        code=code_hash("slick", "categories", "em", "sampling"),
     script:
         "../scripts/select_exemplars.py"
 
@@ -52,13 +52,12 @@ rule label_questions:
         "../../envs/model.yaml"
     threads: 2
     resources:
-        mem_mb=8000,
+        gpu=1,
+        mem_mb=retry_mem_mb(8000),
         runtime=240,
     params:
         spec=label_spec,
-        code=code_hash(
-            "generation", "slick", "categories", "em", "models", "sampling", "io", "provenance"
-        ),
+        code=code_hash("generation", "slick", "categories", "em", "models", "sampling"),
     script:
         "../scripts/label_questions.py"
 
@@ -74,7 +73,7 @@ rule merge_labels:
     conda:
         "../../envs/data.yaml"
     params:
-        code=code_hash("io", "provenance"),
+        code=code_hash(),
     script:
         "../scripts/merge_labels.py"
 
@@ -91,6 +90,6 @@ rule summarize_labels:
         "../../envs/data.yaml"
     params:
         spec=canon({"splits": LABELLED_SPLITS}),
-        code=code_hash("categories", "io", "provenance"),
+        code=code_hash("categories"),
     script:
         "../scripts/summarize_labels.py"

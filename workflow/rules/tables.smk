@@ -10,7 +10,18 @@ rule table_accuracy_by_category:
     input:
         table2_inputs,
     output:
-        csv="results/tables/{model}/{recipe}{seed}/table2_accuracy_by_category_{split}.csv",
+        csv=report(
+            "results/tables/{model}/{recipe}{seed}/table2_accuracy_by_category_{split}.csv",
+            caption="../report/table_category_accuracy.rst",
+            category="Tables",
+            subcategory="{model} / {recipe}{seed}",
+            labels={
+                "table": "Table 2",
+                "split": "{split}",
+                "model": "{model}",
+                "run": "{recipe}{seed}",
+            },
+        ),
         md="results/tables/{model}/{recipe}{seed}/table2_accuracy_by_category_{split}.md",
     log:
         "logs/tables/{model}/{recipe}{seed}/table2_{split}.log",
@@ -29,7 +40,13 @@ rule table_linear_model:
     input:
         table1_inputs,
     output:
-        csv="results/tables/{model}/{recipe}{seed}/table1_linear_model.csv",
+        csv=report(
+            "results/tables/{model}/{recipe}{seed}/table1_linear_model.csv",
+            caption="../report/table_linear_model.rst",
+            category="Tables",
+            subcategory="{model} / {recipe}{seed}",
+            labels={"table": "Table 1", "model": "{model}", "run": "{recipe}{seed}"},
+        ),
         md="results/tables/{model}/{recipe}{seed}/table1_linear_model.md",
         points="results/tables/{model}/{recipe}{seed}/table1_fit_points.csv",
     log:
@@ -47,7 +64,13 @@ rule table_idk:
     input:
         table8_inputs,
     output:
-        csv="results/tables/{model}/{recipe}{seed}/table8_idk_answered.csv",
+        csv=report(
+            "results/tables/{model}/{recipe}{seed}/table8_idk_answered.csv",
+            caption="../report/table_idk.rst",
+            category="Tables",
+            subcategory="{model} / {recipe}{seed}",
+            labels={"table": "Table 8", "model": "{model}", "run": "{recipe}{seed}"},
+        ),
         md="results/tables/{model}/{recipe}{seed}/table8_idk_answered.md",
     log:
         "logs/tables/{model}/{recipe}{seed}/table8.log",
@@ -64,7 +87,13 @@ rule table_category_distribution:
     input:
         expand("results/labels/{{model}}/{split}.parquet", split=LABELLED_SPLITS),
     output:
-        csv="results/tables/{model}/category_distribution.csv",
+        csv=report(
+            "results/tables/{model}/category_distribution.csv",
+            caption="../report/table_category_distribution.rst",
+            category="Tables",
+            subcategory="{model}",
+            labels={"table": "Tables 3-5", "model": "{model}"},
+        ),
         md="results/tables/{model}/category_distribution.md",
     log:
         "logs/tables/{model}/category_distribution.log",

@@ -4,7 +4,7 @@
 # the rows of Table 2 (as eqtools.analysis.TABLE2_MIXTURES; not imported: the Snakefile stays
 # free of polars and numpy)
 TABLE2_MIXTURES = ["highly_known", "maybe_known", "weakly_known", "unknown", "natural"]
-TABLE_CODE = code_hash("analysis", "categories", "em", "mixtures", "sampling", "io", "provenance")
+TABLE_CODE = code_hash("analysis", "categories", "em", "mixtures", "sampling")
 
 
 def table_run(wildcards):

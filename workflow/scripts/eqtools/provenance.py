@@ -8,6 +8,7 @@ param, so that it does not trigger reruns.
 """
 
 
+import hashlib
 import json
 import os
 import platform
@@ -95,22 +96,56 @@ def build_record(rule: str, wildcards: dict, config: object, inputs: list, code_
     }
 
 
-def write_provenance(outputs, smk, config: object = None, inputs=None) -> None:
-    """Write a sidecar for each of `outputs` of the running Snakemake job `smk`.
+# Fields that differ between reruns of the same job on the same inputs and code: where it ran,
+# and the mtime of big inputs (identified by size+mtime instead of a hash).
+VOLATILE = ("device", "record_id")
 
-    `config` defaults to the rule's `params.spec` (its canonical config slice)."""
+
+def _stable(entry: dict) -> dict:
+    out = {k: v for k, v in entry.items() if k != "mtime"}
+    if "files" in out:
+        out["files"] = [_stable(f) for f in out["files"]]
+    return out
+
+
+def record_id(record: dict) -> str:
+    """Short id of a provenance record: the first 12 hex of the sha256 of its canonical JSON
+    without the volatile fields. Equal for reruns of a job with the same inputs, config and code
+    (same commit), so it can be embedded in an output without breaking byte-identical reruns."""
+    stable = {k: v for k, v in record.items() if k not in VOLATILE}
+    stable["inputs"] = [_stable(e) for e in record.get("inputs", [])]
+    text = json.dumps(stable, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def job_record(smk, config: object = None, inputs=None) -> dict:
+    """The provenance record of the running Snakemake job `smk` (see write_provenance)."""
     if config is None and hasattr(smk.params, "spec"):
         config = json.loads(smk.params.spec)
-    record = build_record(
+    return build_record(
         rule=smk.rule,
         wildcards={k: v for k, v in smk.wildcards.items()},
         config=config,
         inputs=[str(p) for p in (smk.input if inputs is None else inputs)],
         code_dir=smk.scriptdir,
     )
+
+
+def write_record(record: dict, outputs) -> None:
+    """Write `record` (with its record_id) as the sidecar of each of `outputs`."""
+    record = record | {"record_id": record_id(record)}
     text = json.dumps(record, indent=2, sort_keys=True) + "\n"
     for out in [outputs] if isinstance(outputs, (str, Path)) else outputs:
         write_text(text, sidecar_path(out))
+
+
+def write_provenance(outputs, smk, config: object = None, inputs=None) -> None:
+    """Write a sidecar for each of `outputs` of the running Snakemake job `smk`.
+
+    `config` defaults to the rule's `params.spec` (its canonical config slice). For outputs that
+    embed their own provenance id (figures), build the record first with `job_record`, embed
+    `record_id(record)`, then call `write_record`."""
+    write_record(job_record(smk, config, inputs), outputs)
 
 
 def read_provenance(path: str | Path) -> dict:

@@ -1,0 +1,74 @@
+"""The slurm profile, read as a file (no cluster needed; runs in `make test`): the settings the
+workflow relies on, placeholders marked, every entry commented, every GPU rule covered."""
+
+import re
+from pathlib import Path
+
+import yaml
+from helpers import RULE_FILES, workflow_rules
+
+ROOT = Path(__file__).resolve().parents[2]
+PROFILE_FILE = ROOT / "profiles/slurm/config.yaml"
+PROFILE = yaml.safe_load(PROFILE_FILE.read_text())
+RULE_TEXT = "\n".join(p.read_text() for p in RULE_FILES)
+
+
+def rule_blocks() -> dict[str, str]:
+    return {name: rule.text for name, rule in workflow_rules().items()}
+
+
+def gpu_rules_of_profile() -> set[str]:
+    return {rule for rule, res in PROFILE["set-resources"].items() if res.get("gpu")}
+
+
+def test_slurm_symlink_points_to_the_profile():
+    assert (ROOT / "slurm").is_symlink()
+    assert (ROOT / "slurm").resolve() == PROFILE_FILE.parent
+
+
+def test_cluster_settings():
+    assert PROFILE["executor"] == "slurm"
+    assert PROFILE["jobs"] >= 1 and PROFILE["latency-wait"] >= 5
+    assert PROFILE["retries"] >= 1 and PROFILE["keep-going"] is True
+    assert PROFILE["slurm-logdir"] == "logs/slurm" and PROFILE["slurm-keep-successful-logs"] is True
+    assert PROFILE["slurm-status-command"] == "squeue"
+    defaults = PROFILE["default-resources"]
+    assert "attempt" in defaults["mem_mb"]  # memory grows with each retry
+    assert defaults["slurm_partition"] == "'cpu'"
+    assert not {"tasks", "mpi", "gpu", "gres"} & set(defaults)
+
+
+def test_every_gpu_rule_asks_for_one_gpu_on_the_gpu_partition():
+    declared = {rule for rule, block in rule_blocks().items() if re.search(r"\n\s+gpu=1,", block)}
+    assert {"label_questions", "finetune", "evaluate_checkpoint"} <= declared
+    assert gpu_rules_of_profile() == declared
+    for rule in declared:
+        res = PROFILE["set-resources"][rule]
+        assert res == {"slurm_partition": "'gpu'", "gpu": 1, "tasks_per_gpu": 0}, rule
+        # Memory grows with the attempt in the rule itself (set-resources does not set it).
+        mem = re.search(r"\n\s+mem_mb=([^\n]+),", rule_blocks()[rule]).group(1)
+        assert mem.startswith(("retry_mem_mb(", "recipe_mem_mb")), f"{rule}: mem_mb={mem}"
+
+
+def test_downloads_are_local_rules():
+    local = set(re.findall(r"localrules:\s*\n\s+(\w+),", RULE_TEXT))
+    assert {"download_entity_questions", "prepare_model"} <= local
+
+
+def test_placeholders_marked_and_every_entry_commented():
+    lines = PROFILE_FILE.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        assert lines[i - 1].lstrip().startswith("#"), f"entry without a comment: {line!r}"
+        if re.search(r"'(my_account|cpu|gpu)'", line):
+            assert "PLACEHOLDER" in lines[i - 1], f"placeholder not marked: {line!r}"
+    # The header says how to set them.
+    assert "BEFORE THE FIRST RUN" in PROFILE_FILE.read_text()
+
+
+def test_default_profile_holds_no_cluster_settings():
+    default = ROOT / "profiles/default"
+    for f in default.glob("*.yaml") if default.exists() else []:
+        settings = yaml.safe_load(f.read_text()) or {}
+        assert not {"executor", "default-resources", "set-resources"} & set(settings), f
