@@ -38,7 +38,7 @@ from eqtools.training import (  # noqa: E402
     format_prompt,
     train_epoch,
 )
-from slick_throughput import EMBEDDED, questions_and_exemplars  # noqa: E402
+from slick_throughput import parse_common_args, questions_and_exemplars  # noqa: E402
 
 MAX_NEW = 16
 RECIPES = {
@@ -86,21 +86,10 @@ def reference_answers(model, tokenizer, questions: list[str], batch: int = 1) ->
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--archive", default=str(ROOT / "resources/entity_questions/dataset.zip"))
-    ap.add_argument("--model-dir", default=str(ROOT / "resources/models/smollm2-135m"))
     ap.add_argument("--train-examples", type=int, default=64)
     ap.add_argument("--eval-questions", type=int, default=128)
     ap.add_argument("--micro-batch-size", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--json", help="also write the figures to this file")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    if not Path(args.archive).is_file():
-        sys.exit(f"{args.archive}: no such archive; run the data stage first (make quickstart) or pass --archive")
-    if not (Path(args.model_dir) / "config.json").is_file():
-        from eqtools.models import materialise
-
-        materialise("smollm2-135m", EMBEDDED, args.model_dir)
+    args = parse_common_args(ap)
     from transformers import AutoTokenizer
 
     n = max(args.train_examples, args.eval_questions)

@@ -139,15 +139,11 @@ def run_engine(model_dir, dtype, questions, exemplars, max_batch_rows):
     return model, tokenizer, labels, seconds, flops, gen.stats
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_common_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
+    """The options every benchmark shares; sets the threads and materialises the embedded model
+    if it is missing (shared with finetune_throughput.py)."""
     ap.add_argument("--archive", default=str(ROOT / "resources/entity_questions/dataset.zip"))
     ap.add_argument("--model-dir", default=str(ROOT / "resources/models/smollm2-135m"))
-    ap.add_argument("--questions", type=int, default=48)
-    ap.add_argument("--reference-questions", type=int, default=6)
-    # bf16 runs at a fraction of fp32 speed on CPUs without native bf16 (AVX2): keep it small there
-    ap.add_argument("--bf16-questions", type=int, default=8)
-    ap.add_argument("--max-batch-rows", type=int, default=512)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
@@ -157,6 +153,17 @@ def main() -> None:
     if not (Path(args.model_dir) / "config.json").is_file():
         print(f"materialising the embedded model into {args.model_dir}", flush=True)
         materialise("smollm2-135m", EMBEDDED, args.model_dir)
+    return args
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--questions", type=int, default=48)
+    ap.add_argument("--reference-questions", type=int, default=6)
+    # bf16 runs at a fraction of fp32 speed on CPUs without native bf16 (AVX2): keep it small there
+    ap.add_argument("--bf16-questions", type=int, default=8)
+    ap.add_argument("--max-batch-rows", type=int, default=512)
+    args = parse_common_args(ap)
 
     questions, exemplars = questions_and_exemplars(args.archive, args.questions)
     print(f"{questions.height} questions ({', '.join(sorted(set(questions['relation'])))}), "

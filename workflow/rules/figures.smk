@@ -45,7 +45,7 @@ rule figure_fitting:
         "../../envs/data.yaml"
     params:
         spec=fig1_spec,
-        code=code_hash("figures", "categories"),
+        code=FIGURE_CODE,
     script:
         "../scripts/make_figures.py"
 
@@ -64,7 +64,7 @@ rule figure_accuracy_vs_unknown_share:
         "../../envs/data.yaml"
     params:
         spec=fig3a_spec,
-        code=code_hash("figures", "categories"),
+        code=FIGURE_CODE,
     script:
         "../scripts/make_figures.py"
 
@@ -83,7 +83,7 @@ rule figure_unknown_vs_known_only:
         "../../envs/data.yaml"
     params:
         spec=fig3b_spec,
-        code=code_hash("figures", "categories"),
+        code=FIGURE_CODE,
     script:
         "../scripts/make_figures.py"
 
@@ -102,7 +102,7 @@ rule figure_fitting_by_category:
         "../../envs/data.yaml"
     params:
         spec=fig4_spec,
-        code=code_hash("figures", "categories"),
+        code=FIGURE_CODE,
     script:
         "../scripts/make_figures.py"
 
@@ -119,7 +119,7 @@ rule figure_slick_vs_ptrue:
         "../../envs/data.yaml"
     params:
         spec=fig5_spec,
-        code=code_hash("figures", "categories"),
+        code=FIGURE_CODE,
     script:
         "../scripts/make_figures.py"
 
@@ -142,6 +142,6 @@ rule figure_model_comparison:
         "../../envs/data.yaml"
     params:
         spec=comparison_spec,
-        code=code_hash("figures", "categories"),
+        code=FIGURE_CODE,
     script:
         "../scripts/make_figures.py"

@@ -200,3 +200,7 @@ def figures_targets():
             ext=["png", "svg"],
         )
     return targets
+
+
+# the eqtools modules the figure scripts import (figures re-uses analysis' loaders)
+FIGURE_CODE = code_hash("figures", "analysis", "categories", "em", "mixtures", "sampling")

@@ -7,7 +7,6 @@ Nothing time-dependent is embedded: re-rendering the same inputs at the same com
 identical bytes.
 """
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -17,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import polars as pl  # noqa: E402
 
+from eqtools.analysis import read_metrics  # noqa: E402, F401 (re-exported for the figure scripts)
 from eqtools.categories import KNOWN  # noqa: E402
 from eqtools.io import atomic_path  # noqa: E402
 from eqtools.provenance import record_id, write_record  # noqa: E402
@@ -40,12 +40,6 @@ STOP_LABELS = {"early_stop": "EARLY_STOP", "convergence": "CONVERGENCE"}
 
 def use_style() -> None:
     plt.rcParams.update(STYLE)
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """The per-epoch lines of a fine-tune's metrics.jsonl, in epoch order."""
-    lines = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    return sorted(lines, key=lambda line: line["epoch"])
 
 
 def group_accuracy(line: dict, split: str, categories) -> float | None:
