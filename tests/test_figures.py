@@ -3,12 +3,14 @@ re-rendering, metadata (commit, provenance id) in PNG and SVG; P(True) scoring."
 
 import json
 import math
+import re
 from types import SimpleNamespace
 
 import polars as pl
 import pytest
 
 import make_figures as mf
+from helpers import ROOT
 from eqtools import ptrue
 from eqtools.figures import read_png_text, read_svg_identifier, save_figure
 from eqtools.provenance import build_record, read_provenance, record_id
@@ -265,3 +267,14 @@ def test_batched_scores_equal_one_sequence_at_a_time(tiny_model_dir):
     rows = pl.DataFrame({"id": ["a", "a"], "question": ["Who wrote Hamlet?"] * 2, "answer": ["Shakespeare", "Shakespeare"]})
     scores = ptrue.score_p_true(model, tokenizer, rows, device, batch_rows=3)
     assert scores[0] == scores[1] and 0.0 < scores[0] < 1.0
+
+
+@pytest.mark.parametrize("caption", sorted((ROOT / "workflow/report").glob("*.rst")), ids=lambda p: p.name)
+def test_report_captions_are_valid_restructuredtext(caption):
+    """Captions are rendered with docutils in `snakemake --report`; an error there (e.g. `|D|`
+    read as a substitution) shows up as an error box in the report."""
+    import docutils.core
+    import docutils.utils
+
+    text = re.sub(r"\{\{[^}]*\}\}|\{[a-z_]+\}", "X", caption.read_text())  # jinja and wildcard fields
+    docutils.core.publish_doctree(text, settings_overrides={"halt_level": docutils.utils.Reporter.WARNING_LEVEL, "report_level": 5})
