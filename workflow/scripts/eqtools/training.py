@@ -61,7 +61,15 @@ def batches(examples, order: list[int], batch_size: int, pad_id: int):
         yield ids, labels, mask
 
 
-def train_epoch(model, optimizer, scheduler, examples, order, micro, accumulate, pad_id, device, epoch=0):
+def autocast(device: str, dtype: str):
+    """Mixed precision for a `dtype: bfloat16` recipe: bf16 matmuls, fp32 master weights and
+    optimizer state (pure bf16 weights would round away updates of lr 1e-5: bf16 keeps 8 bits
+    of mantissa). A no-op for float32."""
+    device_type = torch.device(device).type
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+
+def train_epoch(model, optimizer, scheduler, examples, order, micro, accumulate, pad_id, device, epoch=0, dtype="float32"):
     """One pass over `examples` in `order` with gradient accumulation. Returns (sum of the
     token losses, answer tokens, input positions without padding)."""
     model.train()
@@ -69,7 +77,8 @@ def train_epoch(model, optimizer, scheduler, examples, order, micro, accumulate,
     optimizer.zero_grad(set_to_none=True)
     for step, (ids, labels, mask) in enumerate(batches(examples, order, micro, pad_id)):
         ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
-        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        with autocast(device, dtype):
+            out = model(input_ids=ids, attention_mask=mask, labels=labels)
         n_tokens = int((labels[:, 1:] != -100).sum())
         loss = out.loss
         if not torch.isfinite(loss):
@@ -145,6 +154,7 @@ def save_state(state_dir: Path, model, optimizer, scheduler, epoch: int, best: d
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "epoch": epoch,
                 "best": best,
                 "metrics": lines,
@@ -175,16 +185,17 @@ def load_state(state_dir: Path, model, optimizer, scheduler) -> tuple[int, dict,
     optimizer.load_state_dict(trainer["optimizer"])
     scheduler.load_state_dict(trainer["scheduler"])
     torch.set_rng_state(trainer["rng"])
+    if trainer.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(trainer["cuda_rng"])  # dropout on the GPU draws from these
     return trainer["epoch"], trainer["best"], trainer["metrics"]
 
 
 def build_model(model_dir: str, recipe: dict, device: str):
     from transformers import AutoModelForCausalLM
 
-    from eqtools.models import torch_dtype
-
+    # float32 weights for every recipe: `dtype: bfloat16` trains under autocast (see `autocast`)
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch_dtype(recipe.get("dtype", "float32")), attention_dropout=recipe["dropout"]
+        model_dir, dtype=torch.float32, attention_dropout=recipe["dropout"]
     ).to(device)
     if recipe["method"] == "lora":
         from peft import LoraConfig, get_peft_model
@@ -247,7 +258,9 @@ def finetune(
     for epoch in range(start_epoch + 1, recipe["epochs"] + 1):
         order = epoch_order(len(examples), recipe["seed"], epoch)
         started = time.perf_counter()
-        total, tokens, positions = train_epoch(model, optimizer, scheduler, examples, order, micro, accumulate, pad_id, device, epoch)
+        total, tokens, positions = train_epoch(
+            model, optimizer, scheduler, examples, order, micro, accumulate, pad_id, device, epoch, recipe["dtype"]
+        )
         train_seconds = time.perf_counter() - started
         model.eval()
         line = {"epoch": epoch, "train_loss": total / max(1, tokens), "optimizer_steps": steps_per_epoch * epoch}
