@@ -21,6 +21,8 @@ from eqtools.training import (
     encode_examples,
     epoch_order,
     finetune,
+    grade_together,
+    load_checkpoint,
 )
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -105,6 +107,48 @@ def test_nan_loss_stops_with_a_clear_error(tiny_model_dir, tmp_path):
         finetune(str(tiny_model_dir), train, evals, recipe, out, eval_every={})
 
 
+def outputs(root: Path) -> dict:
+    out = {k: root / k for k in ("early_stop", "convergence", "state")} | {"metrics": root / "metrics.jsonl"}
+    out["predictions"] = {stop: {"test": root / f"eval/{stop}/test.parquet"} for stop in ("early_stop", "convergence")}
+    return out
+
+
+@pytest.mark.parametrize("eval_every", [{}, {"test": 4}])
+def test_predictions_at_both_stops_equal_an_evaluation_of_the_checkpoints(tiny_model_dir, tmp_path, eval_every):
+    # With eval_every 4 of 6 epochs the test set is evaluated at epochs 4 and 6 only, so an early
+    # stop at another epoch needs the checkpoint evaluated at the end.
+    from eqtools.generation import Generator
+
+    train, evals = frames()
+    evals["dev"] = evals["dev"].with_columns(gold=pl.Series(["Person 1", "x", "Person 3", "x"]))
+    out = outputs(tmp_path)
+    torch.set_num_threads(1)
+    lines = finetune(str(tiny_model_dir), train, evals, RECIPE, out, eval_every=eval_every)
+    tested = [x["epoch"] for x in lines if "test_accuracy" in x]
+    assert tested == ([1, 2, 3, 4, 5, 6] if not eval_every else [4, 6])
+    if eval_every:
+        assert best_epoch(lines) not in tested  # the end-of-run evaluation of the early stop ran
+    for stop in ("early_stop", "convergence"):
+        model, tokenizer = load_checkpoint(str(tiny_model_dir), out[stop], "lora")
+        generator = Generator(model, tokenizer, max_new_tokens=RECIPE["max_new_tokens"])
+        expected, _ = grade_together(generator, {"test": evals["test"]})["test"]
+        assert pl.read_parquet(out["predictions"][stop]["test"]).equals(expected), stop
+
+
+def test_grade_together_equals_one_call_per_set(tiny_model_dir):
+    from eqtools.generation import Generator
+    from eqtools.training import answer_questions
+
+    model, tokenizer = load_checkpoint(str(tiny_model_dir), tiny_model_dir, "full")
+    generator = Generator(model, tokenizer, max_new_tokens=4)
+    train, evals = frames()
+    sets = {"train": train.select("question", "gold", "category")} | evals
+    together = grade_together(generator, sets)
+    for name, frame in sets.items():
+        alone, summary = accuracy_by_category(frame, answer_questions(generator, frame["question"].to_list()))
+        assert together[name][0].equals(alone) and together[name][1] == summary
+
+
 RUNNER = """
 import json, sys
 sys.path[:0] = [{scripts!r}, {tests!r}]
@@ -113,8 +157,9 @@ torch.set_num_threads(1)
 from test_training import RECIPE, frames
 from eqtools.training import finetune
 train, evals = frames()
-out = {{k: {out!r} + "/" + k for k in ("early_stop", "convergence", "state")}}
-out["metrics"] = {out!r} + "/metrics.jsonl"
+from pathlib import Path
+from test_training import outputs
+out = outputs(Path({out!r}))
 torch.use_deterministic_algorithms({device!r} == "cuda")  # the exact comparison needs deterministic kernels
 finetune({model!r}, train, evals, {{**RECIPE, "dtype": {dtype!r}}}, out, eval_every={{}}, device={device!r})
 """
@@ -164,4 +209,6 @@ def test_killed_run_resumes_to_the_same_metrics(tiny_model_dir, tmp_path, device
         a = load_file(next((tmp_path / "straight" / stop).glob("*.safetensors")))
         b = load_file(next((tmp_path / "killed" / stop).glob("*.safetensors")))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        predictions = f"eval/{stop}/test.parquet"
+        assert pl.read_parquet(tmp_path / "killed" / predictions).equals(pl.read_parquet(tmp_path / "straight" / predictions))
     assert not (tmp_path / "straight/state").exists()  # removed once the run is complete

@@ -83,5 +83,5 @@ def test_tables_end_to_end_with_tiny_model(tmp_path, tiny_model_dir):
     config["tables"] = {"n_chunks": 50}
     dry = snakemake(tmp_path, "-n", *targets, configfile=write_config(tmp_path, config)).stdout
     assert "rule table_accuracy_by_category:" in dry
-    for other in ("table_linear_model", "table_idk", "table_category_distribution", "finetune", "evaluate_checkpoint"):
+    for other in ("table_linear_model", "table_idk", "table_category_distribution", "finetune"):
         assert f"rule {other}:" not in dry

@@ -40,7 +40,7 @@ def test_cluster_settings():
 
 def test_every_gpu_rule_asks_for_one_gpu_on_the_gpu_partition():
     declared = {rule for rule, block in rule_blocks().items() if re.search(r"\n\s+gpu=1,", block)}
-    assert {"label_questions", "finetune", "evaluate_checkpoint"} <= declared
+    assert {"label_questions", "finetune", "ptrue"} <= declared
     assert gpu_rules_of_profile() == declared
     for rule in declared:
         res = PROFILE["set-resources"][rule]

@@ -208,7 +208,7 @@ def test_workflow_jobs_run_through_slurm(workflow_run):
         assert f"localrule {rule}:" in output
         assert rule not in jobs
     assert {"prepare_splits", "select_exemplars", "label_questions", "merge_labels", "build_mixture",
-            "finetune", "evaluate_checkpoint", "ptrue"} <= set(jobs)
+            "finetune", "ptrue"} <= set(jobs)
     assert "localrule all:" in output or "rule all:" in output
     for rule, submissions in jobs.items():
         for jobid, _ in submissions:
@@ -227,7 +227,7 @@ def test_workflow_jobs_run_through_slurm(workflow_run):
 
 def test_workflow_gpu_rules_request_one_gpu(workflow_run):
     _, _, jobs = workflow_run
-    assert GPU_RULES == {"label_questions", "finetune", "evaluate_checkpoint", "ptrue"}
+    assert GPU_RULES == {"label_questions", "finetune", "ptrue"}
     for rule in GPU_RULES & set(jobs):
         for jobid, call in jobs[rule]:
             assert " -p gpu " in call and "--gpus=1" in call, call

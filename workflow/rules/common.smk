@@ -110,17 +110,6 @@ def finetune_spec(wildcards):
     )
 
 
-def evaluate_spec(wildcards):
-    recipe = config["recipes"][wildcards.recipe]
-    return canon(
-        {
-            "method": recipe["method"],
-            "max_new_tokens": recipe["max_new_tokens"],
-            "device": config["finetune"]["device"],
-        }
-    )
-
-
 def retry_mem_mb(mb):
     """mem_mb that grows with each attempt (the slurm profile retries failed jobs): an
     out-of-memory kill is retried with 2x, then 3x the memory."""

@@ -19,7 +19,7 @@ rule ptrue:
         "benchmarks/runs/ptrue/{model}/{split}.tsv"
     conda:
         "../../envs/model.yaml"
-    threads: 2
+    threads: config["engine"]["threads"]
     resources:
         gpu=1,
         mem_mb=retry_mem_mb(8000),

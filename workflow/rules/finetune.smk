@@ -1,4 +1,6 @@
-# Training mixtures, fine-tuning with per-epoch evaluation, and test predictions at both stops.
+# Training mixtures, and fine-tuning with per-epoch evaluation. The fine-tune writes the test
+# predictions at both stops itself: its per-epoch evaluation computes them with the checkpoints'
+# weights (a separate evaluation job cost the quickstart a fifth of its time).
 
 
 rule build_mixture:
@@ -28,13 +30,17 @@ rule finetune:
         metrics="results/finetune/{model}/{recipe}{seed}/{mixture}/metrics.jsonl",
         early_stop=directory("results/finetune/{model}/{recipe}{seed}/{mixture}/early_stop"),
         convergence=directory("results/finetune/{model}/{recipe}{seed}/{mixture}/convergence"),
+        early_stop_test="results/eval/{model}/{recipe}{seed}/{mixture}/early_stop/test.parquet",
+        early_stop_ood_test="results/eval/{model}/{recipe}{seed}/{mixture}/early_stop/ood_test.parquet",
+        convergence_test="results/eval/{model}/{recipe}{seed}/{mixture}/convergence/test.parquet",
+        convergence_ood_test="results/eval/{model}/{recipe}{seed}/{mixture}/convergence/ood_test.parquet",
     log:
         "logs/finetune/{model}/{recipe}{seed}/{mixture}.log",
     benchmark:
         "benchmarks/runs/finetune/{model}/{recipe}{seed}/{mixture}.tsv"
     conda:
         "../../envs/model.yaml"
-    threads: 2
+    threads: config["engine"]["threads"]
     resources:
         gpu=1,
         mem_mb=recipe_mem_mb,
@@ -44,32 +50,3 @@ rule finetune:
         code=code_hash("training", "generation", "em", "models"),
     script:
         "../scripts/finetune.py"
-
-
-# One job per fine-tune evaluates both stops on both test splits: the model loads once.
-rule evaluate_checkpoint:
-    input:
-        model="resources/models/{model}",
-        early_stop="results/finetune/{model}/{recipe}{seed}/{mixture}/early_stop",
-        convergence="results/finetune/{model}/{recipe}{seed}/{mixture}/convergence",
-        test="results/labels/{model}/test.parquet",
-        ood_test="results/labels/{model}/ood_test.parquet",
-    output:
-        early_stop_test="results/eval/{model}/{recipe}{seed}/{mixture}/early_stop/test.parquet",
-        early_stop_ood_test="results/eval/{model}/{recipe}{seed}/{mixture}/early_stop/ood_test.parquet",
-        convergence_test="results/eval/{model}/{recipe}{seed}/{mixture}/convergence/test.parquet",
-        convergence_ood_test="results/eval/{model}/{recipe}{seed}/{mixture}/convergence/ood_test.parquet",
-    log:
-        "logs/evaluate_checkpoint/{model}/{recipe}{seed}/{mixture}.log",
-    conda:
-        "../../envs/model.yaml"
-    threads: 2
-    resources:
-        gpu=1,
-        mem_mb=retry_mem_mb(8000),
-        runtime=60,
-    params:
-        spec=evaluate_spec,
-        code=code_hash("training", "generation", "em", "models"),
-    script:
-        "../scripts/evaluate_checkpoint.py"

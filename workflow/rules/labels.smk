@@ -50,7 +50,7 @@ rule label_questions:
         "benchmarks/runs/label_questions/{model}/{split}/{relation}.tsv"
     conda:
         "../../envs/model.yaml"
-    threads: 2
+    threads: config["engine"]["threads"]
     resources:
         gpu=1,
         mem_mb=retry_mem_mb(8000),

@@ -1,5 +1,6 @@
-"""Fine-tune a model on a mixture with per-epoch evaluation (dev, the training set, ID/OOD test);
-resumes from its state directory after a kill."""
+"""Fine-tune a model on a mixture with per-epoch evaluation (dev, the training set, ID/OOD test)
+and the per-question test predictions at both stops; resumes from its state directory after a
+kill."""
 
 import json
 from pathlib import Path
@@ -13,8 +14,12 @@ from eqtools.provenance import write_provenance
 from eqtools.training import finetune
 
 
+STOPS = ("early_stop", "convergence")
+PREDICTED = ("test", "ood_test")
+
+
 def eval_frame(labels_path: str) -> pl.DataFrame:
-    return pl.read_parquet(labels_path).select("id", "question", pl.col("answer").alias("gold"), "category")
+    return pl.read_parquet(labels_path).select("id", "relation", "question", pl.col("answer").alias("gold"), "category")
 
 
 def main(smk) -> None:
@@ -32,6 +37,7 @@ def main(smk) -> None:
         "early_stop": smk.output.early_stop,
         "convergence": smk.output.convergence,
         "state": str(Path(smk.output.metrics).parent / "state"),
+        "predictions": {stop: {split: smk.output[f"{stop}_{split}"] for split in PREDICTED} for stop in STOPS},
     }
     log.info("%s on %s: %d examples, %s, device %s", smk.wildcards.recipe, smk.wildcards.mixture, train.height, recipe, device)
     finetune(
@@ -45,6 +51,10 @@ def main(smk) -> None:
         max_batch_rows=smk.config["engine"]["max_batch_rows"],  # runtime setting, deliberately untracked
     )
     write_provenance([smk.output.metrics, smk.output.early_stop, smk.output.convergence], smk)
+    for stop in STOPS:
+        for split in PREDICTED:
+            out = smk.output[f"{stop}_{split}"]
+            write_provenance(out, smk, inputs=[smk.input.model, smk.input.mixture, smk.input.dev, smk.input[split]])
 
 
 if "snakemake" in globals():

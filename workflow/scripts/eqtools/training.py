@@ -2,9 +2,15 @@
 evaluation after every epoch with the shared generation engine, resumable after a kill.
 
 One loop, read top to bottom (nanoGPT style). The resumable state (model or adapter, optimizer,
-scheduler, RNG, epoch, best dev accuracy) is written atomically after every epoch to a state
-directory that Snakemake does not own, so a killed or preempted job resumes from its last
-completed epoch and ends with the metrics of an uninterrupted run.
+scheduler, RNG, epoch, best dev accuracy, the test predictions of the best and the last epoch)
+is written atomically after every epoch to a state directory that Snakemake does not own, so a
+killed or preempted job resumes from its last completed epoch and ends with the metrics of an
+uninterrupted run.
+
+The per-question test predictions at both stops come from the per-epoch evaluation itself: the
+weights are those the checkpoints hold, so evaluating the checkpoints again would repeat the
+work. Only when the test sets are evaluated every k > 1 epochs and the best dev epoch is not one
+of them is the early-stop checkpoint evaluated once more at the end.
 """
 
 import json
@@ -113,6 +119,19 @@ def answer_questions(generator, questions: list[str]) -> list[str]:
     return answers
 
 
+def grade_together(generator, frames: dict[str, pl.DataFrame]) -> dict[str, tuple[pl.DataFrame, dict]]:
+    """`accuracy_by_category` of each frame (columns question, gold, optional category), from one
+    engine call over all their questions: one full batch instead of one per set, which the small
+    sets (the training mixture, dev) would leave mostly empty (35% faster per epoch in the
+    quickstart). Each question's answer does not depend on its batch."""
+    answers = answer_questions(generator, [q for frame in frames.values() for q in frame["question"].to_list()])
+    graded, start = {}, 0
+    for name, frame in frames.items():
+        graded[name] = accuracy_by_category(frame, answers[start : start + frame.height])
+        start += frame.height
+    return graded
+
+
 def accuracy_by_category(frame: pl.DataFrame, predictions: list[str]) -> tuple[pl.DataFrame, dict]:
     """Per-question correctness, overall accuracy and accuracy per SliCK category."""
     graded = frame.with_columns(
@@ -146,9 +165,18 @@ def _save_atomic(save: Callable[[Path], None], target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_state(state_dir: Path, model, optimizer, scheduler, epoch: int, best: dict, lines: list[dict]) -> None:
+def save_state(
+    state_dir: Path, model, optimizer, scheduler, epoch: int, best: dict, lines: list[dict],
+    predictions: dict[str, dict[str, pl.DataFrame]] | None = None,
+) -> None:
+    """`predictions` maps "early_stop" and "last" to {split: graded frame}."""
+
     def save(tmp: Path) -> None:
         model.save_pretrained(tmp / "model")
+        for stop, frames in (predictions or {}).items():
+            (tmp / "predictions" / stop).mkdir(parents=True)
+            for split, frame in frames.items():
+                frame.write_parquet(tmp / "predictions" / stop / f"{split}.parquet")
         torch.save(
             {
                 "optimizer": optimizer.state_dict(),
@@ -165,13 +193,12 @@ def save_state(state_dir: Path, model, optimizer, scheduler, epoch: int, best: d
     _save_atomic(save, state_dir)
 
 
-def load_state(state_dir: Path, model, optimizer, scheduler) -> tuple[int, dict, list[dict]]:
-    """Restore a saved state into `model` (in place); returns (last completed epoch, best,
-    metrics lines so far). The lines live in the state too: Snakemake deletes the declared
-    outputs of a failed job, metrics.jsonl included."""
+def load_weights(model, directory: Path) -> None:
+    """Load the weights that `save_pretrained` wrote to `directory` (the adapter only for LoRA)
+    into `model`, in place."""
     from safetensors.torch import load_file
 
-    weights = next((state_dir / "model").glob("*.safetensors"))
+    weights = next(Path(directory).glob("*.safetensors"))
     state = load_file(weights)
     if hasattr(model, "peft_config"):
         from peft import set_peft_model_state_dict
@@ -181,13 +208,24 @@ def load_state(state_dir: Path, model, optimizer, scheduler) -> tuple[int, dict,
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected:
             raise TrainingError(f"{weights}: unexpected weights {unexpected[:3]}")
+
+
+def load_state(state_dir: Path, model, optimizer, scheduler) -> tuple[int, dict, list[dict], dict]:
+    """Restore a saved state into `model` (in place); returns (last completed epoch, best,
+    metrics lines so far, predictions). The lines live in the state too: Snakemake deletes the
+    declared outputs of a failed job, metrics.jsonl included."""
+    load_weights(model, state_dir / "model")
     trainer = torch.load(state_dir / "trainer.pt", weights_only=False)
     optimizer.load_state_dict(trainer["optimizer"])
     scheduler.load_state_dict(trainer["scheduler"])
     torch.set_rng_state(trainer["rng"])
     if trainer.get("cuda_rng") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(trainer["cuda_rng"])  # dropout on the GPU draws from these
-    return trainer["epoch"], trainer["best"], trainer["metrics"]
+    predictions = {
+        stop.name: {f.stem: pl.read_parquet(f) for f in sorted(stop.glob("*.parquet"))}
+        for stop in sorted((state_dir / "predictions").glob("*"))
+    }
+    return trainer["epoch"], trainer["best"], trainer["metrics"], predictions
 
 
 def build_model(model_dir: str, recipe: dict, device: str):
@@ -214,6 +252,22 @@ def build_model(model_dir: str, recipe: dict, device: str):
     return model
 
 
+def load_checkpoint(model_dir: str, checkpoint: str | Path, method: str, device: str = "cpu"):
+    """A saved early_stop or convergence checkpoint, ready for generation: (model, tokenizer)."""
+    from eqtools.models import load
+
+    model, tokenizer, _ = load(model_dir, device=device)
+    if method == "lora":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(checkpoint))
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(checkpoint))
+    return model.to(device).eval(), tokenizer
+
+
 def finetune(
     model_dir: str,
     train: pl.DataFrame,
@@ -230,7 +284,9 @@ def finetune(
     `train` has columns id, question, answer (the training target), gold (for grading) and
     category; `evals` maps a name (dev, test, ood_test) to frames with question, gold and
     optionally category. `out` holds paths: metrics (jsonl), state (resumable state dir),
-    early_stop and convergence (checkpoint dirs). Returns the metrics lines."""
+    early_stop and convergence (checkpoint dirs), and optionally predictions: {stop: {split:
+    parquet path}} for the per-question predictions of `evals[split]` at each stop. Returns the
+    metrics lines."""
     from transformers import AutoTokenizer, get_constant_schedule_with_warmup
 
     from eqtools.generation import Generator
@@ -251,8 +307,16 @@ def finetune(
     metrics_path, state_dir = Path(out["metrics"]), Path(out["state"])
     start_epoch, best = 0, {"dev_accuracy": -1.0, "epoch": None}
     lines: list[dict] = []
+    prediction_paths: dict[str, dict[str, Path]] = out.get("predictions", {})
+    predicted = sorted({split for paths in prediction_paths.values() for split in paths})
+    if unknown := [split for split in predicted if split not in evals]:
+        raise TrainingError(f"predictions asked for {unknown}, which are not evaluation sets ({sorted(evals)})")
+    if unknown := sorted(set(prediction_paths) - {"early_stop", "convergence"}):
+        raise TrainingError(f"predictions asked for stops {unknown}; the stops are early_stop and convergence")
+    predictions: dict[str, dict[str, pl.DataFrame]] = {"early_stop": {}, "last": {}}
     if (state_dir / "trainer.pt").exists():
-        start_epoch, best, lines = load_state(state_dir, model, optimizer, scheduler)
+        start_epoch, best, lines, saved = load_state(state_dir, model, optimizer, scheduler)
+        predictions.update(saved)
         log.info("resuming after epoch %d (best dev %.4f at epoch %s)", start_epoch, best["dev_accuracy"], best["epoch"])
 
     for epoch in range(start_epoch + 1, recipe["epochs"] + 1):
@@ -264,17 +328,17 @@ def finetune(
         train_seconds = time.perf_counter() - started
         model.eval()
         line = {"epoch": epoch, "train_loss": total / max(1, tokens), "optimizer_steps": steps_per_epoch * epoch}
-        fitted, fit_summary = accuracy_by_category(
-            train.select("question", "gold", "category"), answer_questions(generator, train["question"].to_list())
-        )
-        line.update({f"train_{k}": v for k, v in fit_summary.items()})
-        for name, frame in evals.items():
-            if epoch % eval_every.get(name, 1) == 0 or epoch == recipe["epochs"]:
-                _, summary = accuracy_by_category(frame, answer_questions(generator, frame["question"].to_list()))
-                line.update({f"{name}_{k}": v for k, v in summary.items()})
+        due = {"train": train.select("question", "gold", "category")} | {
+            name: frame for name, frame in evals.items() if epoch % eval_every.get(name, 1) == 0 or epoch == recipe["epochs"]
+        }
+        graded = grade_together(generator, due)
+        for name, (_, summary) in graded.items():
+            line.update({f"{name}_{k}": v for k, v in summary.items()})
         lines.append(line)
+        predictions["last"] = {split: graded[split][0] for split in predicted if split in graded}
         if best_epoch(lines) == epoch:
             best = {"dev_accuracy": line["dev_accuracy"], "epoch": epoch}
+            predictions["early_stop"] = dict(predictions["last"])
             _save_atomic(model.save_pretrained, Path(out["early_stop"]))
         log.info("epoch %d: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v for k, v in line.items()})
         log.info(
@@ -285,14 +349,27 @@ def finetune(
         tmp = metrics_path.with_name(f".{metrics_path.name}.part")
         tmp.write_text("".join(json.dumps(x, sort_keys=True) + "\n" for x in lines))
         os.replace(tmp, metrics_path)
-        save_state(state_dir, model, optimizer, scheduler, epoch, best, lines)
+        save_state(state_dir, model, optimizer, scheduler, epoch, best, lines, predictions)
         if on_epoch is not None:
             on_epoch(epoch)
     _save_atomic(model.save_pretrained, Path(out["convergence"]))
     if best["epoch"] is None:  # no dev set: the last epoch is the early stop too
         _save_atomic(model.save_pretrained, Path(out["early_stop"]))
+        predictions["early_stop"] = dict(predictions["last"])
     if not Path(out["early_stop"]).exists():
         raise TrainingError(f"{out['early_stop']} is missing although epoch {best['epoch']} was the best")
+    if missing := [split for split in prediction_paths.get("early_stop", {}) if split not in predictions["early_stop"]]:
+        # eval_every > 1 skipped these at the best epoch: evaluate the early-stop weights once
+        log.info("evaluating %s at the early stop (epoch %s)", missing, best["epoch"])
+        load_weights(model, Path(out["early_stop"]))
+        model.eval()
+        graded = grade_together(generator, {split: evals[split] for split in missing})
+        predictions["early_stop"].update({split: graded[split][0] for split in missing})
+    from eqtools.io import write_parquet
+
+    for stop, paths in prediction_paths.items():
+        for split, path in paths.items():
+            write_parquet(predictions["early_stop" if stop == "early_stop" else "last"][split], path)  # convergence: last
     # the run is complete: its resumable state (optimizer moments: twice the trained weights) goes
     shutil.rmtree(state_dir, ignore_errors=True)
     return lines
