@@ -187,7 +187,7 @@ def main() -> None:
     ap.add_argument("--reference-questions", type=int, default=6)
     # bf16 runs at a fraction of fp32 speed on CPUs without native bf16 (AVX2): keep it small there
     ap.add_argument("--bf16-questions", type=int, help="default: 8 on the CPU, all on a GPU")
-    ap.add_argument("--max-batch-rows", type=int, default=512)
+    ap.add_argument("--max-batch-rows", type=int, default=2048)
     args = parse_common_args(ap)
 
     questions, exemplars = questions_and_exemplars(args.archive, args.questions)

@@ -94,15 +94,26 @@ class _Level:
     """KV states shared by several rows: per layer [entries, kv_heads, length, head_dim], the entry
     of every attention row and which of the entry's positions each row sees."""
 
+    MAX_RUNS = 48
+
     def __init__(self, keys, values, valid, entry, row_valid=None):
         self.keys, self.values, self.valid = keys, values, valid
+        self.length: int | None = None  # attend to the first `length` positions only (all valid)
         self.set_rows(entry, row_valid)
 
     def set_rows(self, entry: torch.Tensor, row_valid: torch.Tensor | None = None) -> None:
         self.entry = entry
         n = self.valid.shape[0]
         self.identity = entry.numel() == n and bool((entry == torch.arange(n, device=entry.device)).all())
-        if not self.identity:
+        self.runs = None
+        if not self.identity and entry.numel() and bool((entry[1:] >= entry[:-1]).all()):
+            # rows sorted by entry: each entry's rows are one slice; with few entries, one matmul
+            # per slice beats building padded blocks
+            counts = torch.bincount(entry, minlength=n)
+            if int((counts > 0).sum()) <= self.MAX_RUNS:
+                ends = torch.cumsum(counts, 0).tolist()
+                self.runs = [(e, end - c, end) for e, (c, end) in enumerate(zip(counts.tolist(), ends)) if c]
+        if not self.identity and self.runs is None:
             # rank of each row among the rows of its entry: the rows of one entry form a block
             # that attends to the entry's keys in one matmul, without copying the keys
             order = torch.argsort(entry, stable=True)
@@ -126,15 +137,38 @@ class _Level:
         n, kv, _, d = x.shape
         return x.view(n, kv, self.max_rows, m, d)[self.entry, :, self.pos]
 
+    def _per_run(self, x: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        """x [rows, kv, m, a] @ kv[entry] [kv, a, b] -> [rows, kv, m, b], one matmul per run."""
+        out = []
+        for e, start, end in self.runs:
+            r, heads, m, a = x[start:end].shape
+            y = x[start:end].transpose(0, 1).reshape(heads, r * m, a) @ kv[e]
+            out.append(y.view(heads, r, m, -1).transpose(0, 1))
+        return torch.cat(out)
+
     def scores(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        keys = self.keys[layer].transpose(-1, -2)
-        s = q @ keys if self.identity else self._unblocks(self._blocks(q) @ keys, q.shape[2])
+        keys = self.keys[layer]
+        if self.length is not None:
+            keys = keys[:, :, : self.length]
+        keys = keys.transpose(-1, -2)
+        if self.identity:
+            s = q @ keys
+        elif self.runs is not None:
+            s = self._per_run(q, keys)
+        else:
+            s = self._unblocks(self._blocks(q) @ keys, q.shape[2])
+        if self.length is not None:
+            return s
         return s.masked_fill(~self.row_valid[:, None, None, :], float("-inf"))
 
     def output(self, layer: int, weights: torch.Tensor) -> torch.Tensor:
         values = self.values[layer]
+        if self.length is not None:
+            values = values[:, :, : self.length]
         if self.identity:
             return weights @ values
+        if self.runs is not None:
+            return self._per_run(weights, values)
         return self._unblocks(self._blocks(weights) @ values, weights.shape[2])
 
 
@@ -150,8 +184,11 @@ class _LevelCache:
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         # packed: [1, kv, tokens, d]; decoding: [rows, kv, 1, d] -> [n, kv, d]
-        k = key_states[0].transpose(0, 1) if self.packed else key_states[:, :, 0]
-        v = value_states[0].transpose(0, 1) if self.packed else value_states[:, :, 0]
+        if not self.packed:  # decoding: row i of the batch writes column `write_col` of entry i
+            self.target.keys[layer_idx][:, :, self.write_col] = key_states[:, :, 0]
+            self.target.values[layer_idx][:, :, self.write_col] = value_states[:, :, 0]
+            return key_states, value_states
+        k, v = key_states[0].transpose(0, 1), value_states[0].transpose(0, 1)
         self.target.keys[layer_idx][self.write_entry, :, self.write_col] = k
         self.target.values[layer_idx][self.write_entry, :, self.write_col] = v
         return key_states, value_states
@@ -202,7 +239,7 @@ class Generator:
         max_new_tokens: int = 16,
         temperature: float = 0.5,
         top_k: int = 40,
-        max_batch_rows: int = 512,
+        max_batch_rows: int = 2048,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -374,7 +411,6 @@ class Generator:
         rg = torch.tensor(row_group, device=dev)
         prefix_level.set_rows(group_prefix.index_select(0, rg))
         group_level.set_rows(rg)
-        steps = torch.arange(self.max_new_tokens, device=dev)
         rows = self._empty_level(
             len(reqs), self.max_new_tokens, torch.ones(len(reqs), self.max_new_tokens, dtype=torch.bool, device=dev), torch.arange(len(reqs), device=dev)
         )
@@ -405,18 +441,27 @@ class Generator:
                 return
             if len(live) < len(slot_req):  # drop finished rows: only their own tokens move
                 sel = torch.tensor(live, device=dev)
-                rows.keys = [k.index_select(0, sel) for k in rows.keys]
-                rows.values = [v.index_select(0, sel) for v in rows.values]
+                rows.keys = [self._compact(k, sel, step) for k in rows.keys]
+                rows.values = [self._compact(v, sel, step) for v in rows.values]
                 rows.valid = rows.valid.index_select(0, sel)
                 for level in (prefix_level, group_level):
                     level.set_rows(level.entry.index_select(0, sel))
                 next_pos, keys, sample, tokens = (t.index_select(0, sel) for t in (next_pos, keys, sample, tokens))
                 slot_req = [slot_req[row] for row in live]
             n = len(slot_req)
-            rows.set_rows(torch.arange(n, device=dev), (steps <= step)[None, :].expand(n, -1))
+            rows.set_rows(torch.arange(n, device=dev), rows.valid)
+            rows.length = step + 1  # the tokens generated so far, this step's included
             cache = _LevelCache([prefix_level, group_level, rows], rows, torch.arange(n, device=dev), step, packed=False)
             logits = self._forward(tokens[:, None], next_pos[:, None], cache, n, n)
             next_pos = next_pos + 1
+
+    @staticmethod
+    def _compact(kv: torch.Tensor, sel: torch.Tensor, step: int) -> torch.Tensor:
+        """The rows `sel` of a row level's keys or values, copying only the `step` columns written
+        so far (the rest is never read: the level attends to its first `length` columns)."""
+        out = kv.new_empty(len(sel), *kv.shape[1:])
+        out[:, :, :step] = kv[:, :, :step].index_select(0, sel)
+        return out
 
     def decode(self, tokens: list[int]) -> str:
         """The answer: generated text up to its first newline, stripped."""

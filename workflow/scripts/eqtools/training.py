@@ -276,7 +276,7 @@ def finetune(
     out: dict[str, Path],
     eval_every: dict[str, int],
     device: str = "cpu",
-    max_batch_rows: int = 512,
+    max_batch_rows: int = 2048,
     on_epoch: Callable[[int], None] | None = None,
 ) -> list[dict]:
     """Train for recipe["epochs"] epochs; after each, evaluate and append a metrics line.
