@@ -106,18 +106,17 @@ class _Level:
         n = self.valid.shape[0]
         self.identity = entry.numel() == n and bool((entry == torch.arange(n, device=entry.device)).all())
         self.runs = None
-        if not self.identity and entry.numel() and bool((entry[1:] >= entry[:-1]).all()):
+        counts = None if self.identity else torch.bincount(entry, minlength=n)
+        sorted_ = counts is not None and entry.numel() > 0 and bool((entry[1:] >= entry[:-1]).all())
+        if sorted_ and int((counts > 0).sum()) <= self.MAX_RUNS:
             # rows sorted by entry: each entry's rows are one slice; with few entries, one matmul
             # per slice beats building padded blocks
-            counts = torch.bincount(entry, minlength=n)
-            if int((counts > 0).sum()) <= self.MAX_RUNS:
-                ends = torch.cumsum(counts, 0).tolist()
-                self.runs = [(e, end - c, end) for e, (c, end) in enumerate(zip(counts.tolist(), ends)) if c]
-        if not self.identity and self.runs is None:
+            ends = torch.cumsum(counts, 0).tolist()
+            self.runs = [(e, end - c, end) for e, (c, end) in enumerate(zip(counts.tolist(), ends)) if c]
+        elif counts is not None:
             # rank of each row among the rows of its entry: the rows of one entry form a block
             # that attends to the entry's keys in one matmul, without copying the keys
             order = torch.argsort(entry, stable=True)
-            counts = torch.bincount(entry, minlength=n)
             starts = torch.cumsum(counts, 0) - counts
             pos = torch.empty_like(entry)
             pos[order] = torch.arange(entry.numel(), device=entry.device) - starts[entry[order]]
@@ -449,9 +448,9 @@ class Generator:
                 next_pos, keys, sample, tokens = (t.index_select(0, sel) for t in (next_pos, keys, sample, tokens))
                 slot_req = [slot_req[row] for row in live]
             n = len(slot_req)
-            rows.set_rows(torch.arange(n, device=dev), rows.valid)
+            rows.set_rows(torch.arange(n, device=dev))
             rows.length = step + 1  # the tokens generated so far, this step's included
-            cache = _LevelCache([prefix_level, group_level, rows], rows, torch.arange(n, device=dev), step, packed=False)
+            cache = _LevelCache([prefix_level, group_level, rows], rows, None, step, packed=False)
             logits = self._forward(tokens[:, None], next_pos[:, None], cache, n, n)
             next_pos = next_pos + 1
 

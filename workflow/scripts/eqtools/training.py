@@ -169,7 +169,7 @@ def save_state(
     state_dir: Path, model, optimizer, scheduler, epoch: int, best: dict, lines: list[dict],
     predictions: dict[str, dict[str, pl.DataFrame]] | None = None,
 ) -> None:
-    """`predictions` maps "early_stop" and "last" to {split: graded frame}."""
+    """`predictions` maps "early_stop" and "convergence" (the latest epoch) to {split: graded frame}."""
 
     def save(tmp: Path) -> None:
         model.save_pretrained(tmp / "model")
@@ -313,7 +313,8 @@ def finetune(
         raise TrainingError(f"predictions asked for {unknown}, which are not evaluation sets ({sorted(evals)})")
     if unknown := sorted(set(prediction_paths) - {"early_stop", "convergence"}):
         raise TrainingError(f"predictions asked for stops {unknown}; the stops are early_stop and convergence")
-    predictions: dict[str, dict[str, pl.DataFrame]] = {"early_stop": {}, "last": {}}
+    # per stop {split: graded frame}; "convergence" holds the latest epoch's until the run ends
+    predictions: dict[str, dict[str, pl.DataFrame]] = {"early_stop": {}, "convergence": {}}
     if (state_dir / "trainer.pt").exists():
         start_epoch, best, lines, saved = load_state(state_dir, model, optimizer, scheduler)
         predictions.update(saved)
@@ -335,10 +336,10 @@ def finetune(
         for name, (_, summary) in graded.items():
             line.update({f"{name}_{k}": v for k, v in summary.items()})
         lines.append(line)
-        predictions["last"] = {split: graded[split][0] for split in predicted if split in graded}
+        predictions["convergence"] = {split: graded[split][0] for split in predicted if split in graded}
         if best_epoch(lines) == epoch:
             best = {"dev_accuracy": line["dev_accuracy"], "epoch": epoch}
-            predictions["early_stop"] = dict(predictions["last"])
+            predictions["early_stop"] = dict(predictions["convergence"])
             _save_atomic(model.save_pretrained, Path(out["early_stop"]))
         log.info("epoch %d: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v for k, v in line.items()})
         log.info(
@@ -355,7 +356,7 @@ def finetune(
     _save_atomic(model.save_pretrained, Path(out["convergence"]))
     if best["epoch"] is None:  # no dev set: the last epoch is the early stop too
         _save_atomic(model.save_pretrained, Path(out["early_stop"]))
-        predictions["early_stop"] = dict(predictions["last"])
+        predictions["early_stop"] = dict(predictions["convergence"])
     if not Path(out["early_stop"]).exists():
         raise TrainingError(f"{out['early_stop']} is missing although epoch {best['epoch']} was the best")
     if missing := [split for split in prediction_paths.get("early_stop", {}) if split not in predictions["early_stop"]]:
@@ -369,7 +370,7 @@ def finetune(
 
     for stop, paths in prediction_paths.items():
         for split, path in paths.items():
-            write_parquet(predictions["early_stop" if stop == "early_stop" else "last"][split], path)  # convergence: last
+            write_parquet(predictions[stop][split], path)
     # the run is complete: its resumable state (optimizer moments: twice the trained weights) goes
     shutil.rmtree(state_dir, ignore_errors=True)
     return lines
