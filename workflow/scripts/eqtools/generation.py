@@ -1,27 +1,40 @@
 """The one generation engine: batched greedy and sampled decoding that stops at the first newline,
 for SliCK labelling (few-shot) and evaluation (zero-shot). Backend: transformers (CPU or CUDA).
 
-What makes it fast, all of it exact:
-- a prompt prefix (the 4-shot exemplars) is encoded once; its KV cache is copied into every row
-  that uses it, so only the question is prefilled;
-- requests with the same (prefix, prompt) share one prefill: the 16 samples of a question draw
-  their first token from the same logits, and their rows start from the same KV cache;
-- a wave runs many rows at once (across questions and exemplar sets) in one preallocated KV
-  buffer: no reallocation per step, and finished or cancelled rows are dropped from the batch;
-- decoding stops at the first newline; the caller can cancel requests whose outcome is settled.
+Two exact paths behind one entry point, `Generator`:
 
-KV caches are kept at the level where they are shared, never copied per row: one per prefix,
-one per (prefix, prompt) group, and one per row for its generated tokens. A custom attention
-function (registered with transformers' AttentionInterface and used only inside the engine's
-own forward calls) attends over the levels with one softmax across them, as a single
-concatenated cache would. Dropping a finished row moves only its generated tokens.
+- "levels", the fast path, for models whose every layer is attention that goes through
+  transformers' AttentionInterface and writes its cache with `update`:
+  - a prompt prefix (the 4-shot exemplars) is encoded once; its KV cache is shared by every row
+    that uses it, so only the question is prefilled;
+  - requests with the same (prefix, prompt) share one prefill: the 16 samples of a question draw
+    their first token from the same logits, and their rows start from the same KV cache;
+  - a wave runs many rows at once (across questions and exemplar sets) in one preallocated KV
+    buffer: no reallocation per step, and finished or cancelled rows are dropped from the batch.
+  KV caches are kept at the level where they are shared, never copied per row: one per prefix,
+  one per (prefix, prompt) group, and one per row for its generated tokens. A custom attention
+  function (registered with transformers' AttentionInterface) attends over the levels with one
+  softmax across them, as a single concatenated cache would, and does what the model's own
+  attention does: its scaling, per-layer sliding windows, logit softcapping and attention sinks.
+  An attention argument it does not implement makes it refuse, never ignore.
+- "reference", for everything else (latent-attention caches, recurrent or convolutional layers,
+  ALiBi, custom caches): transformers' own `generate` with the model's own cache, in batches of
+  prompts of equal length, so no row is ever padded.
 
-Sampling is reproducible independently of batching: the noise for a sampled token comes from a
-counter-based hash of (request key, step, rank among the top-k tokens), and the token is the
-Gumbel-max choice among the top-k logits at the temperature. So a sample's outcome does not
-depend on which other rows share its batch, on the wave size, or on which requests were skipped.
+`Generator` picks the path by inspecting the model and checking the fast path on a probe
+against the model's own forward (one log line names the path and the reason); `backend` forces
+one. The attention implementation is switched only for the duration of the engine's own forward
+calls, so training, `generate` and P(True) always see the model's own attention.
+
+Decoding stops at the first newline; the caller can cancel requests whose outcome is settled.
+Sampling is reproducible independently of batching and of the path: the noise for a sampled
+token comes from a counter-based hash of (request key, step, rank among the top-k tokens), and
+the token is the Gumbel-max choice among the top-k logits at the temperature. So a sample's
+outcome does not depend on which other rows share its batch, on the wave size, on which
+requests were skipped, or on the path.
 """
 
+import contextlib
 import contextvars
 import logging
 import time
@@ -29,8 +42,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers import AttentionInterface, GenerationConfig, PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +81,18 @@ def choose_tokens(
     return out
 
 
+class EngineError(RuntimeError):
+    pass
+
+
+class LevelsUnsupported(EngineError):
+    """The fast path cannot reproduce this model's attention."""
+
+
+BACKENDS = ("auto", "levels", "reference")
+ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention"}
+
+
 @dataclass(frozen=True)
 class Request:
     """One generation. `prompt`: token ids after the prefix. `key`: None = greedy, else the
@@ -92,12 +116,13 @@ class Stats:
 
 class _Level:
     """KV states shared by several rows: per layer [entries, kv_heads, length, head_dim], the entry
-    of every attention row and which of the entry's positions each row sees."""
+    of every attention row, which of the entry's positions each row sees, and the model position
+    of each entry's first column (for sliding windows)."""
 
     MAX_RUNS = 48
 
-    def __init__(self, keys, values, valid, entry, row_valid=None):
-        self.keys, self.values, self.valid = keys, values, valid
+    def __init__(self, keys, values, valid, entry, base, row_valid=None):
+        self.keys, self.values, self.valid, self.base = keys, values, valid, base
         self.length: int | None = None  # attend to the first `length` positions only (all valid)
         self.set_rows(entry, row_valid)
 
@@ -146,19 +171,30 @@ class _Level:
         return torch.cat(out)
 
     def scores(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """Raw (unmasked) scores [rows, kv, group, columns]."""
         keys = self.keys[layer]
         if self.length is not None:
             keys = keys[:, :, : self.length]
         keys = keys.transpose(-1, -2)
         if self.identity:
-            s = q @ keys
-        elif self.runs is not None:
-            s = self._per_run(q, keys)
-        else:
-            s = self._unblocks(self._blocks(q) @ keys, q.shape[2])
-        if self.length is not None:
-            return s
-        return s.masked_fill(~self.row_valid[:, None, None, :], float("-inf"))
+            return q @ keys
+        if self.runs is not None:
+            return self._per_run(q, keys)
+        return self._unblocks(self._blocks(q) @ keys, q.shape[2])
+
+    def hidden(self, q_pos: torch.Tensor, window: int | None) -> torch.Tensor | None:
+        """[rows, columns] True where a row must not attend: positions its entry does not hold or
+        it does not see, and keys outside its sliding window (a query at position p sees keys in
+        (p - window, p]). None when every row sees every column."""
+        columns = self.length if self.length is not None else self.valid.shape[1]
+        mask = None if self.length is not None else ~self.row_valid
+        if window is not None:
+            base = self.base if self.identity else self.base.index_select(0, self.entry)
+            first = q_pos - base - window + 1  # each row's first visible column
+            if bool((first > 0).any()):
+                outside = torch.arange(columns, device=first.device)[None, :] < first[:, None]
+                mask = outside if mask is None else mask | outside
+        return mask
 
     def output(self, layer: int, weights: torch.Tensor) -> torch.Tensor:
         values = self.values[layer]
@@ -173,13 +209,16 @@ class _Level:
 
 class _LevelCache:
     """The cache object handed to the model. Every attention row is one query token: in a packed
-    prefill the tokens of one sequence (batch 1), in decoding one token per batch row. `update`
-    scatters the new keys/values to (entry, column) of the `target` level; `attend` attends over
-    all levels with one softmax."""
+    prefill the tokens of one sequence (batch 1), in decoding one token per batch row; `q_pos`
+    holds each row's model position. `update` scatters the new keys/values to (entry, column) of
+    the `target` level; `attend` attends over all levels with one softmax."""
 
-    def __init__(self, levels: list[_Level], target: _Level, write_entry, write_col, packed: bool):
+    def __init__(self, levels: list[_Level], target: _Level, write_entry, write_col, q_pos, packed: bool, windows):
         self.levels, self.target, self.packed = levels, target, packed
         self.write_entry, self.write_col = write_entry, write_col
+        self.q_pos, self.windows = q_pos, windows
+        self.attended: set[int] = set()
+        self._masks: dict[int | None, list] = {}  # per window size: each level's mask, built once
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         # packed: [1, kv, tokens, d]; decoding: [rows, kv, 1, d] -> [n, kv, d]
@@ -192,14 +231,26 @@ class _LevelCache:
         self.target.values[layer_idx][self.write_entry, :, self.write_col] = v
         return key_states, value_states
 
-    def attend(self, layer: int, query: torch.Tensor, scaling: float) -> torch.Tensor:
+    def attend(self, layer: int, query: torch.Tensor, scaling: float, window=None, softcap=None, sinks=None):
+        self.attended.add(layer)
         q = query.transpose(0, 2) if self.packed else query  # -> [rows, heads, 1, d]
         rows, heads, _, dim = q.shape
         kv = self.target.keys[layer].shape[1]
         q = (q * scaling).reshape(rows, kv, heads // kv, dim)  # head h uses kv head h // (heads // kv)
-        scores = [level.scores(layer, q) for level in self.levels]
+        if window not in self._masks:
+            self._masks[window] = [level.hidden(self.q_pos, window) for level in self.levels]
+        scores = []
+        for level, hidden in zip(self.levels, self._masks[window]):
+            s = level.scores(layer, q)
+            if softcap is not None:  # as the model's eager attention: cap, then mask
+                s = torch.tanh(s / softcap) * softcap
+            scores.append(s if hidden is None else s.masked_fill(hidden[:, None, None, :], float("-inf")))
         lengths = [s.shape[-1] for s in scores]
-        weights = torch.cat(scores, dim=-1).float().softmax(dim=-1).to(query.dtype)
+        logits = torch.cat(scores, dim=-1).float()
+        if sinks is not None:  # one extra logit per head in the softmax's denominator
+            sink = sinks.float().reshape(1, kv, heads // kv, 1).expand(rows, -1, -1, 1)
+            logits = torch.cat([logits, sink], dim=-1)
+        weights = logits.softmax(dim=-1)[..., : sum(lengths)].to(query.dtype)
         out = sum(level.output(layer, w) for level, w in zip(self.levels, weights.split(lengths, dim=-1)))
         out = out.reshape(rows, heads, dim)
         return out[None] if self.packed else out[:, None]  # [batch, tokens, heads, d]
@@ -207,16 +258,113 @@ class _LevelCache:
 
 _ACTIVE: contextvars.ContextVar[_LevelCache | None] = contextvars.ContextVar("slick_cache", default=None)
 
+# Attention arguments that do not change the attention's result here: positions and
+# bookkeeping (the levels know the positions), and flash-attention's packing metadata.
+_NEUTRAL_ARGUMENTS = {
+    "position_ids", "cache_position", "output_attentions", "use_cache", "position_embeddings",
+    "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "cache", "past_key_values",
+    "token_type_ids", "head_mask",
+}  # fmt: skip
+
 
 def _level_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention over the engine's levels inside its forwards; plain SDPA everywhere else."""
+    """Attention over the engine's levels, used only inside the engine's own forward calls."""
     cache = _ACTIVE.get()
     if cache is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    return cache.attend(module.layer_idx, query, scaling if scaling is not None else query.shape[-1] ** -0.5), None
+        raise EngineError("the engine's attention was called outside an engine forward")
+    layer = module.layer_idx
+    window, softcap, sinks = kwargs.pop("sliding_window", None), kwargs.pop("softcap", None), kwargs.pop("s_aux", None)
+    if kwargs.pop("is_causal", None) is False:
+        raise LevelsUnsupported(f"layer {layer} attends bidirectionally (is_causal=False)")
+    if dropout:
+        raise LevelsUnsupported(f"layer {layer} applies attention dropout {dropout} (the model is in training mode)")
+    for name, value_ in kwargs.items():
+        if value_ is not None and name not in _NEUTRAL_ARGUMENTS:
+            raise LevelsUnsupported(f"layer {layer} passes attention argument {name!r}, which the levels do not implement")
+    if layer in cache.windows:  # layer_types decide the mask the model builds for the layer
+        window = cache.windows[layer]
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    return cache.attend(layer, query, scaling, window, softcap, sinks), None
 
 
 AttentionInterface.register("slick_levels", _level_attention)
+
+
+def _pretrained(model) -> PreTrainedModel:
+    """The transformers model inside `model` (itself, or the base model of a peft wrapper)."""
+    return next(m for m in model.modules() if isinstance(m, PreTrainedModel))
+
+
+def _configs(model) -> list:
+    """Every config whose `_attn_implementation` the model's modules read, each once."""
+    found, todo = {}, [m.config for m in model.modules() if isinstance(m, PreTrainedModel)]
+    while todo:
+        config = todo.pop()
+        if id(config) not in found:
+            found[id(config)] = config
+            todo += [getattr(config, k) for k in getattr(config, "sub_configs", {}) if getattr(config, k, None) is not None]
+    return list(found.values())
+
+
+@contextlib.contextmanager
+def _attention(configs: list, implementation: str):
+    """Switch the attention implementation for the duration of a call, then restore it."""
+    saved = [c._attn_implementation_internal for c in configs]
+    for c in configs:
+        c._attn_implementation_internal = implementation
+    try:
+        yield
+    finally:
+        for c, before in zip(configs, saved):
+            c._attn_implementation_internal = before
+
+
+def _layer_windows(config) -> dict[int, int | None]:
+    """Sliding window per layer from `config.layer_types`, as transformers builds the masks; empty
+    when the config has no layer types (the attention modules then pass their own window)."""
+    types = getattr(config, "layer_types", None)
+    if not types:
+        return {}
+    window = getattr(config, "sliding_window", None)
+    return {i: window if t == "sliding_attention" else None for i, t in enumerate(types)}
+
+
+class _ChosenToken:
+    """A logits processor for `generate`: keeps only the token `choose_tokens` picks for each row
+    (greedy, or the row's random stream), so generate's own greedy step takes exactly it."""
+
+    def __init__(self, keys, sample, prompt_length: int, temperature: float, top_k: int):
+        self.keys, self.sample, self.prompt_length = keys, sample, prompt_length
+        self.temperature, self.top_k = temperature, top_k
+
+    def __call__(self, input_ids, scores):
+        step = input_ids.shape[1] - self.prompt_length
+        tokens = choose_tokens(scores, self.keys, self.sample, step, self.temperature, self.top_k)
+        out = torch.full_like(scores, float("-inf"))
+        out[torch.arange(len(tokens), device=scores.device), tokens] = 0.0
+        return out
+
+
+class _RowStop:
+    """A stopping criterion for `generate`: a row ends at its first stop token, or when `keep`
+    cancels it (remembered in `cancelled`)."""
+
+    def __init__(self, stop_token, keep, index: list[int], prompt_length: int, max_new_tokens: int):
+        self.stop_token, self.keep, self.index = stop_token, keep, index
+        self.prompt_length, self.max_new_tokens = prompt_length, max_new_tokens
+        self.done = torch.zeros(len(index), dtype=torch.bool, device=stop_token.device)
+        self.cancelled: set[int] = set()
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.done |= self.stop_token[input_ids[:, -1]]
+        if input_ids.shape[1] - self.prompt_length >= self.max_new_tokens:
+            return self.done.clone()  # the last step: the rows still running are complete
+        for row in (~self.done).nonzero().flatten().tolist():
+            if not self.keep(self.index[row]):
+                self.cancelled.add(row)
+                self.done[row] = True
+        return self.done.clone()
 
 
 @dataclass
@@ -228,7 +376,11 @@ class _Prefix:
 
 
 class Generator:
-    """Batched generation with cached prefixes; see the module docstring."""
+    """Batched generation with cached prefixes; see the module docstring. `backend`: "auto" picks
+    the path by inspecting the model, "levels" or "reference" forces one ("levels" refuses a
+    model it cannot run exactly)."""
+
+    PROBE_TEXT = "Q: In which country is the river that flows through the old town located?\nA:"
 
     def __init__(
         self,
@@ -239,7 +391,10 @@ class Generator:
         temperature: float = 0.5,
         top_k: int = 40,
         max_batch_rows: int = 2048,
+        backend: str = "auto",
     ):
+        if backend not in BACKENDS:
+            raise EngineError(f"engine backend {backend!r}: expected one of {', '.join(BACKENDS)}")
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
@@ -248,16 +403,100 @@ class Generator:
         self.temperature = temperature
         self.top_k = top_k
         self.max_batch_rows = max_batch_rows
-        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        self.n_layers = cfg.num_hidden_layers
-        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        model.set_attn_implementation("slick_levels")
+        self.base = _pretrained(model)
+        cfg = self.base.config.get_text_config()
+        self.architecture = type(self.base).__name__
+        self.n_layers = getattr(cfg, "num_hidden_layers", None)
+        heads = getattr(cfg, "num_attention_heads", None)
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        self.head_dim = getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads if heads else None)
+        self.windows = _layer_windows(cfg)
+        self._configs = _configs(model)
         self.prefixes: list[_Prefix] = []
         self._prefix_ids: dict[str, int] = {}
         self.stop_token = self._stop_tokens()
         self._no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
+        self._trace: list[torch.Tensor] | None = None  # the probe's logits
+        self.attended_layers: set[int] = set()  # layers that attended in the last levels forward
         self.stats = Stats()
+        self.backend, reason = self._choose_backend(backend, cfg)
+        log.info("generation engine: %s path for %s (%s)", self.backend, self.architecture, reason)
+
+    # ----- choosing the path -----
+    def _choose_backend(self, requested: str, cfg) -> tuple[str, str]:
+        if requested == "reference":
+            return "reference", "engine.backend: reference"
+        obstacle = self._levels_obstacle(cfg)
+        self.stats = Stats()  # the probe's calls are not the caller's
+        if obstacle is None:
+            features = [
+                name
+                for name, present in (
+                    ("sliding windows", any(self.windows.values()) or self._module_windows()),
+                    ("logit softcapping", getattr(cfg, "attn_logit_softcapping", None) is not None),
+                    ("attention sinks", any(getattr(m, "sinks", None) is not None for m in self.model.modules())),
+                )
+                if present
+            ]
+            extra = f", with {', '.join(features)}" if features else ""
+            return "levels", f"its {self.n_layers} layers are attention the levels reproduce{extra}; probe exact"
+        if requested == "levels":
+            raise EngineError(f"engine.backend is 'levels' but {self.architecture} cannot run on it: {obstacle}")
+        return "reference", obstacle
+
+    def _module_windows(self) -> list[int]:
+        return [w for m in self.model.modules() if isinstance(w := getattr(m, "sliding_window", None), int) and w > 0]
+
+    def _levels_obstacle(self, cfg) -> str | None:
+        """Why the fast path cannot run this model exactly, or None. Static checks give the
+        reasons one can name; a probe against the model's own forward catches the rest."""
+        if not type(self.base)._can_set_attn_implementation():
+            return "its attention does not go through transformers' AttentionInterface"
+        types = set(getattr(cfg, "layer_types", None) or []) - ATTENTION_LAYER_TYPES
+        if types:
+            return f"it has {', '.join(sorted(types))} layers"
+        if not (self.n_layers and self.kv_heads and self.head_dim):
+            return "its config names no attention heads"
+        try:
+            return self._probe()
+        except Exception as e:  # whatever breaks the fast path on this model makes it step aside
+            message = str(e).splitlines()[0][:200] if str(e) else ""
+            return f"the probe failed: {type(e).__name__}: {message}"
+        finally:
+            self.prefixes.clear()
+            self._prefix_ids.clear()
+            self._trace = None
+
+    def _probe(self) -> str | None:
+        """Run the levels on a probe (a prefix, a prompt, up to three decoded tokens) and compare
+        their logits with the model's own forward over the same tokens. Longer than the smallest
+        sliding window when that is short, so the windows are exercised too."""
+        text = self.tokenizer(self.PROBE_TEXT, add_special_tokens=False).input_ids
+        windows = [w for w in self.windows.values() if w] + self._module_windows()
+        length = max(48, min(min(windows, default=0) + 16, 512))
+        tokens = (text * (length // max(1, len(text)) + 1))[:length]
+        head = self.tokenizer("", add_special_tokens=True).input_ids
+        pid = self._add_levels_prefix("\0probe", head + tokens[: length // 2])
+        prompt = tuple(tokens[length // 2 :])
+        saved, self.max_new_tokens = self.max_new_tokens, 3
+        self._trace = []  # the logits of the prompt's prefill and of each decoding step
+        try:
+            (_, generated), *_ = list(self._levels_wave([Request(pid, prompt)], [0], lambda i: True))
+        finally:
+            self.max_new_tokens = saved
+        if len(self.attended_layers) != self.n_layers:
+            return f"only {len(self.attended_layers)} of its {self.n_layers} layers attend through the levels"
+        full = list(self.prefixes[pid].tokens) + list(prompt) + list(generated)
+        with torch.inference_mode():
+            reference = self.model(input_ids=torch.tensor([full], device=self.device), use_cache=False).logits[0]
+        first = len(self.prefixes[pid].tokens) + len(prompt) - 1
+        got = torch.cat(self._trace).float()
+        want = reference[first : first + len(got)].float()
+        diff = float((got - want).abs().max())
+        tolerance = (1e-3 if self.dtype == torch.float32 else 5e-2) * max(1.0, float(want.abs().max()))
+        if not diff <= tolerance:  # also catches NaN
+            return f"the probe's logits differ from the model's own forward by {diff:.3g} (tolerance {tolerance:.3g})"
+        return None
 
     # ----- prompts -----
     def _stop_tokens(self) -> torch.Tensor:
@@ -274,11 +513,11 @@ class Generator:
         mask[[e for e in eos if e < vocab]] = True
         return mask.to(self.device)
 
-    def _empty_level(self, entries: int, length: int, valid: torch.Tensor, entry, row_valid=None) -> _Level:
+    def _empty_level(self, entries: int, length: int, valid: torch.Tensor, entry, base, row_valid=None) -> _Level:
         shape = (entries, self.kv_heads, length, self.head_dim)
         keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
         values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
-        return _Level(keys, values, valid, entry, row_valid)
+        return _Level(keys, values, valid, entry, base, row_valid)
 
     def _prefill(self, sequences: list[tuple[int, ...]], offsets: list[int], prefixes=None, seq_prefix=None):
         """Encode token sequences packed into one row (no padding): each token attends to its
@@ -291,23 +530,33 @@ class Generator:
         entry = torch.repeat_interleave(torch.arange(len(sequences), device=dev), lengths)
         col = torch.cat([torch.arange(n, device=dev) for n in lengths.tolist()])
         valid = torch.arange(width, device=dev)[None, :] < lengths[:, None]
-        level = self._empty_level(len(sequences), width, valid, entry, torch.arange(width, device=dev)[None, :] <= col[:, None])
+        base = torch.tensor(offsets, device=dev)
+        causal = torch.arange(width, device=dev)[None, :] <= col[:, None]
+        level = self._empty_level(len(sequences), width, valid, entry, base, causal)
         ids = torch.tensor([t for q in sequences for t in q], device=dev)[None]
-        positions = (torch.tensor(offsets, device=dev)[entry] + col)[None]
+        positions = base[entry] + col
         last = torch.cumsum(lengths, 0) - 1
         shared = []
         if prefixes is not None:
             prefixes.set_rows(seq_prefix[entry])
             shared.append(prefixes)
-        cache = _LevelCache([*shared, level], level, entry, col, packed=True)
-        logits = self._forward(ids, positions, cache, len(col), len(sequences), keep=last)
+        cache = _LevelCache([*shared, level], level, entry, col, positions, True, self.windows)
+        logits = self._forward(ids, positions[None], cache, len(col), len(sequences), keep=last)
         return level, logits
 
     def add_prefix(self, text: str) -> int:
-        """Encode a prompt prefix once (with the tokenizer's special tokens, e.g. BOS)."""
+        """Register a prompt prefix (tokenised with the tokenizer's special tokens, e.g. BOS); the
+        fast path encodes it once."""
         if text in self._prefix_ids:
             return self._prefix_ids[text]
         tokens = self.tokenizer(text, add_special_tokens=True).input_ids
+        if self.backend == "reference":
+            self.prefixes.append(_Prefix(text, tokens))
+            self._prefix_ids[text] = len(self.prefixes) - 1
+            return len(self.prefixes) - 1
+        return self._add_levels_prefix(text, tokens)
+
+    def _add_levels_prefix(self, text: str, tokens: list[int]) -> int:
         prefix = _Prefix(text, tokens)
         if tokens:
             level, _ = self._prefill([tuple(tokens)], [0])
@@ -333,7 +582,7 @@ class Generator:
         t = time.perf_counter()
         token = _ACTIVE.set(cache)
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), _attention(self._configs, "slick_levels"):
                 out = self.model(
                     input_ids=ids,
                     position_ids=positions,
@@ -344,12 +593,16 @@ class Generator:
                 )
         finally:
             _ACTIVE.reset(token)
+        self.attended_layers = cache.attended
         self.stats.forward_calls += 1
         self.stats.tokens += real_tokens
         self.stats.forward_rows += real_rows
         self.stats.padded_tokens += ids.numel()
         self.stats.seconds += time.perf_counter() - t
-        return out.logits[0] if keep is not None else out.logits[:, -1]
+        logits = out.logits[0] if keep is not None else out.logits[:, -1]
+        if self._trace is not None:
+            self._trace.append(logits[-1:].detach())
+        return logits
 
     # ----- generation -----
     def generate(
@@ -360,7 +613,10 @@ class Generator:
         Requests run in waves of at most `max_batch_rows` rows, in the given order. `keep(i)` is
         asked before a request starts and after every step; when it turns False the request is
         dropped and nothing is yielded for it."""
+        if self.model.training:
+            raise EngineError("the model is in training mode (dropout on): call model.eval() before generating")
         keep = keep or (lambda i: True)
+        wave_fn = self._levels_wave if self.backend == "levels" else self._reference_wave
         pending = list(range(len(requests)))
         while pending:
             wave, rest = [], []
@@ -371,16 +627,16 @@ class Generator:
                     rest.append(i)
             pending = rest
             if wave:
-                yield from self._run_wave([requests[i] for i in wave], wave, keep)
+                self.stats.waves += 1
+                self.stats.rows += len(wave)
+                yield from wave_fn([requests[i] for i in wave], wave, keep)
 
-    def _run_wave(self, reqs: list[Request], index: list[int], keep) -> Iterator[tuple[int, list[int]]]:
+    def _levels_wave(self, reqs: list[Request], index: list[int], keep) -> Iterator[tuple[int, list[int]]]:
         with torch.inference_mode():
             yield from self._wave(reqs, index, keep)
 
     def _wave(self, reqs: list[Request], index: list[int], keep) -> Iterator[tuple[int, list[int]]]:
         dev = self.device
-        self.stats.waves += 1
-        self.stats.rows += len(reqs)
         # one prefill per distinct (prefix, prompt); rows point at their group
         groups: dict[tuple[int, tuple[int, ...]], int] = {}
         row_group = [groups.setdefault((r.prefix, r.prompt), len(groups)) for r in reqs]
@@ -391,7 +647,11 @@ class Generator:
         slot = {p: i for i, p in enumerate(used)}
         p_max = max([len(self.prefixes[p].tokens) for p in used] or [1])
         prefix_level = self._empty_level(
-            len(used) + 1, p_max, torch.zeros(len(used) + 1, p_max, dtype=torch.bool, device=dev), torch.zeros(1, dtype=torch.long, device=dev)
+            len(used) + 1,
+            p_max,
+            torch.zeros(len(used) + 1, p_max, dtype=torch.bool, device=dev),
+            torch.zeros(1, dtype=torch.long, device=dev),
+            torch.zeros(len(used) + 1, dtype=torch.long, device=dev),
         )
         for p in used:
             n = len(self.prefixes[p].tokens)
@@ -410,11 +670,15 @@ class Generator:
         rg = torch.tensor(row_group, device=dev)
         prefix_level.set_rows(group_prefix.index_select(0, rg))
         group_level.set_rows(rg)
-        rows = self._empty_level(
-            len(reqs), self.max_new_tokens, torch.ones(len(reqs), self.max_new_tokens, dtype=torch.bool, device=dev), torch.arange(len(reqs), device=dev)
-        )
         lengths = torch.tensor([len(q) + len(self.prefixes[p].tokens) for p, q in group_keys], device=dev)
         next_pos = lengths.index_select(0, rg)
+        rows = self._empty_level(
+            len(reqs),
+            self.max_new_tokens,
+            torch.ones(len(reqs), self.max_new_tokens, dtype=torch.bool, device=dev),
+            torch.arange(len(reqs), device=dev),
+            next_pos.clone(),
+        )
         logits = logits.index_select(0, rg)
         keys = torch.tensor([r.key or 0 for r in reqs], dtype=torch.long, device=dev)
         sample = torch.tensor([r.key is not None for r in reqs], dtype=torch.bool, device=dev)
@@ -443,6 +707,7 @@ class Generator:
                 rows.keys = [self._compact(k, sel, step) for k in rows.keys]
                 rows.values = [self._compact(v, sel, step) for v in rows.values]
                 rows.valid = rows.valid.index_select(0, sel)
+                rows.base = rows.base.index_select(0, sel)
                 for level in (prefix_level, group_level):
                     level.set_rows(level.entry.index_select(0, sel))
                 next_pos, keys, sample, tokens = (t.index_select(0, sel) for t in (next_pos, keys, sample, tokens))
@@ -450,7 +715,7 @@ class Generator:
             n = len(slot_req)
             rows.set_rows(torch.arange(n, device=dev))
             rows.length = step + 1  # the tokens generated so far, this step's included
-            cache = _LevelCache([prefix_level, group_level, rows], rows, None, step, packed=False)
+            cache = _LevelCache([prefix_level, group_level, rows], rows, None, step, next_pos, False, self.windows)
             logits = self._forward(tokens[:, None], next_pos[:, None], cache, n, n)
             next_pos = next_pos + 1
 
@@ -461,6 +726,57 @@ class Generator:
         out = kv.new_empty(len(sel), *kv.shape[1:])
         out[:, :, :step] = kv[:, :, :step].index_select(0, sel)
         return out
+
+    def _reference_wave(self, reqs: list[Request], index: list[int], keep) -> Iterator[tuple[int, list[int]]]:
+        """The exact second path: transformers' `generate` with the model's own cache and
+        attention, over batches of prompts of one length (no padding, so no reliance on how a
+        model handles it), the tokens chosen by `choose_tokens` as in the fast path."""
+        by_length: dict[int, list[int]] = {}
+        for pos, r in enumerate(reqs):
+            by_length.setdefault(len(self.prefixes[r.prefix].tokens) + len(r.prompt), []).append(pos)
+        for members in by_length.values():
+            yield from self._reference_batch([reqs[p] for p in members], [index[p] for p in members], keep)
+
+    def _reference_batch(self, reqs: list[Request], index: list[int], keep) -> Iterator[tuple[int, list[int]]]:
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        dev = self.device
+        ids = torch.tensor([list(self.prefixes[r.prefix].tokens) + list(r.prompt) for r in reqs], device=dev)
+        width = ids.shape[1]
+        keys = torch.tensor([r.key or 0 for r in reqs], dtype=torch.long, device=dev)
+        sample = torch.tensor([r.key is not None for r in reqs], dtype=torch.bool, device=dev)
+        stopper = _RowStop(self.stop_token, keep, index, width, self.max_new_tokens)
+        pad = int(self.stop_token.nonzero()[0]) if bool(self.stop_token.any()) else 0
+        # a plain config, and the model's own defaults (repetition penalty, sampling flags, ...)
+        # out of the way for the call: the only logits processor is the engine's choice
+        plain = GenerationConfig(do_sample=False, max_new_tokens=self.max_new_tokens, pad_token_id=pad)
+        saved = self.base.generation_config
+        t = time.perf_counter()
+        try:
+            self.base.generation_config = GenerationConfig()
+            with torch.inference_mode():
+                out = self.model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    generation_config=plain,
+                    logits_processor=LogitsProcessorList(
+                        [_ChosenToken(keys, sample, width, self.temperature, self.top_k)]
+                    ),
+                    stopping_criteria=StoppingCriteriaList([stopper]),
+                )
+        finally:
+            self.base.generation_config = saved
+        steps = out.shape[1] - width
+        self.stats.forward_calls += steps
+        self.stats.tokens += ids.numel() + len(reqs) * max(0, steps - 1)
+        self.stats.padded_tokens += ids.numel() + len(reqs) * max(0, steps - 1)
+        self.stats.forward_rows += len(reqs) * steps
+        self.stats.seconds += time.perf_counter() - t
+        for row, new in enumerate(out[:, width:].tolist()):
+            if row in stopper.cancelled:
+                continue
+            stops = [j for j, token in enumerate(new) if self.stop_token[token]]
+            yield index[row], new[: stops[0]] if stops else new
 
     def decode(self, tokens: list[int]) -> str:
         """The answer: generated text up to its first newline, stripped."""
