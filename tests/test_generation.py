@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from eqtools.generation import Generator, Request, choose_tokens, gumbel_noise
+from eqtools.generation import EngineError, Generator, Request, choose_tokens, gumbel_noise
 from eqtools.models import load
 
 PREFIXES = ["Q: What is the capital of France?\nA: Paris\n", "Q: Who wrote Hamlet?\nA: Shakespeare\nQ: Where is Rome?\nA: Italy\n", ""]
@@ -16,6 +16,14 @@ def model(tiny_model_dir):
     return load(tiny_model_dir, device="cpu")[:2]
 
 
+@pytest.fixture(scope="module")
+def eager(tiny_model_dir):
+    """An untouched copy with eager attention: the reference, never the engine's model."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager").eval()
+
+
 def reference_greedy(model, tokenizer, prompt, max_new):
     ids = tokenizer(prompt, return_tensors="pt")
     with torch.inference_mode():
@@ -23,10 +31,11 @@ def reference_greedy(model, tokenizer, prompt, max_new):
     return tokenizer.decode(out[0, ids.input_ids.shape[1] :], skip_special_tokens=True).split("\n")[0].strip()
 
 
+@pytest.mark.parametrize("backend", ["levels", "reference"])
 @pytest.mark.parametrize("rows", [1, 3, 64])
-def test_greedy_matches_generate(model, rows):
+def test_greedy_matches_generate(model, eager, rows, backend):
     m, tok = model
-    gen = Generator(m, tok, max_new_tokens=6, max_batch_rows=rows)
+    gen = Generator(m, tok, max_new_tokens=6, max_batch_rows=rows, backend=backend)
     cases = [(p, q) for p in PREFIXES for q in QUESTIONS]
     reqs = []
     for p, q in cases:
@@ -35,27 +44,28 @@ def test_greedy_matches_generate(model, rows):
     got = {i: gen.decode(t) for i, t in gen.generate(reqs)}
     assert len(got) == len(cases)
     for i, (p, q) in enumerate(cases):
-        assert got[i] == reference_greedy(m, tok, p + q, 6), (p, q)
+        assert got[i] == reference_greedy(eager, tok, p + q, 6), (p, q)
     assert gen.stats.tokens > 0 and gen.stats.padded_tokens >= gen.stats.tokens
 
 
-def test_samples_do_not_depend_on_batching(model):
+def test_samples_do_not_depend_on_batching_or_path(model):
     m, tok = model
     outs = []
-    for rows in (1, 5, 200):
-        gen = Generator(m, tok, max_new_tokens=5, max_batch_rows=rows, temperature=0.7, top_k=20)
+    for rows, backend in ((1, "levels"), (5, "levels"), (200, "levels"), (5, "reference"), (200, "reference")):
+        gen = Generator(m, tok, max_new_tokens=5, max_batch_rows=rows, temperature=0.7, top_k=20, backend=backend)
         reqs = []
         for p in PREFIXES:
             pid = gen.add_prefix(p)
             reqs += [Request(pid, gen.prompt_tokens(pid, q), key=100 * len(reqs) + s) for q in QUESTIONS for s in range(4)]
         outs.append(dict(gen.generate(reqs)))
-    assert outs[0] == outs[1] == outs[2]
+    assert all(out == outs[0] for out in outs[1:])
     assert len({tuple(t) for t in outs[0].values()}) > 1  # the samples differ from each other
 
 
-def test_cancelled_requests_yield_nothing(model):
+@pytest.mark.parametrize("backend", ["levels", "reference"])
+def test_cancelled_requests_yield_nothing(model, backend):
     m, tok = model
-    gen = Generator(m, tok, max_new_tokens=4, max_batch_rows=4)
+    gen = Generator(m, tok, max_new_tokens=4, max_batch_rows=4, backend=backend)
     pid = gen.add_prefix(PREFIXES[0])
     reqs = [Request(pid, gen.prompt_tokens(pid, QUESTIONS[0]), key=k) for k in range(10)]
     got = dict(gen.generate(reqs, keep=lambda i: i % 2 == 0))
@@ -92,3 +102,36 @@ def test_gumbel_noise_is_a_pure_function():
     assert torch.equal(gumbel_noise(keys, 4, 8), gumbel_noise(keys, 4, 8))
     assert not torch.equal(gumbel_noise(keys, 4, 8), gumbel_noise(keys, 5, 8))
     assert torch.equal(gumbel_noise(keys, 4, 8)[1], gumbel_noise(torch.tensor([2]), 4, 8)[0])
+
+
+def test_the_engine_leaves_the_model_as_it_found_it(model, caplog):
+    m, tok = model
+    ids = tok(PREFIXES[1] + QUESTIONS[0], return_tensors="pt")
+    with torch.inference_mode():
+        before = m(**ids).logits
+    implementation = m.config._attn_implementation
+    with caplog.at_level("INFO", logger="eqtools.generation"):
+        for backend in ("auto", "reference"):
+            gen = Generator(m, tok, max_new_tokens=4, backend=backend)
+            pid = gen.add_prefix(PREFIXES[1])
+            list(gen.generate([Request(pid, gen.prompt_tokens(pid, q), key=k) for q in QUESTIONS for k in (None, 3)]))
+    assert "levels path for LlamaForCausalLM" in caplog.text and "reference path" in caplog.text
+    assert m.config._attn_implementation == implementation
+    with torch.inference_mode():
+        assert torch.equal(m(**ids).logits, before)
+
+
+def test_the_engine_refuses_a_model_in_training_mode(model):
+    m, tok = model
+    gen = Generator(m, tok, max_new_tokens=2)
+    m.train()
+    try:
+        with pytest.raises(EngineError, match="training mode"):
+            list(gen.generate([Request(gen.add_prefix(""), (5, 6))]))
+    finally:
+        m.eval()
+
+
+def test_an_unknown_backend_is_refused(model):
+    with pytest.raises(EngineError, match="expected one of auto, levels, reference"):
+        Generator(*model, backend="fast")

@@ -15,7 +15,7 @@ rule prepare_model:
         "../../envs/model.yaml"
     params:
         spec=model_spec,
-        code=code_hash("models"),
+        code=code_hash("models", "generation"),
     script:
         "../scripts/prepare_model.py"
 

@@ -48,7 +48,8 @@ def main(smk) -> None:
         out,
         eval_every=spec["eval_every"],
         device=device,
-        max_batch_rows=smk.config["engine"]["max_batch_rows"],  # runtime setting, deliberately untracked
+        max_batch_rows=smk.config["engine"]["max_batch_rows"],  # runtime settings, deliberately untracked
+        backend=smk.config["engine"]["backend"],
     )
     write_provenance([smk.output.metrics, smk.output.early_stop, smk.output.convergence], smk)
     for stop in STOPS:

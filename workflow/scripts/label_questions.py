@@ -28,7 +28,8 @@ def main(smk) -> None:
         max_new_tokens=slick["max_new_tokens"],
         temperature=slick["temperature"],
         top_k=slick["top_k"],
-        max_batch_rows=smk.config["engine"]["max_batch_rows"],  # runtime setting, deliberately untracked
+        max_batch_rows=smk.config["engine"]["max_batch_rows"],  # runtime settings, deliberately untracked
+        backend=smk.config["engine"]["backend"],
     )
     start = time.perf_counter()
     labels = label_questions(

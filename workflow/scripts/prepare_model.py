@@ -4,6 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
+from eqtools.generation import check_generation
 from eqtools.io import setup_logging
 from eqtools.models import materialise
 from eqtools.provenance import write_provenance
@@ -15,12 +16,12 @@ def main(smk) -> None:
     tmp = out.with_name(f".{out.name}.part")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        entry = materialise(smk.wildcards.model, json.loads(smk.params.spec), tmp)
+        entry = materialise(smk.wildcards.model, json.loads(smk.params.spec), tmp, check=check_generation)
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("materialised %s: %s parameters", smk.wildcards.model, entry["n_parameters"])
+    log.info("materialised %s: %s parameters; engine path %s", smk.wildcards.model, entry["n_parameters"], entry["check"])
     write_provenance(out, smk, inputs=[])
 
 

@@ -781,3 +781,37 @@ class Generator:
     def decode(self, tokens: list[int]) -> str:
         """The answer: generated text up to its first newline, stripped."""
         return self.tokenizer.decode(tokens, skip_special_tokens=True).split("\n", 1)[0].strip()
+
+
+PROBE_PREFIX = "Q: What is the capital of France?\nA: Paris\n"
+PROBE_PROMPT = "Q: Which country is Lyon located in?\nA:"
+
+
+def check_generation(name: str, model, tokenizer, max_new_tokens: int = 8) -> str:
+    """Fail early (in prepare_model), naming the registry entry, its architecture and the reason,
+    for a model the engine cannot run; where the fast path runs, its greedy answer to a probe
+    question must equal that of transformers' generate (the reference path). Returns the path
+    that auto picks."""
+
+    def answer(backend: str) -> tuple[str, list[int]]:
+        generator = Generator(model, tokenizer, max_new_tokens=max_new_tokens, backend=backend)
+        prefix = generator.add_prefix(PROBE_PREFIX)
+        ((_, tokens),) = list(generator.generate([Request(prefix, generator.prompt_tokens(prefix, PROBE_PROMPT))]))
+        return generator.backend, tokens
+
+    architecture = type(model).__name__
+    try:
+        backend, tokens = answer("auto")
+        reference = answer("reference")[1] if backend == "levels" else tokens
+    except Exception as e:  # a crash inside transformers is reported as what it means here
+        raise EngineError(
+            f"models.{name}: the generation engine cannot run {architecture}: {type(e).__name__}: {e}"
+        ) from e
+    if tokens != reference:
+        raise EngineError(
+            f"models.{name}: the engine's fast path answers the probe question with {tokens} for "
+            f"{architecture}, transformers' generate with {reference}; set engine.backend: reference "
+            "and report the architecture"
+        )
+    return backend
+

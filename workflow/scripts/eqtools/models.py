@@ -56,15 +56,28 @@ def pick_device(requested: str = "auto") -> str:
     return requested
 
 
-def materialise(name: str, spec: dict, out_dir: str | Path) -> dict:
+def materialise(name: str, spec: dict, out_dir: str | Path, check=None) -> dict:
     """Save the registry model as plain safetensors + tokenizer in `out_dir` and check that the
-    copy gives the same logits as the source. Returns a description for provenance."""
+    copy gives the same logits as the source. `check(name, model, tokenizer)`, called before
+    anything is written, may refuse the model and returns what to record under "check".
+    Returns a description for provenance."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     source, gguf = resolve_source(name, spec)
     kwargs = {"gguf_file": gguf} if gguf else {}
     log.info("loading %s from %s %s", name, source, gguf or "")
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, ImportError) as e:
+        raise ModelError(f"models.{name}: cannot read the config of {source!r}: {e}") from e
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ModelError(
+            f"models.{name}: {', '.join(config.architectures or [config.model_type])} (model_type "
+            f"{config.model_type!r}) is not a causal language model: transformers has no causal-LM head "
+            "for it (encoder-only and encoder-decoder models cannot answer the questions)"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
@@ -80,6 +93,7 @@ def materialise(name: str, spec: dict, out_dir: str | Path) -> dict:
         plain.load_state_dict(model.state_dict())
         model = plain
     model.eval()
+    checked = check(name, model, tokenizer) if check is not None else None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
@@ -94,6 +108,7 @@ def materialise(name: str, spec: dict, out_dir: str | Path) -> dict:
     if diff != 0.0:
         raise ModelError(f"models.{name}: the saved copy's logits differ from the source by {diff}")
     entry["n_parameters"] = sum(p.numel() for p in model.parameters())
+    entry["check"] = checked
     return entry
 
 

@@ -228,27 +228,67 @@ def load_state(state_dir: Path, model, optimizer, scheduler) -> tuple[int, dict,
     return trainer["epoch"], trainer["best"], trainer["metrics"], predictions
 
 
+# Config settings that set dropout on the attention probabilities, by family naming
+ATTENTION_DROPOUT_KEYS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob", "attn_dropout")
+
+
+def set_attention_dropout(config, p: float) -> list[str]:
+    """Set the recipe's dropout on every attention-dropout setting that `config` has; returns
+    their names (none: the model has no such setting and keeps its own dropouts)."""
+    keys = [k for k in ATTENTION_DROPOUT_KEYS if isinstance(getattr(config, k, None), (int, float))]
+    for k in keys:
+        setattr(config, k, p)
+    return keys
+
+
+def linear_modules(model) -> list[str]:
+    """The full names of the model's linear layers (what LoRA can target)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return [name for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
+
+
+def add_lora(model, lora: dict, dropout: float):
+    """Wrap `model` with LoRA adapters on `lora["target_modules"]` ("all-linear": peft's choice of
+    every linear layer but the output layer). A target that matches nothing is an error that
+    lists the model's linear modules; the log names the adapted modules and the trainable share."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora["target_modules"]
+    names = linear_modules(model)
+    linear = sorted({name.rsplit(".", 1)[-1] for name in names})
+    if targets != "all-linear":  # peft matches a name or a dotted suffix of it
+        if unmatched := [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]:
+            raise TrainingError(
+                f"lora.target_modules {unmatched} match no module of {type(model).__name__}; its linear "
+                f"modules are {linear} (or use 'all-linear')"
+            )
+    model = get_peft_model(
+        model,
+        LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM"),
+    )
+    adapted = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if hasattr(m, "lora_A") and name})
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info(
+        "LoRA (%s) adapts %s of the linear modules %s: %d of %d parameters trainable (%.3f%%)",
+        targets if isinstance(targets, str) else ", ".join(targets), adapted, linear, trainable, total, 100 * trainable / total,
+    )
+    return model
+
+
 def build_model(model_dir: str, recipe: dict, device: str):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    config = AutoConfig.from_pretrained(model_dir)
+    if keys := set_attention_dropout(config, recipe["dropout"]):
+        log.info("attention dropout %s on %s", recipe["dropout"], ", ".join(keys))
+    else:
+        log.info("%s has no attention-dropout setting: the recipe's dropout applies to LoRA adapters only", config.model_type)
     # float32 weights for every recipe: `dtype: bfloat16` trains under autocast (see `autocast`)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, attention_dropout=recipe["dropout"]
-    ).to(device)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=torch.float32).to(device)
     if recipe["method"] == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        lora = recipe["lora"]
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=lora["rank"],
-                lora_alpha=lora["alpha"],
-                lora_dropout=recipe["dropout"],
-                target_modules=lora["target_modules"],
-                task_type="CAUSAL_LM",
-            ),
-        )
+        model = add_lora(model, recipe["lora"], recipe["dropout"])
     return model
 
 
@@ -277,6 +317,7 @@ def finetune(
     eval_every: dict[str, int],
     device: str = "cpu",
     max_batch_rows: int = 2048,
+    backend: str = "auto",
     on_epoch: Callable[[int], None] | None = None,
 ) -> list[dict]:
     """Train for recipe["epochs"] epochs; after each, evaluate and append a metrics line.
@@ -302,7 +343,9 @@ def finetune(
     steps_per_epoch = math.ceil(train.height / (micro * accumulate))
     scheduler = get_constant_schedule_with_warmup(optimizer, recipe["warmup_steps"])
     examples = encode_examples(tokenizer, train["question"].to_list(), train["answer"].to_list())
-    generator = Generator(model, tokenizer, max_new_tokens=recipe["max_new_tokens"], max_batch_rows=max_batch_rows)
+    generator = Generator(
+        model, tokenizer, max_new_tokens=recipe["max_new_tokens"], max_batch_rows=max_batch_rows, backend=backend
+    )
 
     metrics_path, state_dir = Path(out["metrics"]), Path(out["state"])
     start_epoch, best = 0, {"dev_accuracy": -1.0, "epoch": None}
