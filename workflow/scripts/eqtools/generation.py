@@ -263,7 +263,7 @@ _ACTIVE: contextvars.ContextVar[_LevelCache | None] = contextvars.ContextVar("sl
 _NEUTRAL_ARGUMENTS = {
     "position_ids", "cache_position", "output_attentions", "use_cache", "position_embeddings",
     "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "cache", "past_key_values",
-    "token_type_ids", "head_mask",
+    "token_type_ids", "head_mask", "output_router_logits", "output_hidden_states", "return_dict",
 }  # fmt: skip
 
 
@@ -320,6 +320,14 @@ def _attention(configs: list, implementation: str):
             c._attn_implementation_internal = before
 
 
+def _setting(config, name: str):
+    """A config value, or None where the config has none or none that holds for every layer."""
+    try:
+        return getattr(config, name, None)
+    except Exception:  # e.g. transformers' AmbiguousGlobalPerLayerAttributeError
+        return None
+
+
 def _layer_windows(config) -> dict[int, int | None]:
     """Sliding window per layer from `config.layer_types`, as transformers builds the masks; empty
     when the config has no layer types (the attention modules then pass their own window)."""
@@ -328,6 +336,33 @@ def _layer_windows(config) -> dict[int, int | None]:
         return {}
     window = getattr(config, "sliding_window", None)
     return {i: window if t == "sliding_attention" else None for i, t in enumerate(types)}
+
+
+# Generation settings that change the logits before the choice of a token, at their neutral values
+_NEUTRAL_GENERATION = {
+    "do_sample": False, "num_beams": 1, "num_return_sequences": 1, "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
+    "bad_words_ids": None, "force_words_ids": None, "min_length": 0, "min_new_tokens": None,
+    "forced_bos_token_id": None, "forced_eos_token_id": None, "suppress_tokens": None,
+    "begin_suppress_tokens": None, "sequence_bias": None, "exponential_decay_length_penalty": None,
+    "renormalize_logits": False, "remove_invalid_values": False, "guidance_scale": None,
+    "watermarking_config": None, "eos_token_id": None, "max_length": None, "stop_strings": None,
+    "temperature": 1.0, "top_k": None, "top_p": None, "min_p": None, "typical_p": None,
+    "epsilon_cutoff": None, "eta_cutoff": None, "prompt_lookup_num_tokens": None,
+}  # fmt: skip
+
+
+def _plain_generation_config(config: GenerationConfig, max_new_tokens: int, pad: int) -> GenerationConfig:
+    """The model's generation config (its structural settings, e.g. a decoder start token) with
+    every setting that changes the logits or the choice of a token neutral: the only logits
+    processor is then the engine's."""
+    import copy
+
+    plain = copy.deepcopy(config)
+    for name, value in _NEUTRAL_GENERATION.items():
+        setattr(plain, name, value)
+    plain.max_new_tokens, plain.pad_token_id = max_new_tokens, pad
+    return plain
 
 
 class _ChosenToken:
@@ -406,10 +441,12 @@ class Generator:
         self.base = _pretrained(model)
         cfg = self.base.config.get_text_config()
         self.architecture = type(self.base).__name__
-        self.n_layers = getattr(cfg, "num_hidden_layers", None)
-        heads = getattr(cfg, "num_attention_heads", None)
-        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-        self.head_dim = getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads if heads else None)
+        self.n_layers = _setting(cfg, "num_hidden_layers")
+        heads = _setting(cfg, "num_attention_heads")
+        self.kv_heads = _setting(cfg, "num_key_value_heads") or heads
+        hidden = _setting(cfg, "hidden_size")
+        self.head_dim = _setting(cfg, "head_dim") or (hidden // heads if heads and hidden else None)
+        self.one_row = False  # the reference path decodes one row per call (see _check_reference)
         self.windows = _layer_windows(cfg)
         self._configs = _configs(model)
         self.prefixes: list[_Prefix] = []
@@ -425,14 +462,14 @@ class Generator:
     # ----- choosing the path -----
     def _choose_backend(self, requested: str, cfg) -> tuple[str, str]:
         if requested == "reference":
-            return "reference", "engine.backend: reference"
+            return "reference", "engine.backend: reference" + self._check_reference()
         obstacle = self._levels_obstacle(cfg)
         self.stats = Stats()  # the probe's calls are not the caller's
         if obstacle is None:
             features = [
                 name
                 for name, present in (
-                    ("sliding windows", any(self.windows.values()) or self._module_windows()),
+                    ("sliding windows", bool(self._sliding_windows(cfg))),
                     ("logit softcapping", getattr(cfg, "attn_logit_softcapping", None) is not None),
                     ("attention sinks", any(getattr(m, "sinks", None) is not None for m in self.model.modules())),
                 )
@@ -442,10 +479,41 @@ class Generator:
             return "levels", f"its {self.n_layers} layers are attention the levels reproduce{extra}; probe exact"
         if requested == "levels":
             raise EngineError(f"engine.backend is 'levels' but {self.architecture} cannot run on it: {obstacle}")
-        return "reference", obstacle
+        return "reference", obstacle + self._check_reference()
 
-    def _module_windows(self) -> list[int]:
-        return [w for m in self.model.modules() if isinstance(w := getattr(m, "sliding_window", None), int) and w > 0]
+    def _check_reference(self) -> str:
+        """Probe the reference path: the model's forward must be deterministic (else no label is
+        reproducible: refused), and a row's answer must not depend on the rows decoded beside it
+        (transformers' batched decoding of some models, e.g. RWKV, differs from one prompt at a
+        time: such models are decoded one row per call). Returns what to add to the log line."""
+        tokens = self.tokenizer(self.PROBE_TEXT, add_special_tokens=True).input_ids
+        a, b = tokens[:24], tokens[:1] + tokens[-23:]
+        with torch.inference_mode():
+            ids = torch.tensor([a], device=self.device)
+            if not torch.equal(self.model(input_ids=ids).logits, self.model(input_ids=ids).logits):
+                raise EngineError(
+                    f"{self.architecture}: two forward passes over the same tokens give different logits, "
+                    "so no answer would be reproducible"
+                )
+        saved, self.max_new_tokens = self.max_new_tokens, 4
+        try:
+            together = list(self._reference_batch([Request(0, tuple(x)) for x in (a, a, b)], [0, 1, 2], lambda i: True, probe=True))
+            alone = [next(self._reference_batch([Request(0, tuple(x))], [i], lambda i: True, probe=True)) for i, x in enumerate((a, a, b))]
+        finally:
+            self.max_new_tokens = saved
+        if sorted(together) == sorted(alone):
+            return ""
+        self.one_row = True
+        return "; its batched decoding differs from one prompt at a time, so it decodes one row per call"
+
+    def _sliding_windows(self, cfg) -> list[int]:
+        """The window sizes the model uses: per layer type where the config has layer types,
+        else the config's (which such models pass to every layer) and the attention modules'."""
+        if self.windows:
+            found = list(self.windows.values())
+        else:
+            found = [getattr(cfg, "sliding_window", None)] + [getattr(m, "sliding_window", None) for m in self.model.modules()]
+        return sorted({w for w in found if isinstance(w, int) and not isinstance(w, bool) and w > 0})
 
     def _levels_obstacle(self, cfg) -> str | None:
         """Why the fast path cannot run this model exactly, or None. Static checks give the
@@ -455,10 +523,10 @@ class Generator:
         types = set(getattr(cfg, "layer_types", None) or []) - ATTENTION_LAYER_TYPES
         if types:
             return f"it has {', '.join(sorted(types))} layers"
-        if not (self.n_layers and self.kv_heads and self.head_dim):
-            return "its config names no attention heads"
+        if not all(isinstance(x, int) for x in (self.n_layers, self.kv_heads, self.head_dim)):
+            return "its config gives no single number of layers, heads and head size"
         try:
-            return self._probe()
+            return self._probe(cfg)
         except Exception as e:  # whatever breaks the fast path on this model makes it step aside
             message = str(e).splitlines()[0][:200] if str(e) else ""
             return f"the probe failed: {type(e).__name__}: {message}"
@@ -467,13 +535,12 @@ class Generator:
             self._prefix_ids.clear()
             self._trace = None
 
-    def _probe(self) -> str | None:
+    def _probe(self, cfg) -> str | None:
         """Run the levels on a probe (a prefix, a prompt, up to three decoded tokens) and compare
         their logits with the model's own forward over the same tokens. Longer than the smallest
         sliding window when that is short, so the windows are exercised too."""
         text = self.tokenizer(self.PROBE_TEXT, add_special_tokens=False).input_ids
-        windows = [w for w in self.windows.values() if w] + self._module_windows()
-        length = max(48, min(min(windows, default=0) + 16, 512))
+        length = max(48, min(min(self._sliding_windows(cfg), default=0) + 16, 512))
         tokens = (text * (length // max(1, len(text)) + 1))[:length]
         head = self.tokenizer("", add_special_tokens=True).input_ids
         pid = self._add_levels_prefix("\0probe", head + tokens[: length // 2])
@@ -501,7 +568,13 @@ class Generator:
     # ----- prompts -----
     def _stop_tokens(self) -> torch.Tensor:
         """A mask over the vocabulary: tokens whose text contains a newline, and EOS tokens."""
-        vocab = self.model.get_output_embeddings().weight.shape[0]
+        head = self.model.get_output_embeddings()
+        if not isinstance(getattr(head, "weight", None), torch.Tensor) or head.weight.dim() != 2:
+            raise EngineError(
+                f"{self.architecture} has no single output layer over the vocabulary ({type(head).__name__}): "
+                "the engine needs one next-token distribution per step"
+            )
+        vocab = head.weight.shape[0]
         n = min(vocab, len(self.tokenizer))
         texts = self.tokenizer.batch_decode([[i] for i in range(n)])
         mask = torch.zeros(vocab, dtype=torch.bool)
@@ -735,25 +808,28 @@ class Generator:
         for pos, r in enumerate(reqs):
             by_length.setdefault(len(self.prefixes[r.prefix].tokens) + len(r.prompt), []).append(pos)
         for members in by_length.values():
-            yield from self._reference_batch([reqs[p] for p in members], [index[p] for p in members], keep)
+            size = 1 if self.one_row else self.max_batch_rows
+            for start in range(0, len(members), size):
+                batch = members[start : start + size]
+                yield from self._reference_batch([reqs[p] for p in batch], [index[p] for p in batch], keep)
 
-    def _reference_batch(self, reqs: list[Request], index: list[int], keep) -> Iterator[tuple[int, list[int]]]:
+    def _reference_batch(self, reqs: list[Request], index: list[int], keep, probe=False) -> Iterator[tuple[int, list[int]]]:
+        """`probe`: the requests' prompts are whole token sequences (no registered prefix)."""
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
         dev = self.device
-        ids = torch.tensor([list(self.prefixes[r.prefix].tokens) + list(r.prompt) for r in reqs], device=dev)
+        head = (lambda r: []) if probe else (lambda r: list(self.prefixes[r.prefix].tokens))
+        ids = torch.tensor([head(r) + list(r.prompt) for r in reqs], device=dev)
         width = ids.shape[1]
         keys = torch.tensor([r.key or 0 for r in reqs], dtype=torch.long, device=dev)
         sample = torch.tensor([r.key is not None for r in reqs], dtype=torch.bool, device=dev)
         stopper = _RowStop(self.stop_token, keep, index, width, self.max_new_tokens)
         pad = int(self.stop_token.nonzero()[0]) if bool(self.stop_token.any()) else 0
-        # a plain config, and the model's own defaults (repetition penalty, sampling flags, ...)
-        # out of the way for the call: the only logits processor is the engine's choice
-        plain = GenerationConfig(do_sample=False, max_new_tokens=self.max_new_tokens, pad_token_id=pad)
+        plain = _plain_generation_config(self.base.generation_config, self.max_new_tokens, pad)
         saved = self.base.generation_config
         t = time.perf_counter()
         try:
-            self.base.generation_config = GenerationConfig()
+            self.base.generation_config = plain  # generate fills unset values from the model's
             with torch.inference_mode():
                 out = self.model.generate(
                     input_ids=ids,
