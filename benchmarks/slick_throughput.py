@@ -13,6 +13,10 @@ FLOP-limit share: the model's matmul FLOPs per second (2 x non-embedding paramet
 processed, plus 2 x LM-head parameters x positions whose logits were computed) over this
 machine's measured matmul peak in the same dtype (the best of model-shaped and square matmuls).
 
+The engine's second path (`engine.backend: reference`: transformers' generate with the model's
+own cache, the engine's random streams) labels the first --reference-path-questions questions,
+for its speed beside the fast path's and the agreement of their greedy answers.
+
 --device cuda runs everything (engine, reference, matmul peak) on the GPU. There the forward
 calls run asynchronously, so the FLOP-limit share is taken over the engine's whole wall time.
 """
@@ -152,9 +156,12 @@ def reference(model, tokenizer, questions: pl.DataFrame, exemplars: dict, device
     return time.perf_counter() - start, greedy
 
 
-def run_engine(model_dir, dtype, device, questions, exemplars, max_batch_rows):
+def run_engine(model_dir, dtype, device, questions, exemplars, max_batch_rows, backend="auto"):
     model, tokenizer, _ = load(model_dir, dtype=dtype, device=device)
-    gen = Generator(model, tokenizer, max_new_tokens=MAX_NEW, temperature=TEMPERATURE, top_k=TOP_K, max_batch_rows=max_batch_rows)
+    gen = Generator(
+        model, tokenizer, max_new_tokens=MAX_NEW, temperature=TEMPERATURE, top_k=TOP_K, max_batch_rows=max_batch_rows,
+        backend=backend,
+    )
     start = time.perf_counter()
     labels = label_questions(gen, questions, exemplars, n_samples=N_SAMPLES, seed=0)
     sync(device)
@@ -188,6 +195,7 @@ def main() -> None:
     # bf16 runs at a fraction of fp32 speed on CPUs without native bf16 (AVX2): keep it small there
     ap.add_argument("--bf16-questions", type=int, help="default: 8 on the CPU, all on a GPU")
     ap.add_argument("--max-batch-rows", type=int, default=2048)
+    ap.add_argument("--reference-path-questions", type=int, default=6)
     args = parse_common_args(ap)
 
     questions, exemplars = questions_and_exemplars(args.archive, args.questions)
@@ -215,6 +223,16 @@ def main() -> None:
     print(f"reference greedy correct: {correct_ref}/{len(shared)}; engine: {int(labels['n_greedy_correct'][:m].sum())}/{len(shared)}")
 
     del model
+    r = min(args.reference_path_questions, n)
+    _, _, labels_ref, path_s, _, _ = run_engine(
+        args.model_dir, "float32", args.device, questions.head(r), exemplars, args.max_batch_rows, backend="reference"
+    )
+    path_pairs = [(a, b) for q in range(r) for a, b in zip(labels["greedy_answers"][q], labels_ref["greedy_answers"][q])]
+    path_differ = sum(a != b for a, b in path_pairs)
+    same_category = int((labels["category"][:r] == labels_ref["category"]).sum())
+    print(f"engine fp32, reference path: {path_s / r:.3f} s/question ({path_s:.1f} s for {r}); greedy answers equal "
+          f"to the fast path's {len(path_pairs) - path_differ}/{len(path_pairs)}, categories {same_category}/{r}", flush=True)
+
     nb = min(args.bf16_questions or (8 if args.device == "cpu" else n), n)
     _, _, labels16, b16_s, b16_flops, stats16 = run_engine(
         args.model_dir, "bfloat16", args.device, questions.head(nb), exemplars, args.max_batch_rows
@@ -243,10 +261,15 @@ def main() -> None:
             "device": device_name(args.device), "bf16_questions": nb, "max_batch_rows": args.max_batch_rows,
             "categories_fp32": dict(labels["category"].value_counts().iter_rows()),
             "categories_bf16": dict(labels16["category"].value_counts().iter_rows()),
+            "reference_path_questions": r, "reference_path_fp32_s_per_q": path_s / r,
+            "reference_path_greedy_differences": path_differ, "reference_path_same_category": same_category,
         }, indent=2))
     status = 0
     if differ > 0.02 * len(shared):
         print(f"FAIL: {differ} of {len(shared)} greedy answers differ from the reference (> 2%)")
+        status = 1
+    if path_differ > 0.02 * len(path_pairs):
+        print(f"FAIL: {path_differ} of {len(path_pairs)} greedy answers of the reference path differ from the fast path's")
         status = 1
     print(f"speedup fp32: {speedup32:.1f}x; bf16 vs fp32 reference: {speedup16:.1f}x; FLOP-limit share: {share32:.0%}")
     sys.exit(status)

@@ -462,3 +462,40 @@ def build_tiny(model_type: str, vocab_size: int, *, window: int = 8, seed: int =
     if model_type in _POST_BUILD:
         _POST_BUILD[model_type](model)
     return model.float().eval()
+
+
+def path_table() -> str:
+    """A markdown table: every architecture, its class, and the engine path `auto` picks for its
+    tiny model with the reason (or why it cannot be built or run)."""
+    import logging
+
+    from eqtools.generation import EngineError, Generator
+
+    tok = char_tokenizer()
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logging.getLogger("eqtools.generation").addHandler(handler)
+    logging.getLogger("eqtools.generation").setLevel(logging.INFO)
+    rows = ["| model type | class | path | why |", "|---|---|---|---|"]
+    for model_type in ARCHITECTURES:
+        cls = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]
+        try:
+            model = build_tiny(model_type, len(tok))
+            Generator(model, tok, max_new_tokens=4)
+            path, why = records[-1].split(" path for ", 1)[0].rsplit(" ", 1)[-1], records[-1].split(" (", 1)[1][:-1]
+        except Unbuildable as e:
+            path, why = "not checked", str(e)
+        except EngineError as e:
+            path, why = "refused", str(e)
+        rows.append(f"| {model_type} | {cls} | {path} | {why.replace('|', '/')} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python tests/archs.py > table.md
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow" / "scripts"))
+    torch.set_num_threads(1)
+    print(path_table())

@@ -486,15 +486,16 @@ class Generator:
         reproducible: refused), and a row's answer must not depend on the rows decoded beside it
         (transformers' batched decoding of some models, e.g. RWKV, differs from one prompt at a
         time: such models are decoded one row per call). Returns what to add to the log line."""
-        tokens = self.tokenizer(self.PROBE_TEXT, add_special_tokens=True).input_ids
-        a, b = tokens[:24], tokens[:1] + tokens[-23:]
+        a, b = self._probe_tokens(24), self._probe_tokens(48)[24:]  # two prompts of one length
         with torch.inference_mode():
             ids = torch.tensor([a], device=self.device)
-            if not torch.equal(self.model(input_ids=ids).logits, self.model(input_ids=ids).logits):
-                raise EngineError(
-                    f"{self.architecture}: two forward passes over the same tokens give different logits, "
-                    "so no answer would be reproducible"
-                )
+            first, second = (self.model(input_ids=ids).logits.float() for _ in range(2))
+        # beyond the kernels' own run-to-run noise (atomics on a GPU): e.g. random LSH rotations
+        if float((first - second).abs().max()) > self._tolerance(second):
+            raise EngineError(
+                f"{self.architecture}: two forward passes over the same tokens give different logits, "
+                "so no answer would be reproducible"
+            )
         saved, self.max_new_tokens = self.max_new_tokens, 4
         try:
             together = list(self._reference_batch([Request(0, tuple(x)) for x in (a, a, b)], [0, 1, 2], lambda i: True, probe=True))
@@ -539,9 +540,8 @@ class Generator:
         """Run the levels on a probe (a prefix, a prompt, up to three decoded tokens) and compare
         their logits with the model's own forward over the same tokens. Longer than the smallest
         sliding window when that is short, so the windows are exercised too."""
-        text = self.tokenizer(self.PROBE_TEXT, add_special_tokens=False).input_ids
         length = max(48, min(min(self._sliding_windows(cfg), default=0) + 16, 512))
-        tokens = (text * (length // max(1, len(text)) + 1))[:length]
+        tokens = self._probe_tokens(length)
         head = self.tokenizer("", add_special_tokens=True).input_ids
         pid = self._add_levels_prefix("\0probe", head + tokens[: length // 2])
         prompt = tuple(tokens[length // 2 :])
@@ -559,11 +559,20 @@ class Generator:
         first = len(self.prefixes[pid].tokens) + len(prompt) - 1
         got = torch.cat(self._trace).float()
         want = reference[first : first + len(got)].float()
-        diff = float((got - want).abs().max())
-        tolerance = (1e-3 if self.dtype == torch.float32 else 5e-2) * max(1.0, float(want.abs().max()))
+        diff, tolerance = float((got - want).abs().max()), self._tolerance(want)
         if not diff <= tolerance:  # also catches NaN
             return f"the probe's logits differ from the model's own forward by {diff:.3g} (tolerance {tolerance:.3g})"
         return None
+
+    def _probe_tokens(self, length: int) -> list[int]:
+        """`length` tokens of the probe text, repeated as needed."""
+        text = self.tokenizer(self.PROBE_TEXT, add_special_tokens=False).input_ids
+        return (text * (length // len(text) + 1))[:length]
+
+    def _tolerance(self, logits: torch.Tensor) -> float:
+        """How far two computations of the same logits may differ: rounding, not a different
+        function (a missing window or softcap moves them by whole units)."""
+        return (1e-3 if self.dtype == torch.float32 else 5e-2) * max(1.0, float(logits.abs().max()))
 
     # ----- prompts -----
     def _stop_tokens(self) -> torch.Tensor:
