@@ -86,3 +86,15 @@ def test_labels_are_reproducible(setup):
     assert a.equals(b)
     assert a.columns[:3] == ["id", "relation", "n_greedy"]
     assert a["greedy_answers"].list.len().to_list() == [N_SETS] * questions.height
+
+
+def test_labels_do_not_depend_on_the_engine_path(setup):
+    """The same SliCK labels, answers and sample counts from the fast path and the reference path
+    (cancellation included: the shortcut stops sampling at the first correct sample on both)."""
+    model, tok, exemplars, questions = setup
+    rows = questions.to_dicts()
+    golds = [answer(model, tok, exemplars, rows[0], 0), answer(model, tok, exemplars, rows[2], 1, sample=2)] + ["none"] * 4
+    questions = questions.with_columns(pl.Series("answer", golds))
+    levels = label_questions(generator(model, tok), questions, exemplars, N_SAMPLES, SEED)
+    reference = Generator(model, tok, max_new_tokens=3, temperature=1.0, top_k=50, max_batch_rows=16, backend="reference")
+    assert levels.equals(label_questions(reference, questions, exemplars, N_SAMPLES, SEED))

@@ -46,10 +46,10 @@ def test_labels_with_tiny_random_model(tmp_path, tiny_model_dir):
     # one chunk per (split, relation)
     chunks = sorted(p.relative_to(tmp_path / "results/labels/tiny/chunks").as_posix() for p in (tmp_path / "results/labels/tiny/chunks").rglob("*.parquet"))
     assert "ood_test/P50.parquet" in chunks and "train/P17.parquet" in chunks and len(chunks) == 3 * 4 + 2
-    # a rerun is a no-op; the engine's batch size is a runtime setting and reruns nothing
+    # a rerun is a no-op; the engine's batch size and path are runtime settings and rerun nothing
     again = snakemake(tmp_path, "-n", *label_targets("tiny"), configfile=cfg)
     assert "Nothing to be done" in again.stdout + again.stderr
-    config["engine"] = {"max_batch_rows": 7}
+    config["engine"] = {"max_batch_rows": 7, "backend": "reference"}
     cfg = write_config(tmp_path, config)
     again = snakemake(tmp_path, "-n", *label_targets("tiny"), configfile=cfg)
     assert "Nothing to be done" in again.stdout + again.stderr
