@@ -23,7 +23,7 @@ from eqtools.generation import EngineError, Generator, Request, _plain_generatio
 
 PREFIX = "Q: Where is Rome?\nA: Italy\nQ: Who wrote Hamlet?\nA: Shakespeare\n"
 PROMPTS = ["Q: What is the capital of Peru?\nA:", "Q: Hi?\nA:", "Q: Which country is the city of Lyon located in?\nA:"]
-MAX_NEW = 5
+MAX_NEW = 4
 TIE = 1e-4  # reference logits this close count as a near-tie (fp32, tiny models)
 MAX_TIES = 1  # per architecture and comparison
 # Moshi's forward attends causally without a window, while its generate cache keeps only the

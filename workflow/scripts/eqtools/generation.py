@@ -539,8 +539,8 @@ class Generator:
     def _probe(self, cfg) -> str | None:
         """Run the levels on a probe (a prefix, a prompt, up to three decoded tokens) and compare
         their logits with the model's own forward over the same tokens. Longer than the smallest
-        sliding window when that is short, so the windows are exercised too."""
-        length = max(48, min(min(self._sliding_windows(cfg), default=0) + 16, 512))
+        sliding window when that is at most 1024 (Gemma 3, gpt-oss), so the windows are exercised too."""
+        length = max(48, min(min(self._sliding_windows(cfg), default=0) + 16, 1040))
         tokens = self._probe_tokens(length)
         head = self.tokenizer("", add_special_tokens=True).input_ids
         pid = self._add_levels_prefix("\0probe", head + tokens[: length // 2])
