@@ -135,3 +135,19 @@ def test_the_engine_refuses_a_model_in_training_mode(model):
 def test_an_unknown_backend_is_refused(model):
     with pytest.raises(EngineError, match="expected one of auto, levels, reference"):
         Generator(*model, backend="fast")
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_building_the_engine_leaves_training_as_it_was(model, backend):
+    """A fine-tune builds the engine before it trains, with the model in training mode: the
+    probes run without dropout, draw nothing from the global random streams and leave every
+    module's training flag as it was, so the dropout masks of the training do not change."""
+    m, tok = model
+    m.train()
+    try:
+        state = torch.get_rng_state()
+        Generator(m, tok, max_new_tokens=2, backend=backend)
+        assert torch.equal(torch.get_rng_state(), state)
+        assert all(module.training for module in m.modules())
+    finally:
+        m.eval()

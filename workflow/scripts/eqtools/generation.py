@@ -320,6 +320,21 @@ def _attention(configs: list, implementation: str):
             c._attn_implementation_internal = before
 
 
+@contextlib.contextmanager
+def _as_found(model, device: torch.device):
+    """Run probes in eval mode (no dropout) without drawing from the global random streams, then
+    restore every module's training flag: building a Generator, e.g. before a fine-tune, changes
+    neither the model nor the dropout masks of the training that follows."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
 def _setting(config, name: str):
     """A config value, or None where the config has none or none that holds for every layer."""
     try:
@@ -461,6 +476,10 @@ class Generator:
 
     # ----- choosing the path -----
     def _choose_backend(self, requested: str, cfg) -> tuple[str, str]:
+        with _as_found(self.model, self.device):
+            return self._probe_backend(requested, cfg)
+
+    def _probe_backend(self, requested: str, cfg) -> tuple[str, str]:
         if requested == "reference":
             return "reference", "engine.backend: reference" + self._check_reference()
         obstacle = self._levels_obstacle(cfg)
