@@ -138,16 +138,20 @@ def test_an_unknown_backend_is_refused(model):
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])
-def test_building_the_engine_leaves_training_as_it_was(model, backend):
-    """A fine-tune builds the engine before it trains, with the model in training mode: the
-    probes run without dropout, draw nothing from the global random streams and leave every
-    module's training flag as it was, so the dropout masks of the training do not change."""
-    m, tok = model
+def test_building_the_engine_leaves_training_as_it_was(tiny_model_dir, backend):
+    """A fine-tune builds the engine before it trains, with the model in training mode (LoRA and
+    attention dropout on): the probes run without dropout, draw nothing from the global random
+    streams and leave every module's training flag as it was, so the training's dropout masks do
+    not change."""
+    from transformers import AutoTokenizer
+
+    from eqtools.training import build_model
+
+    recipe = {"method": "lora", "dropout": 0.1, "lora": {"rank": 2, "alpha": 4, "target_modules": "all-linear"}}
+    m = build_model(str(tiny_model_dir), recipe, "cpu")
     m.train()
-    try:
-        state = torch.get_rng_state()
-        Generator(m, tok, max_new_tokens=2, backend=backend)
-        assert torch.equal(torch.get_rng_state(), state)
-        assert all(module.training for module in m.modules())
-    finally:
-        m.eval()
+    state = torch.get_rng_state()
+    gen = Generator(m, AutoTokenizer.from_pretrained(tiny_model_dir), max_new_tokens=2, backend=backend)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(module.training for module in m.modules())
+    assert gen.backend == ("levels" if backend == "auto" else "reference")
