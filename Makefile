@@ -30,9 +30,13 @@ lint: setup
 	$(BIN)/snakemake --lint --configfile config/config.yaml
 	$(BIN)/snakemake --lint --configfile config/paper.yaml
 	$(BIN)/snakefmt --check Snakefile workflow/rules
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 
 format: setup
 	$(BIN)/snakefmt Snakefile workflow/rules
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 test: setup
 	$(BIN)/python -m pytest

@@ -1,6 +1,6 @@
 # Does fine-tuning an LLM on new knowledge encourage hallucinations? (Gekhman et al., EMNLP 2024)
 # The study end to end for any causal LM. Configuration: config/config.yaml (quickstart) and
-# config/paper.yaml (the paper's settings); see README.md.
+# config/paper.yaml (the paper's settings); see README.md and docs/study.md.
 
 from snakemake.utils import min_version
 
@@ -38,3 +38,6 @@ rule all:
     default_target: True
     input:
         all_targets() + tables_targets() + figures_targets(),
+
+
+check_code_params(workflow.rules)

@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "workflow" / "scripts"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from slick_throughput import parse_common_args, questions_and_exemplars, sync  # noqa: E402
+
 from eqtools.generation import Generator  # noqa: E402
 from eqtools.training import (  # noqa: E402
     answer_questions,
@@ -40,42 +42,81 @@ from eqtools.training import (  # noqa: E402
     format_prompt,
     train_epoch,
 )
-from slick_throughput import parse_common_args, questions_and_exemplars, sync  # noqa: E402
 
 MAX_NEW = 16
 RECIPES = {
     "lora": {
-        "method": "lora", "learning_rate": 1e-4, "dropout": 0.05, "weight_decay": 0.0,
-        "lora": {"rank": 8, "alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
+        "method": "lora",
+        "learning_rate": 1e-4,
+        "dropout": 0.05,
+        "weight_decay": 0.0,
+        "lora": {
+            "rank": 8,
+            "alpha": 16,
+            "target_modules": [
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ],
+        },
     },
     "full": {"method": "full", "learning_rate": 1e-5, "dropout": 0.05, "weight_decay": 0.0},
 }
 
 
-def train_throughput(model_dir: str, tokenizer, questions, answers, method: str, micro: int, device: str, dtype: str) -> dict:
+def train_throughput(
+    model_dir: str, tokenizer, questions, answers, method: str, micro: int, device: str, dtype: str
+) -> dict:
     model = build_model(model_dir, RECIPES[method], device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=RECIPES[method]["learning_rate"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
     examples = encode_examples(tokenizer, questions, answers)
     # warm-up: a whole epoch, so that every padded width has been seen once (on a GPU the first
     # micro-batch of each new shape pays for kernel selection)
-    train_epoch(model, optimizer, scheduler, examples, epoch_order(len(examples), 0, 0), micro, 1, pad_id, device, 0, dtype)
+    train_epoch(
+        model,
+        optimizer,
+        scheduler,
+        examples,
+        epoch_order(len(examples), 0, 0),
+        micro,
+        1,
+        pad_id,
+        device,
+        0,
+        dtype,
+    )
     order = epoch_order(len(examples), 0, 1)
     sync(device)
     start = time.perf_counter()
-    _, answer_tokens, positions = train_epoch(model, optimizer, scheduler, examples, order, micro, 1, pad_id, device, 1, dtype)
+    _, answer_tokens, positions = train_epoch(
+        model, optimizer, scheduler, examples, order, micro, 1, pad_id, device, 1, dtype
+    )
     sync(device)
     seconds = time.perf_counter() - start
     return {
-        "method": method, "dtype": dtype, "examples": len(examples), "seconds": seconds, "tokens_per_s": positions / seconds,
-        "answer_tokens_per_s": answer_tokens / seconds, "examples_per_s": len(examples) / seconds,
+        "method": method,
+        "dtype": dtype,
+        "examples": len(examples),
+        "seconds": seconds,
+        "tokens_per_s": positions / seconds,
+        "answer_tokens_per_s": answer_tokens / seconds,
+        "examples_per_s": len(examples) / seconds,
         "trainable_parameters": sum(p.numel() for p in trainable),
     }
 
 
-def reference_answers(model, tokenizer, questions: list[str], device: str = "cpu", batch: int = 1) -> list[str]:
+def reference_answers(
+    model, tokenizer, questions: list[str], device: str = "cpu", batch: int = 1
+) -> list[str]:
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -84,18 +125,24 @@ def reference_answers(model, tokenizer, questions: list[str], device: str = "cpu
         prompts = [format_prompt(q) for q in questions[start : start + batch]]
         enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
         with torch.inference_mode():
-            out = model.generate(**enc, do_sample=False, max_new_tokens=MAX_NEW, pad_token_id=tokenizer.pad_token_id)
+            out = model.generate(
+                **enc, do_sample=False, max_new_tokens=MAX_NEW, pad_token_id=tokenizer.pad_token_id
+            )
         for row in out[:, enc.input_ids.shape[1] :]:
             answers.append(tokenizer.decode(row, skip_special_tokens=True).split("\n")[0].strip())
     return answers
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--train-examples", type=int, default=64)
     ap.add_argument("--eval-questions", type=int, default=128)
     ap.add_argument("--micro-batch-size", type=int, default=16)
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="training precision")
+    ap.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default="float32", help="training precision"
+    )
     args = parse_common_args(ap)
     from transformers import AutoTokenizer
 
@@ -103,16 +150,30 @@ def main() -> None:
     frame, _ = questions_and_exemplars(args.archive, n)
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     qs, ans = frame["question"].to_list(), frame["answer"].to_list()
-    print(f"{args.threads} threads, torch {torch.__version__}, {args.device}, training {args.dtype}; questions from {sorted(set(frame['relation']))}", flush=True)
+    print(
+        f"{args.threads} threads, torch {torch.__version__}, {args.device}, training {args.dtype}; questions from {sorted(set(frame['relation']))}",
+        flush=True,
+    )
 
     results = {"training": [], "evaluation": {}}
     for method in ("lora", "full"):
-        r = train_throughput(args.model_dir, tokenizer, qs[: args.train_examples], ans[: args.train_examples],
-                             method, args.micro_batch_size, args.device, args.dtype)
+        r = train_throughput(
+            args.model_dir,
+            tokenizer,
+            qs[: args.train_examples],
+            ans[: args.train_examples],
+            method,
+            args.micro_batch_size,
+            args.device,
+            args.dtype,
+        )
         results["training"].append(r)
-        print(f"training {method}: {r['tokens_per_s']:.0f} tokens/s ({r['answer_tokens_per_s']:.0f} answer tokens/s, "
-              f"{r['examples_per_s']:.1f} examples/s; {r['examples']} examples in {r['seconds']:.1f} s; "
-              f"{r['trainable_parameters']:,} trainable parameters)", flush=True)
+        print(
+            f"training {method}: {r['tokens_per_s']:.0f} tokens/s ({r['answer_tokens_per_s']:.0f} answer tokens/s, "
+            f"{r['examples_per_s']:.1f} examples/s; {r['examples']} examples in {r['seconds']:.1f} s; "
+            f"{r['trainable_parameters']:,} trainable parameters)",
+            flush=True,
+        )
 
     from eqtools.models import load
 
@@ -128,17 +189,25 @@ def main() -> None:
     differ = sum(a != b for a, b in zip(engine, ref))
     m = len(eval_qs)
     results["evaluation"] = {
-        "questions": m, "engine_q_per_s": m / engine_s, "reference_q_per_s": m / ref_s,
-        "speedup": ref_s / engine_s, "answers_differ": differ,
+        "questions": m,
+        "engine_q_per_s": m / engine_s,
+        "reference_q_per_s": m / ref_s,
+        "speedup": ref_s / engine_s,
+        "answers_differ": differ,
     }
-    print(f"evaluation engine: {m / engine_s:.1f} questions/s ({engine_s:.1f} s for {m}); reference "
-          f"(generate per question): {m / ref_s:.1f} questions/s; {differ}/{m} answers differ", flush=True)
+    print(
+        f"evaluation engine: {m / engine_s:.1f} questions/s ({engine_s:.1f} s for {m}); reference "
+        f"(generate per question): {m / ref_s:.1f} questions/s; {differ}/{m} answers differ",
+        flush=True,
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     lora, full = results["training"]
-    print(f"training tokens/s: lora {lora['tokens_per_s']:.0f}, full {full['tokens_per_s']:.0f}; "
-          f"evaluation questions/s: {m / engine_s:.1f} (engine) vs {m / ref_s:.1f} (generate): "
-          f"{ref_s / engine_s:.1f}x")
+    print(
+        f"training tokens/s: lora {lora['tokens_per_s']:.0f}, full {full['tokens_per_s']:.0f}; "
+        f"evaluation questions/s: {m / engine_s:.1f} (engine) vs {m / ref_s:.1f} (generate): "
+        f"{ref_s / engine_s:.1f}x"
+    )
     if differ > math.ceil(0.02 * m):
         print(f"FAIL: {differ} of {m} greedy answers differ from the reference (> 2%)")
         sys.exit(1)

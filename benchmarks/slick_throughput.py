@@ -62,11 +62,21 @@ def matmul_peak(dtype: torch.dtype, device: str = "cpu", seconds: float = 1.0) -
     `seconds` (bf16 emulated on a CPU without bf16 arithmetic) is measured by that call alone and
     ends the search."""
     best = 0.0
-    shapes = [(256, 1536, 576), (1024, 1536, 576), (1024, 576, 1536), (4096, 1536, 576), (2048, 2048, 2048), (1024, 49152, 576)]
+    shapes = [
+        (256, 1536, 576),
+        (1024, 1536, 576),
+        (1024, 576, 1536),
+        (4096, 1536, 576),
+        (2048, 2048, 2048),
+        (1024, 49152, 576),
+    ]
     if device == "cuda":
         shapes += [(8192, 8192, 8192)]
     for m, n, k in shapes:
-        a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
+        a, b = (
+            torch.randn(m, k, dtype=dtype, device=device),
+            torch.randn(k, n, dtype=dtype, device=device),
+        )
         w = b.t().contiguous()
         for op in (lambda: a @ b, lambda: torch.nn.functional.linear(a, w)):
             t = time.perf_counter()
@@ -128,7 +138,9 @@ def questions_and_exemplars(archive: str, n_questions: int):
     return questions, draw_exemplars(splits["dev"], N_SETS, K, seed=0)
 
 
-def reference(model, tokenizer, questions: pl.DataFrame, exemplars: dict, device: str = "cpu") -> tuple[float, list[list[str]]]:
+def reference(
+    model, tokenizer, questions: pl.DataFrame, exemplars: dict, device: str = "cpu"
+) -> tuple[float, list[list[str]]]:
     """Seconds and greedy answers of the plain reference."""
     greedy = []
     start = time.perf_counter()
@@ -140,8 +152,15 @@ def reference(model, tokenizer, questions: pl.DataFrame, exemplars: dict, device
             ids = tokenizer(prompt, return_tensors="pt").to(device)
             n = ids.input_ids.shape[1]
             with torch.inference_mode():
-                out = model.generate(**ids, do_sample=False, max_new_tokens=MAX_NEW, pad_token_id=tokenizer.eos_token_id)
-                answers.append(tokenizer.decode(out[0, n:], skip_special_tokens=True).split("\n")[0].strip())
+                out = model.generate(
+                    **ids,
+                    do_sample=False,
+                    max_new_tokens=MAX_NEW,
+                    pad_token_id=tokenizer.eos_token_id,
+                )
+                answers.append(
+                    tokenizer.decode(out[0, n:], skip_special_tokens=True).split("\n")[0].strip()
+                )
                 model.generate(
                     **ids,
                     do_sample=True,
@@ -159,7 +178,12 @@ def reference(model, tokenizer, questions: pl.DataFrame, exemplars: dict, device
 def run_engine(model_dir, dtype, device, questions, exemplars, max_batch_rows, backend="auto"):
     model, tokenizer, _ = load(model_dir, dtype=dtype, device=device)
     gen = Generator(
-        model, tokenizer, max_new_tokens=MAX_NEW, temperature=TEMPERATURE, top_k=TOP_K, max_batch_rows=max_batch_rows,
+        model,
+        tokenizer,
+        max_new_tokens=MAX_NEW,
+        temperature=TEMPERATURE,
+        top_k=TOP_K,
+        max_batch_rows=max_batch_rows,
         backend=backend,
     )
     start = time.perf_counter()
@@ -181,7 +205,9 @@ def parse_common_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if not Path(args.archive).is_file():
-        sys.exit(f"{args.archive}: no such archive; run the data stage first (make quickstart) or pass --archive")
+        sys.exit(
+            f"{args.archive}: no such archive; run the data stage first (make quickstart) or pass --archive"
+        )
     if not (Path(args.model_dir) / "config.json").is_file():
         print(f"materialising the embedded model into {args.model_dir}", flush=True)
         materialise("smollm2-135m", EMBEDDED, args.model_dir)
@@ -189,7 +215,9 @@ def parse_common_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--questions", type=int, default=48)
     ap.add_argument("--reference-questions", type=int, default=6)
     # bf16 runs at a fraction of fp32 speed on CPUs without native bf16 (AVX2): keep it small there
@@ -199,79 +227,136 @@ def main() -> None:
     args = parse_common_args(ap)
 
     questions, exemplars = questions_and_exemplars(args.archive, args.questions)
-    print(f"{questions.height} questions ({', '.join(sorted(set(questions['relation'])))}), "
-          f"N_ex {N_SETS} x k {K}, {N_SAMPLES} samples at T {TEMPERATURE}, top-{TOP_K}; "
-          f"{args.threads} threads, {torch.__version__}, {device_name(args.device)}", flush=True)
+    print(
+        f"{questions.height} questions ({', '.join(sorted(set(questions['relation'])))}), "
+        f"N_ex {N_SETS} x k {K}, {N_SAMPLES} samples at T {TEMPERATURE}, top-{TOP_K}; "
+        f"{args.threads} threads, {torch.__version__}, {device_name(args.device)}",
+        flush=True,
+    )
 
     model, tokenizer, labels, eng_s, eng_flops, stats = run_engine(
         args.model_dir, "float32", args.device, questions, exemplars, args.max_batch_rows
     )
     n = questions.height
     peak32 = matmul_peak(torch.float32, args.device)
-    print(f"engine fp32: {eng_s / n:.3f} s/question ({eng_s:.1f} s for {n}); {stats.tokens} tokens in "
-          f"{stats.forward_calls} forwards, {stats.waves} waves; padding {stats.padded_tokens / stats.tokens - 1:.1%}; "
-          f"categories {dict(labels['category'].value_counts().iter_rows())}", flush=True)
+    print(
+        f"engine fp32: {eng_s / n:.3f} s/question ({eng_s:.1f} s for {n}); {stats.tokens} tokens in "
+        f"{stats.forward_calls} forwards, {stats.waves} waves; padding {stats.padded_tokens / stats.tokens - 1:.1%}; "
+        f"categories {dict(labels['category'].value_counts().iter_rows())}",
+        flush=True,
+    )
 
     m = args.reference_questions
     ref_s, ref_greedy = reference(model, tokenizer, questions.head(m), exemplars, args.device)
     print(f"reference fp32: {ref_s / m:.3f} s/question ({ref_s:.1f} s for {m})", flush=True)
     shared = [(a, b) for q in range(m) for a, b in zip(labels["greedy_answers"][q], ref_greedy[q])]
     differ = sum(a != b for a, b in shared)
-    print(f"greedy agreement on the shared {m} questions: {len(shared) - differ}/{len(shared)} "
-          f"({differ} differ)", flush=True)
-    correct_ref = sum(exact_match(a, questions["answer"][q]) for q in range(m) for a in ref_greedy[q])
-    print(f"reference greedy correct: {correct_ref}/{len(shared)}; engine: {int(labels['n_greedy_correct'][:m].sum())}/{len(shared)}")
+    print(
+        f"greedy agreement on the shared {m} questions: {len(shared) - differ}/{len(shared)} "
+        f"({differ} differ)",
+        flush=True,
+    )
+    correct_ref = sum(
+        exact_match(a, questions["answer"][q]) for q in range(m) for a in ref_greedy[q]
+    )
+    print(
+        f"reference greedy correct: {correct_ref}/{len(shared)}; engine: {int(labels['n_greedy_correct'][:m].sum())}/{len(shared)}"
+    )
 
     del model
     r = min(args.reference_path_questions, n)
     _, _, labels_ref, path_s, _, _ = run_engine(
-        args.model_dir, "float32", args.device, questions.head(r), exemplars, args.max_batch_rows, backend="reference"
+        args.model_dir,
+        "float32",
+        args.device,
+        questions.head(r),
+        exemplars,
+        args.max_batch_rows,
+        backend="reference",
     )
-    path_pairs = [(a, b) for q in range(r) for a, b in zip(labels["greedy_answers"][q], labels_ref["greedy_answers"][q])]
+    path_pairs = [
+        (a, b)
+        for q in range(r)
+        for a, b in zip(labels["greedy_answers"][q], labels_ref["greedy_answers"][q])
+    ]
     path_differ = sum(a != b for a, b in path_pairs)
     same_category = int((labels["category"][:r] == labels_ref["category"]).sum())
-    print(f"engine fp32, reference path: {path_s / r:.3f} s/question ({path_s:.1f} s for {r}); greedy answers equal "
-          f"to the fast path's {len(path_pairs) - path_differ}/{len(path_pairs)}, categories {same_category}/{r}", flush=True)
+    print(
+        f"engine fp32, reference path: {path_s / r:.3f} s/question ({path_s:.1f} s for {r}); greedy answers equal "
+        f"to the fast path's {len(path_pairs) - path_differ}/{len(path_pairs)}, categories {same_category}/{r}",
+        flush=True,
+    )
 
     nb = min(args.bf16_questions or (8 if args.device == "cpu" else n), n)
     _, _, labels16, b16_s, b16_flops, stats16 = run_engine(
         args.model_dir, "bfloat16", args.device, questions.head(nb), exemplars, args.max_batch_rows
     )
     peak16 = matmul_peak(torch.bfloat16, args.device)
-    print(f"engine bf16: {b16_s / nb:.3f} s/question ({b16_s:.1f} s for {nb}); categories "
-          f"{dict(labels16['category'].value_counts().iter_rows())}", flush=True)
+    print(
+        f"engine bf16: {b16_s / nb:.3f} s/question ({b16_s:.1f} s for {nb}); categories "
+        f"{dict(labels16['category'].value_counts().iter_rows())}",
+        flush=True,
+    )
 
     speedup32 = (ref_s / m) / (eng_s / n)
     speedup16 = (ref_s / m) / (b16_s / nb)
     # on a GPU the forwards return before their kernels finish: only wall time is meaningful
-    forward32, forward16 = (stats.seconds, stats16.seconds) if args.device == "cpu" else (eng_s, b16_s)
+    forward32, forward16 = (
+        (stats.seconds, stats16.seconds) if args.device == "cpu" else (eng_s, b16_s)
+    )
     share32 = eng_flops / forward32 / peak32
     share16 = b16_flops / forward16 / peak16
-    print(f"matmul peak: fp32 {peak32 / 1e9:.1f} GFLOP/s, bf16 {peak16 / 1e9:.1f} GFLOP/s; engine achieved "
-          f"fp32 {eng_flops / forward32 / 1e9:.1f} GFLOP/s in forwards ({eng_flops / eng_s / 1e9:.1f} overall), "
-          f"bf16 {b16_flops / forward16 / 1e9:.1f} GFLOP/s")
-    print(f"FLOP-limit share: fp32 {share32:.0%} (forward time), {eng_flops / eng_s / peak32:.0%} overall incl. "
-          f"host work; bf16 {share16:.0%} (forward time)")
+    print(
+        f"matmul peak: fp32 {peak32 / 1e9:.1f} GFLOP/s, bf16 {peak16 / 1e9:.1f} GFLOP/s; engine achieved "
+        f"fp32 {eng_flops / forward32 / 1e9:.1f} GFLOP/s in forwards ({eng_flops / eng_s / 1e9:.1f} overall), "
+        f"bf16 {b16_flops / forward16 / 1e9:.1f} GFLOP/s"
+    )
+    print(
+        f"FLOP-limit share: fp32 {share32:.0%} (forward time), {eng_flops / eng_s / peak32:.0%} overall incl. "
+        f"host work; bf16 {share16:.0%} (forward time)"
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "questions": n, "reference_questions": m, "engine_fp32_s_per_q": eng_s / n,
-            "reference_fp32_s_per_q": ref_s / m, "engine_bf16_s_per_q": b16_s / nb, "speedup_fp32": speedup32,
-            "speedup_bf16_vs_fp32_reference": speedup16, "flop_share_fp32": share32, "flop_share_bf16": share16,
-            "greedy_differences": differ, "greedy_compared": len(shared), "peak_fp32": peak32, "peak_bf16": peak16,
-            "device": device_name(args.device), "bf16_questions": nb, "max_batch_rows": args.max_batch_rows,
-            "categories_fp32": dict(labels["category"].value_counts().iter_rows()),
-            "categories_bf16": dict(labels16["category"].value_counts().iter_rows()),
-            "reference_path_questions": r, "reference_path_fp32_s_per_q": path_s / r,
-            "reference_path_greedy_differences": path_differ, "reference_path_same_category": same_category,
-        }, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "questions": n,
+                    "reference_questions": m,
+                    "engine_fp32_s_per_q": eng_s / n,
+                    "reference_fp32_s_per_q": ref_s / m,
+                    "engine_bf16_s_per_q": b16_s / nb,
+                    "speedup_fp32": speedup32,
+                    "speedup_bf16_vs_fp32_reference": speedup16,
+                    "flop_share_fp32": share32,
+                    "flop_share_bf16": share16,
+                    "greedy_differences": differ,
+                    "greedy_compared": len(shared),
+                    "peak_fp32": peak32,
+                    "peak_bf16": peak16,
+                    "device": device_name(args.device),
+                    "bf16_questions": nb,
+                    "max_batch_rows": args.max_batch_rows,
+                    "categories_fp32": dict(labels["category"].value_counts().iter_rows()),
+                    "categories_bf16": dict(labels16["category"].value_counts().iter_rows()),
+                    "reference_path_questions": r,
+                    "reference_path_fp32_s_per_q": path_s / r,
+                    "reference_path_greedy_differences": path_differ,
+                    "reference_path_same_category": same_category,
+                },
+                indent=2,
+            )
+        )
     status = 0
     if differ > 0.02 * len(shared):
         print(f"FAIL: {differ} of {len(shared)} greedy answers differ from the reference (> 2%)")
         status = 1
     if path_differ > 0.02 * len(path_pairs):
-        print(f"FAIL: {path_differ} of {len(path_pairs)} greedy answers of the reference path differ from the fast path's")
+        print(
+            f"FAIL: {path_differ} of {len(path_pairs)} greedy answers of the reference path differ from the fast path's"
+        )
         status = 1
-    print(f"speedup fp32: {speedup32:.1f}x; bf16 vs fp32 reference: {speedup16:.1f}x; FLOP-limit share: {share32:.0%}")
+    print(
+        f"speedup fp32: {speedup32:.1f}x; bf16 vs fp32 reference: {speedup16:.1f}x; FLOP-limit share: {share32:.0%}"
+    )
     sys.exit(status)
 
 

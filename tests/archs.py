@@ -51,7 +51,11 @@ def char_tokenizer():
         single="<s> $A", pair="<s> $A $B:1", special_tokens=[("<s>", 0)]
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        tokenizer_object=tk,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
         clean_up_tokenization_spaces=False,
     )
 
@@ -65,70 +69,175 @@ MAX_LAYERS = 8  # cap for "enough layers to hold every layer kind" (prefix of th
 # through its attribute_map). Names that are only fields of some families are listed too.
 _GENERIC: dict[str, object] = {
     # widths
-    "hidden_size": HIDDEN, "n_embd": HIDDEN, "d_model": HIDDEN, "emb_dim": HIDDEN, "dim": HIDDEN,
-    "embed_dim": HIDDEN, "word_embed_proj_dim": HIDDEN, "hidden_size_global": HIDDEN,
+    "hidden_size": HIDDEN,
+    "n_embd": HIDDEN,
+    "d_model": HIDDEN,
+    "emb_dim": HIDDEN,
+    "dim": HIDDEN,
+    "embed_dim": HIDDEN,
+    "word_embed_proj_dim": HIDDEN,
+    "hidden_size_global": HIDDEN,
     # depth
-    "num_hidden_layers": LAYERS, "n_layer": LAYERS, "n_layers": LAYERS, "num_layers": LAYERS,
-    "encoder_layers": LAYERS, "decoder_layers": LAYERS, "num_encoder_layers": LAYERS,
+    "num_hidden_layers": LAYERS,
+    "n_layer": LAYERS,
+    "n_layers": LAYERS,
+    "num_layers": LAYERS,
+    "encoder_layers": LAYERS,
+    "decoder_layers": LAYERS,
+    "num_encoder_layers": LAYERS,
     "num_decoder_layers": LAYERS,
     # heads
-    "num_attention_heads": HEADS, "n_head": HEADS, "n_heads": HEADS, "num_heads": HEADS,
-    "encoder_attention_heads": HEADS, "decoder_attention_heads": HEADS,
-    "num_encoder_attention_heads": HEADS, "num_decoder_attention_heads": HEADS,
-    "num_key_value_heads": KV_HEADS, "head_dim": HEAD_DIM,
+    "num_attention_heads": HEADS,
+    "n_head": HEADS,
+    "n_heads": HEADS,
+    "num_heads": HEADS,
+    "encoder_attention_heads": HEADS,
+    "decoder_attention_heads": HEADS,
+    "num_encoder_attention_heads": HEADS,
+    "num_decoder_attention_heads": HEADS,
+    "num_key_value_heads": KV_HEADS,
+    "head_dim": HEAD_DIM,
     # feed-forward
-    "intermediate_size": FFN, "ffn_dim": FFN, "encoder_ffn_dim": FFN, "decoder_ffn_dim": FFN,
-    "n_inner": FFN, "d_ff": FFN, "ffn_hidden_size": FFN, "encoder_ffn_dim": FFN,
-    "moe_intermediate_size": EXPERT_FFN, "shared_expert_intermediate_size": EXPERT_FFN,
-    "expert_ffn_hidden_size": EXPERT_FFN, "shared_experts_intermediate_size": EXPERT_FFN,
-    "moe_shared_expert_intermediate_size": EXPERT_FFN, "dim_ff": FFN, "dff": FFN, "d_inner": FFN, "mlp_dim": FFN,
-    "dense_intermediate_size": FFN, "shared_intermediate_size": EXPERT_FFN, "dim_head": HEAD_DIM,
+    "intermediate_size": FFN,
+    "ffn_dim": FFN,
+    "encoder_ffn_dim": FFN,
+    "decoder_ffn_dim": FFN,
+    "n_inner": FFN,
+    "d_ff": FFN,
+    "ffn_hidden_size": FFN,
+    "encoder_ffn_dim": FFN,
+    "moe_intermediate_size": EXPERT_FFN,
+    "shared_expert_intermediate_size": EXPERT_FFN,
+    "expert_ffn_hidden_size": EXPERT_FFN,
+    "shared_experts_intermediate_size": EXPERT_FFN,
+    "moe_shared_expert_intermediate_size": EXPERT_FFN,
+    "dim_ff": FFN,
+    "dff": FFN,
+    "d_inner": FFN,
+    "mlp_dim": FFN,
+    "dense_intermediate_size": FFN,
+    "shared_intermediate_size": EXPERT_FFN,
+    "dim_head": HEAD_DIM,
     # experts
-    "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
-    "num_experts_per_tok": 2, "moe_k": 2, "moe_topk": 2, "top_k_experts": 2,
-    "num_experts_per_token": 2, "moe_top_k": 2, "zero_expert_num": 2,
+    "num_experts": 4,
+    "num_local_experts": 4,
+    "n_routed_experts": 4,
+    "moe_num_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_k": 2,
+    "moe_topk": 2,
+    "top_k_experts": 2,
+    "num_experts_per_token": 2,
+    "moe_top_k": 2,
+    "zero_expert_num": 2,
     # the first layers dense, the others mixture-of-experts: one dense layer
-    "first_k_dense_replace": 1, "num_dense_layers": 1, "moe_layer_start_index": 1,
+    "first_k_dense_replace": 1,
+    "num_dense_layers": 1,
+    "moe_layer_start_index": 1,
     # positions
-    "max_position_embeddings": 512, "n_positions": 512, "max_seq_len": 512, "context_length": 512,
+    "max_position_embeddings": 512,
+    "n_positions": 512,
+    "max_seq_len": 512,
+    "context_length": 512,
     "n_ctx": 512,
     # multi-head latent attention
-    "kv_lora_rank": 16, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
-    "v_head_dim": 16, "o_lora_rank": 16, "o_groups": 2,
+    "kv_lora_rank": 16,
+    "q_lora_rank": 32,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 16,
+    "o_lora_rank": 16,
+    "o_groups": 2,
     # sparse-attention indexers (DeepSeek V3.2 style): small, but keeping every key up to
     # max_position_embeddings. A budget below the prompt length would exercise the selection, but the
     # ReLU index scores of a random model tie (at 0) a lot, and top-k then breaks ties differently for
     # different shapes (prefill vs decode), so the outputs would depend on how a prompt is fed.
-    "index_n_heads": 4, "index_head_dim": 16, "index_topk": 512, "index_block_size": 4, "index_topk_blocks": 128,
+    "index_n_heads": 4,
+    "index_head_dim": 16,
+    "index_topk": 512,
+    "index_block_size": 4,
+    "index_topk_blocks": 128,
     # relative position buckets (CPM-Ant)
-    "position_bias_num_buckets": 32, "position_bias_max_distance": 128,
+    "position_bias_num_buckets": 32,
+    "position_bias_max_distance": 128,
     # state-space / linear-attention / conv mixers
-    "mamba_d_state": 8, "mamba_n_heads": 8, "mamba_d_head": 16, "mamba_n_groups": 1,
-    "mamba_chunk_size": 16, "mamba_dt_rank": 8, "mamba_expand": 2, "mamba_headdim": 16,
-    "mamba_ngroups": 1, "n_mamba_heads": 8, "mamba_num_heads": 8, "mamba_head_dim": 16,
-    "ssm_state_size": 8, "state_size": 8, "n_groups": 1, "chunk_size": 16, "time_step_rank": 8,
-    "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16,
-    "linear_value_head_dim": 16, "linear_head_dim": 16, "linear_num_heads": 4,
+    "mamba_d_state": 8,
+    "mamba_n_heads": 8,
+    "mamba_d_head": 16,
+    "mamba_n_groups": 1,
+    "mamba_chunk_size": 16,
+    "mamba_dt_rank": 8,
+    "mamba_expand": 2,
+    "mamba_headdim": 16,
+    "mamba_ngroups": 1,
+    "n_mamba_heads": 8,
+    "mamba_num_heads": 8,
+    "mamba_head_dim": 16,
+    "ssm_state_size": 8,
+    "state_size": 8,
+    "n_groups": 1,
+    "chunk_size": 16,
+    "time_step_rank": 8,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
+    "linear_head_dim": 16,
+    "linear_num_heads": 4,
     # separate sizes for the sliding-window layers (Inkling)
-    "swa_num_attention_heads": HEADS, "swa_num_key_value_heads": KV_HEADS, "swa_head_dim": HEAD_DIM,
+    "swa_num_attention_heads": HEADS,
+    "swa_num_key_value_heads": KV_HEADS,
+    "swa_head_dim": HEAD_DIM,
     # partial rotary as an absolute size (GPT-J, CodeGen)
     "rotary_dim": 8,
 }
 
 # Fields where None means "feature off" (keep it) rather than "derive it".
-_KEEP_NONE = {"q_lora_rank", "rotary_dim", "n_shared_experts", "num_experts", "num_local_experts",
-              "n_routed_experts", "moe_intermediate_size", "top_k_experts"}
+_KEEP_NONE = {
+    "q_lora_rank",
+    "rotary_dim",
+    "n_shared_experts",
+    "num_experts",
+    "num_local_experts",
+    "n_routed_experts",
+    "moe_intermediate_size",
+    "top_k_experts",
+}
 # Per-layer lists that are not layer kinds (do not drive the depth).
-_NOT_KINDS = {"intermediate_size", "activation_sparsity_pattern", "layer_rope_theta",
-              "num_attention_heads_per_layer"}
+_NOT_KINDS = {
+    "intermediate_size",
+    "activation_sparsity_pattern",
+    "layer_rope_theta",
+    "num_attention_heads_per_layer",
+}
 # Lists of layer indices (not one entry per layer): left to the config or to the family overrides.
-_INDEX_LISTS = {"full_attn_idxs", "moe_layers", "hybrid_layer_ids", "mlp_only_layers", "attn_layer_indices"}
+_INDEX_LISTS = {
+    "full_attn_idxs",
+    "moe_layers",
+    "hybrid_layer_ids",
+    "mlp_only_layers",
+    "attn_layer_indices",
+}
 # Sub-configs that get the vocabulary and token ids.
 _TEXT_SUBCONFIGS = {"text_config", "decoder", "decoder_config", "encoder_config", "patcher_config"}
 # Encoder architectures whose causal-LM class is the encoder run as a decoder (is_decoder=True).
 _ENCODERS_AS_DECODERS = {
-    "bert", "bert-generation", "big_bird", "camembert", "data2vec-text", "electra", "ernie", "megatron-bert",
-    "rembert", "roberta", "roberta-prelayernorm", "roc_bert", "roformer", "xlm-roberta", "xlm-roberta-xl", "xmod",
+    "bert",
+    "bert-generation",
+    "big_bird",
+    "camembert",
+    "data2vec-text",
+    "electra",
+    "ernie",
+    "megatron-bert",
+    "rembert",
+    "roberta",
+    "roberta-prelayernorm",
+    "roc_bert",
+    "roformer",
+    "xlm-roberta",
+    "xlm-roberta-xl",
+    "xmod",
     "reformer",
 }
 # Families with a sliding_window field whose layers cannot be made "sliding_attention".
@@ -156,38 +265,86 @@ def _resolve(cls, name: str) -> str | None:
 _OVERRIDES: dict[str, dict] = {
     # hybrids: the default configs hold no (or too few) attention layers; put one of each kind in
     "bamba": {"attn_layer_indices": [1]},
-    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1},
+    "jamba": {
+        "attn_layer_period": 2,
+        "attn_layer_offset": 1,
+        "expert_layer_period": 2,
+        "expert_layer_offset": 1,
+    },
     "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"]},
     "recurrent_gemma": {"num_hidden_layers": 3},  # block pattern: recurrent, recurrent, attention
     "lfm2": {"layer_types": ["conv", "full_attention"]},
-    "lfm2_moe": {"num_hidden_layers": 3, "layer_types": ["conv", "full_attention", "conv"], "num_dense_layers": 1},
+    "lfm2_moe": {
+        "num_hidden_layers": 3,
+        "layer_types": ["conv", "full_attention", "conv"],
+        "num_dense_layers": 1,
+    },
     "falcon_h1": {"mamba_d_ssm": 128},  # = mamba_n_heads * mamba_d_head
     "mamba2": {"num_heads": 8, "head_dim": 16},  # num_heads * head_dim = expand * hidden_size
     # the default enables MoE without sizes
     "dots1": {"n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2},
     "zaya": {"num_experts_per_tok": 1, "layer_types": ["hybrid", "hybrid_sliding"]},
     # input/recurrent/output stacks must add up
-    "dory": {"num_hidden_layers": 4, "n_input_layers": 1, "n_recurrent_layers": 2, "n_output_layers": 1,
-             "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]},
+    "dory": {
+        "num_hidden_layers": 4,
+        "n_input_layers": 1,
+        "n_recurrent_layers": 2,
+        "n_output_layers": 1,
+        "layer_types": [
+            "sliding_attention",
+            "full_attention",
+            "sliding_attention",
+            "full_attention",
+        ],
+    },
     "longcat_flash": {"num_layers": 1},  # num_hidden_layers = 2 * num_layers
-    "roc_bert": {"shape_vocab_size": 64, "shape_embed_dim": 16, "pronunciation_vocab_size": 64,
-                 "pronunciation_embed_dim": 16},
-    "phi4_multimodal.audio_config": {"num_blocks": 1, "nemo_conv_channels": HIDDEN, "ext_pw_out_channel": HIDDEN,
-                                     "depthwise_separable_out_channel": HIDDEN},
-    "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e4},
-                                                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}},
-    "zamba": {"num_hidden_layers": 5, "attn_layer_period": 2, "attn_layer_offset": 1, "layers_block_type": None},
+    "roc_bert": {
+        "shape_vocab_size": 64,
+        "shape_embed_dim": 16,
+        "pronunciation_vocab_size": 64,
+        "pronunciation_embed_dim": 16,
+    },
+    "phi4_multimodal.audio_config": {
+        "num_blocks": 1,
+        "nemo_conv_channels": HIDDEN,
+        "ext_pw_out_channel": HIDDEN,
+        "depthwise_separable_out_channel": HIDDEN,
+    },
+    "cohere_compass_text": {
+        "rope_parameters": {
+            "full_attention": {"rope_type": "default", "rope_theta": 1e4},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+        }
+    },
+    "zamba": {
+        "num_hidden_layers": 5,
+        "attn_layer_period": 2,
+        "attn_layer_offset": 1,
+        "layers_block_type": None,
+    },
     # zamba: [mamba, mamba, hybrid] + [mamba, hybrid]; the shared transformer needs two hybrid layers
     "big_bird": {"attention_type": "original_full"},  # block-sparse attention has no causal mode
     "xlm": {"causal": True},  # XLM's causal-LM mode
-    "reformer": {"attn_layers": ["local", "lsh"], "attention_head_size": HEAD_DIM,
-                 "axial_pos_shape": (16, 32), "axial_pos_embds_dim": (32, 32), "feed_forward_size": FFN,
-                 "lsh_attn_chunk_length": 8, "num_buckets": 4,
-                 # else the LSH rotations are drawn afresh at every forward (note: with a hash_seed,
-                 # every LSH forward calls torch.manual_seed(hash_seed), resetting the global RNG)
-                 "hash_seed": 0},
-    "qwen4_exp_text": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": HEAD_DIM,
-                       "indexer_budget": 512, "indexer_compress_ratio": 4, "hc_lowrank": 8},
+    "reformer": {
+        "attn_layers": ["local", "lsh"],
+        "attention_head_size": HEAD_DIM,
+        "axial_pos_shape": (16, 32),
+        "axial_pos_embds_dim": (32, 32),
+        "feed_forward_size": FFN,
+        "lsh_attn_chunk_length": 8,
+        "num_buckets": 4,
+        # else the LSH rotations are drawn afresh at every forward (note: with a hash_seed,
+        # every LSH forward calls torch.manual_seed(hash_seed), resetting the global RNG)
+        "hash_seed": 0,
+    },
+    "qwen4_exp_text": {
+        "indexer_n_heads": 2,
+        "indexer_kv_heads": 1,
+        "indexer_head_dim": HEAD_DIM,
+        "indexer_budget": 512,
+        "indexer_compress_ratio": 4,
+        "hc_lowrank": 8,
+    },
     # DbrxAttention reads attn_config.rope_theta, which DbrxAttentionConfig does not define
     # (and clamps q/k/v with clip_qkv unconditionally, which defaults to None)
     "dbrx.attn_config": {"rope_theta": 10000.0, "kv_n_heads": KV_HEADS, "clip_qkv": 8.0},
@@ -195,9 +352,15 @@ _OVERRIDES: dict[str, dict] = {
     # only works when that is 0 (as in the real checkpoints)
     "prophetnet": {"pad_token_id": 0},
     # the sliding-window layers have their own MLA sizes (popped kwargs, not fields)
-    "dots3_note_text": {"swa_num_attention_heads": HEADS, "swa_num_key_value_heads": HEADS, "swa_q_lora_rank": 32,
-                        "swa_kv_lora_rank": 16, "swa_head_dim": HEAD_DIM, "swa_qk_nope_head_dim": 8,
-                        "swa_v_head_dim": 16},
+    "dots3_note_text": {
+        "swa_num_attention_heads": HEADS,
+        "swa_num_key_value_heads": HEADS,
+        "swa_q_lora_rank": 32,
+        "swa_kv_lora_rank": 16,
+        "swa_head_dim": HEAD_DIM,
+        "swa_qk_nope_head_dim": 8,
+        "swa_v_head_dim": 16,
+    },
     # one codebook, so that a row of input_ids is one sequence
     "musicgen.decoder": {"num_codebooks": 1},
     "musicgen_melody.decoder": {"num_codebooks": 1},
@@ -206,8 +369,11 @@ _OVERRIDES: dict[str, dict] = {
     "xlstm": {"hidden_size": 128, "embedding_dim": 128},
     # adapters map the vision/audio widths to the text width
     "dots3_note.vision_config": {"adapter_in_dim": HIDDEN, "adapter_out_dim": HIDDEN},
-    "dots3_note.audio_config": {"adapter_input_size": HIDDEN, "adapter_out_dim": HIDDEN,
-                                "downsample_hidden_size": 32},
+    "dots3_note.audio_config": {
+        "adapter_input_size": HIDDEN,
+        "adapter_out_dim": HIDDEN,
+        "downsample_hidden_size": 32,
+    },
 }
 
 # Functions (kwargs, default_config, window) -> None that fix up kwargs in place, after _OVERRIDES.
@@ -219,6 +385,7 @@ def _fixup(*names):
         for n in names:
             _FIXUPS[n] = fn
         return fn
+
     return register
 
 
@@ -229,20 +396,31 @@ def _gpt_neo(kw, cfg, window):
 
 @_fixup("gemma4_text", "gemma4_unified_text")
 def _gemma4(kw, cfg, window):
-    kw.update(global_head_dim=HEAD_DIM, hidden_size_per_layer_input=16, vocab_size_per_layer_input=kw["vocab_size"])
+    kw.update(
+        global_head_dim=HEAD_DIM,
+        hidden_size_per_layer_input=16,
+        vocab_size_per_layer_input=kw["vocab_size"],
+    )
 
 
 @_fixup("gemma3n_text")
 def _gemma3n(kw, cfg, window):
     # 5 sliding : 1 full; the last layer reuses the KV cache of an earlier one of its kind
-    kw.update(num_hidden_layers=6, num_kv_shared_layers=1, hidden_size_per_layer_input=16,
-              vocab_size_per_layer_input=kw["vocab_size"], laurel_rank=8)
+    kw.update(
+        num_hidden_layers=6,
+        num_kv_shared_layers=1,
+        hidden_size_per_layer_input=16,
+        vocab_size_per_layer_input=kw["vocab_size"],
+        laurel_rank=8,
+    )
 
 
 @_fixup("blt")
 def _blt(kw, cfg, window):
     # num_hidden_layers: not a BltConfig field, but DynamicCache(config=BltConfig) reads it
-    kw.update(encoder_hash_byte_group_vocab=64, local_attention_window_len=window, num_hidden_layers=2)
+    kw.update(
+        encoder_hash_byte_group_vocab=64, local_attention_window_len=window, num_hidden_layers=2
+    )
 
 
 @_fixup("reformer")
@@ -255,16 +433,20 @@ _POST_BUILD: dict[str, object] = {
     "xmod": lambda m: m.set_default_language("en_XX"),  # adapters are per language
     # the delay pattern is filled with decoder_start_token_id (the pad token in the real checkpoints)
     # (and MusicgenForCausalLM.generate expands by num_return_sequences, which defaults to None)
-    "musicgen": lambda m: m.generation_config.update(decoder_start_token_id=m.config.pad_token_id,
-                                                     num_return_sequences=1),
-    "musicgen_melody": lambda m: m.generation_config.update(decoder_start_token_id=m.config.pad_token_id,
-                                                            num_return_sequences=1),
+    "musicgen": lambda m: m.generation_config.update(
+        decoder_start_token_id=m.config.pad_token_id, num_return_sequences=1
+    ),
+    "musicgen_melody": lambda m: m.generation_config.update(
+        decoder_start_token_id=m.config.pad_token_id, num_return_sequences=1
+    ),
 }
 
 
 # Architectures whose tiny model cannot be built, with the reason.
-_DRAFTER = ("speculative-decoding drafter: its forward needs the target model's inputs_embeds and "
-            "shared_kv_states, so it cannot run generate on its own")
+_DRAFTER = (
+    "speculative-decoding drafter: its forward needs the target model's inputs_embeds and "
+    "shared_kv_states, so it cannot run generate on its own"
+)
 _UNBUILDABLE: dict[str, str] = {
     "gemma4_assistant": "Gemma4AssistantForCausalLM is a " + _DRAFTER,
     "gemma4_unified_assistant": "Gemma4UnifiedAssistantForCausalLM is a " + _DRAFTER,
@@ -273,8 +455,11 @@ _UNBUILDABLE: dict[str, str] = {
 
 # Architectures that need an optional package: model type -> (package, what needs it).
 _REQUIRES: dict[str, tuple[str, str]] = {
-    "gemma3n": ("timm", "multimodal: Gemma3nForConditionalGeneration's vision tower is a TimmWrapperModel; "
-                        "the text model is tested as gemma3n_text"),
+    "gemma3n": (
+        "timm",
+        "multimodal: Gemma3nForConditionalGeneration's vision tower is a TimmWrapperModel; "
+        "the text model is tested as gemma3n_text",
+    ),
 }
 
 
@@ -339,15 +524,22 @@ def _generic_kwargs(cfg: PretrainedConfig, vocab_size: int | None, window: int) 
         if _resolve(cls, "unpadded_vocab_size"):
             kw["unpadded_vocab_size"] = vocab_size
         tok = char_tokenizer()
-        for name, tid in (("bos_token_id", tok.bos_token_id), ("eos_token_id", tok.eos_token_id),
-                          ("pad_token_id", tok.pad_token_id)):
+        for name, tid in (
+            ("bos_token_id", tok.bos_token_id),
+            ("eos_token_id", tok.eos_token_id),
+            ("pad_token_id", tok.pad_token_id),
+        ):
             if _resolve(cls, name):
                 kw[_resolve(cls, name)] = tid
     for name in ("n_group", "topk_group", "num_expert_group"):  # grouped expert routing: one group
         real = _resolve(cls, name)
         if real and _get(cfg, real) is not None:
             kw[real] = 1
-    for name in ("sliding_window", "attention_window_size", "sliding_window_size"):  # window on, at `window`
+    for name in (
+        "sliding_window",
+        "attention_window_size",
+        "sliding_window_size",
+    ):  # window on, at `window`
         real = _resolve(cls, name)
         if real:
             kw[real] = window
@@ -358,7 +550,9 @@ def _generic_kwargs(cfg: PretrainedConfig, vocab_size: int | None, window: int) 
     return kw
 
 
-def _tiny_kwargs(cfg: PretrainedConfig, families: tuple[str, ...], vocab_size: int | None, window: int) -> dict:
+def _tiny_kwargs(
+    cfg: PretrainedConfig, families: tuple[str, ...], vocab_size: int | None, window: int
+) -> dict:
     """Constructor kwargs that shrink config `cfg` (recursively for its sub-configs).
 
     Order: generic overrides, sub-configs, the family's overrides and fixups, then the per-layer lists
@@ -388,7 +582,9 @@ def _tiny_kwargs(cfg: PretrainedConfig, families: tuple[str, ...], vocab_size: i
     layers_field = _resolve(cls, "num_hidden_layers")
     n_default = _get(cfg, layers_field) if layers_field else None
     if isinstance(n_default, int) and n_default > 1:
-        per_layer = [f for f in _per_layer_fields(cfg, n_default) if f not in explicit | _INDEX_LISTS]
+        per_layer = [
+            f for f in _per_layer_fields(cfg, n_default) if f not in explicit | _INDEX_LISTS
+        ]
         if layers_field in explicit:
             n = kw[layers_field]
         else:
@@ -397,14 +593,22 @@ def _tiny_kwargs(cfg: PretrainedConfig, families: tuple[str, ...], vocab_size: i
         for f in per_layer:
             kw[f] = [FFN] * n if f == "intermediate_size" else _fit(_get(cfg, f), n)
         lt = kw.get("layer_types")
-        if ("layer_types" not in explicit and lt and kw.get("sliding_window") and "full_attention" in lt
-                and "sliding_attention" not in lt and not _NO_SWA_LAYERS.intersection(families)):
+        if (
+            "layer_types" not in explicit
+            and lt
+            and kw.get("sliding_window")
+            and "full_attention" in lt
+            and "sliding_attention" not in lt
+            and not _NO_SWA_LAYERS.intersection(families)
+        ):
             # the default pattern never uses its window: make the last full-attention layer a sliding
             # one so that the window is exercised
             i = len(lt) - 1 - lt[::-1].index("full_attention")
             kw["layer_types"] = lt = lt[:i] + ["sliding_attention"] + lt[i + 1 :]
         if lt and _resolve(cls, "max_window_layers") and "sliding_attention" in lt:
-            kw["max_window_layers"] = lt.index("sliding_attention")  # Qwen2 style: sliding from here on
+            kw["max_window_layers"] = lt.index(
+                "sliding_attention"
+            )  # Qwen2 style: sliding from here on
     return kw
 
 
@@ -432,7 +636,9 @@ def tiny_config(model_type: str, vocab_size: int, *, window: int = 8) -> Pretrai
     return type(cfg)(**_tiny_kwargs(cfg, (model_type,), vocab_size, window))
 
 
-def build_tiny(model_type: str, vocab_size: int, *, window: int = 8, seed: int = 0, attn: str = "eager"):
+def build_tiny(
+    model_type: str, vocab_size: int, *, window: int = 8, seed: int = 0, attn: str = "eager"
+):
     """A tiny random-weight model of `model_type`'s causal-LM class, float32, in eval mode.
 
     `attn` is the attention implementation; a class that does not support it (e.g. "sdpa" for Bloom,
@@ -458,7 +664,9 @@ def build_tiny(model_type: str, vocab_size: int, *, window: int = 8, seed: int =
             raise
         config = config_for_class()  # the failed attempt marked the config with `attn`
         torch.manual_seed(seed)
-        model = cls._from_config(config, dtype=torch.float32)  # no `attn` support: the class's default
+        model = cls._from_config(
+            config, dtype=torch.float32
+        )  # no `attn` support: the class's default
     if model_type in _POST_BUILD:
         _POST_BUILD[model_type](model)
     return model.float().eval()
@@ -483,7 +691,10 @@ def path_table() -> str:
         try:
             model = build_tiny(model_type, len(tok))
             Generator(model, tok, max_new_tokens=4)
-            path, why = records[-1].split(" path for ", 1)[0].rsplit(" ", 1)[-1], records[-1].split(" (", 1)[1][:-1]
+            path, why = (
+                records[-1].split(" path for ", 1)[0].rsplit(" ", 1)[-1],
+                records[-1].split(" (", 1)[1][:-1],
+            )
         except Unbuildable as e:
             path, why = "not checked", str(e)
         except EngineError as e:

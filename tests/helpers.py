@@ -2,9 +2,11 @@
 
 import ast
 import copy
+import functools
 import re
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,13 +39,22 @@ def write_config(workdir: Path, config: dict, name: str = "config.yaml") -> Path
     return path
 
 
-def snakemake_command(*args: str, configfile: Path | None = None, snakefile: Path | None = None) -> list[str]:
+def snakemake_command(
+    *args: str, configfile: Path | None = None, snakefile: Path | None = None
+) -> list[str]:
     """The command line of `snakemake()`; `snakefile` defaults to the repository's Snakefile."""
     cmd = [
-        sys.executable, "-m", "snakemake",
-        "--snakefile", str(snakefile or ROOT / "Snakefile"),
-        "--profile", "none", "--workflow-profile", "none",
-        "--cores", "2",
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(snakefile or ROOT / "Snakefile"),
+        "--profile",
+        "none",
+        "--workflow-profile",
+        "none",
+        "--cores",
+        "2",
     ]
     cmd += list(args)
     if configfile is not None:  # last: --configfile takes several values
@@ -68,73 +79,87 @@ def snakemake(
     return proc
 
 
-# Reading the rule files: what each rule's code hash covers, its script and its conda env.
-
-RULE_FILES = sorted((ROOT / "workflow/rules").glob("*.smk"))
+# The workflow's rules as Snakemake parsed them: script, conda env and params.
 
 
 @dataclass
 class RuleInfo:
     name: str
-    text: str  # the rule's block in its .smk file
-    code: set[str]  # eqtools modules of its `code=code_hash(...)` param
     script: Path | None
     conda: str | None  # file name under envs/
+    params: dict
 
 
+@functools.cache
 def workflow_rules() -> dict[str, RuleInfo]:
-    """Every rule of workflow/rules/*.smk. The code param may name a module-level constant
-    (`TABLE_CODE = code_hash(...)`)."""
-    rules, texts = {}, {smk: smk.read_text() for smk in RULE_FILES}
-    constants = {
-        m.group(1): set(re.findall(r'"(\w+)"', m.group(2)))
-        for text in texts.values()
-        for m in re.finditer(r"^(\w+) = code_hash\(([^)]*)\)", text, re.M)
-    }
-    for smk, text in texts.items():
-        for block in re.split(r"\n(?=rule \w+:)", text):
-            if not (name := re.match(r"rule (\w+):", block)):
-                continue
-            code = set()
-            if m := re.search(r"\bcode=code_hash\(([^)]*)\)", block):
-                code = set(re.findall(r'"(\w+)"', m.group(1)))
-            elif m := re.search(r"\bcode=(\w+),", block):
-                code = constants.get(m.group(1), set())
-            script = re.search(r'script:\s*\n\s*"([^"]+)"', block)
-            conda = re.search(r'conda:\s*\n\s*"\.\./\.\./envs/([\w.-]+)"', block)
-            rules[name.group(1)] = RuleInfo(
-                name.group(1),
-                block,
-                code,
-                (smk.parent / script.group(1)).resolve() if script else None,
-                conda.group(1) if conda else None,
+    """Every rule of the workflow (config/config.yaml), from Snakemake's own parse of it."""
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import (
+        ConfigSettings,
+        OutputSettings,
+        ResourceSettings,
+        StorageSettings,
+    )
+
+    rules = {}
+    with tempfile.TemporaryDirectory() as work, SnakemakeApi(OutputSettings()) as api:
+        workflow = api.workflow(
+            resource_settings=ResourceSettings(cores=1),
+            config_settings=ConfigSettings(configfiles=[ROOT / "config/config.yaml"]),
+            storage_settings=StorageSettings(),
+            snakefile=ROOT / "Snakefile",
+            workdir=Path(work),
+        )._workflow  # the parsed workflow; the API has no public accessor for its rules
+        for rule in workflow.rules:
+            base = Path(rule.snakefile).parent
+            rules[rule.name] = RuleInfo(
+                rule.name,
+                (base / rule.script).resolve() if rule.script else None,
+                Path(rule.conda_env).name if rule.conda_env else None,
+                dict(rule.params.items()),
             )
     return rules
 
 
 def imports(path: Path) -> set[str]:
-    """Top-level names of the modules `path` imports, at module level or inside a function;
-    `eqtools.<name>` for the workflow's shared package."""
+    """Top-level names of the modules `path` imports, at module level or inside a function."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        names = []
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [f"{node.module}.{a.name}" for a in node.names] if node.module == "eqtools" else [node.module]
+            found.add(node.module.split(".")[0])
         elif isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        for name in names:
-            parts = name.split(".")
-            found.add(".".join(parts[:2]) if parts[0] == "eqtools" else parts[0])
+            found.update(a.name.split(".")[0] for a in node.names)
     return found
 
 
-def imported_eqtools(script: Path) -> set[str]:
-    """The eqtools modules a rule script imports, directly or through other eqtools modules."""
-    eqtools = ROOT / "workflow/scripts/eqtools"
-    seen, todo = set(), [m for m in imports(script) if m.startswith("eqtools.")]
-    while todo:
-        name = todo.pop().removeprefix("eqtools.")
-        if name not in seen:
-            seen.add(name)
-            todo += [m for m in imports(eqtools / f"{name}.py") if m.startswith("eqtools.")]
-    return seen
+# Readers of what the workflow writes, for the tests only.
+
+
+def read_png_text(path: str | Path) -> dict[str, str]:
+    """The tEXt/iTXt entries of a PNG (the metadata eqtools.figures.save_figure writes)."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return dict(img.text)
+
+
+def read_svg_identifier(path: str | Path) -> str | None:
+    """The Dublin Core identifier of an SVG written by eqtools.figures.save_figure."""
+    m = re.search(r"<dc:identifier>([^<]*)</dc:identifier>", Path(path).read_text())
+    return m.group(1) if m else None
+
+
+def load_checkpoint(model_dir: str, checkpoint: str | Path, method: str, device: str = "cpu"):
+    """A saved early_stop or convergence checkpoint, ready for generation: (model, tokenizer)."""
+    from eqtools.models import load
+
+    model, tokenizer, _ = load(model_dir, device=device)
+    if method == "lora":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(checkpoint))
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(checkpoint))
+    return model.to(device).eval(), tokenizer

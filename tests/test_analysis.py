@@ -8,10 +8,12 @@ import polars as pl
 import pytest
 
 from eqtools import analysis
-from eqtools.categories import CATEGORIES
+from eqtools.study import CATEGORIES, TABLE2_MIXTURES, variant_name
 
 
-def predictions(rows: dict[tuple[str, str], list[bool]], categories: list[str], split: str = "test") -> pl.DataFrame:
+def predictions(
+    rows: dict[tuple[str, str], list[bool]], categories: list[str], split: str = "test"
+) -> pl.DataFrame:
     """read_predictions' frame from {(mixture, stop): correct per question}."""
     frames = []
     for (mixture, stop), correct in rows.items():
@@ -33,7 +35,9 @@ def predictions(rows: dict[tuple[str, str], list[bool]], categories: list[str], 
 
 
 def cell(table: pl.DataFrame, stop: str, variant: str, subset: str) -> dict:
-    rows = table.filter((pl.col("stop") == stop) & (pl.col("variant") == variant) & (pl.col("subset") == subset))
+    rows = table.filter(
+        (pl.col("stop") == stop) & (pl.col("variant") == variant) & (pl.col("subset") == subset)
+    )
     assert rows.height == 1
     return rows.row(0, named=True)
 
@@ -68,7 +72,9 @@ def test_paired_p_value_degenerate_cases():
     assert math.isnan(analysis.paired_p_value(same, same))
     assert math.isnan(analysis.paired_p_value(np.array([1.0]), np.array([0.0])))
     assert analysis.paired_p_value(same + 0.2, same) < 0.01  # a constant gap: infinite t
-    assert analysis.stars(0.001) == "**" and analysis.stars(0.03) == "*" and analysis.stars(0.2) == ""
+    assert (
+        analysis.stars(0.001) == "**" and analysis.stars(0.03) == "*" and analysis.stars(0.2) == ""
+    )
     assert analysis.stars(float("nan")) == "" and analysis.stars(None) == ""
 
 
@@ -89,9 +95,18 @@ def test_table2_best_row_and_significance():
         ("unknown", "convergence"): good.tolist(),
     }
     preds = predictions(rows, cats)
-    table = analysis.accuracy_by_category(preds, analysis.TABLE2_MIXTURES, n_chunks=100, seed=0)
-    es_variants = table.filter(pl.col("stop") == "early_stop")["variant"].unique(maintain_order=True).to_list()
-    assert es_variants == ["highly_known", "maybe_known", "unknown", "natural"]  # display order, missing skipped
+    table = analysis.accuracy_by_category(preds, TABLE2_MIXTURES, n_chunks=100, seed=0)
+    es_variants = (
+        table.filter(pl.col("stop") == "early_stop")["variant"]
+        .unique(maintain_order=True)
+        .to_list()
+    )
+    assert es_variants == [
+        "highly_known",
+        "maybe_known",
+        "unknown",
+        "natural",
+    ]  # display order, missing skipped
 
     full = cell(table, "early_stop", "natural", "Full")
     assert full["accuracy_pct"] == pytest.approx(100 * good.mean())
@@ -108,27 +123,41 @@ def test_table2_best_row_and_significance():
     # per category: the category's questions only
     hk = cell(table, "early_stop", "natural", "HighlyKnown")
     mask = np.array([c == "HighlyKnown" for c in cats])
-    assert hk["n_questions"] == mask.sum() and hk["accuracy_pct"] == pytest.approx(100 * good[mask].mean())
+    assert hk["n_questions"] == mask.sum() and hk["accuracy_pct"] == pytest.approx(
+        100 * good[mask].mean()
+    )
     # deterministic
-    assert table.equals(analysis.accuracy_by_category(preds, analysis.TABLE2_MIXTURES, n_chunks=100, seed=0))
+    assert table.equals(analysis.accuracy_by_category(preds, TABLE2_MIXTURES, n_chunks=100, seed=0))
 
 
 def test_table2_empty_category_small_test_set_and_all_equal_rows():
     cats = ["HighlyKnown", "Unknown", "Unknown"]  # no MaybeKnown or WeaklyKnown question
-    rows = {("natural", "early_stop"): [True, False, False], ("unknown", "early_stop"): [True, False, False]}
-    table = analysis.accuracy_by_category(predictions(rows, cats), ["unknown", "natural"], n_chunks=100, seed=0)
+    rows = {
+        ("natural", "early_stop"): [True, False, False],
+        ("unknown", "early_stop"): [True, False, False],
+    }
+    table = analysis.accuracy_by_category(
+        predictions(rows, cats), ["unknown", "natural"], n_chunks=100, seed=0
+    )
     assert set(table["stop"]) == {"early_stop"}  # no convergence predictions: no rows
     empty = cell(table, "early_stop", "natural", "MaybeKnown")
     assert empty["n_questions"] == 0 and math.isnan(empty["accuracy_pct"]) and not empty["is_best"]
     full = cell(table, "early_stop", "natural", "Full")
-    assert full["n_chunks"] == 3 and full["is_best"] and math.isnan(full["p_value"]) and full["significance"] == ""
+    assert (
+        full["n_chunks"] == 3
+        and full["is_best"]
+        and math.isnan(full["p_value"])
+        and full["significance"] == ""
+    )
     assert cell(table, "early_stop", "unknown", "Full")["is_best"]  # the reference among equals
     assert analysis.accuracy_by_category(pl.DataFrame(), ["natural"]).is_empty()
 
 
 def test_table2_rejects_rows_evaluated_on_other_questions():
     preds = predictions({("natural", "early_stop"): [True, False]}, ["Unknown", "Unknown"])
-    other = preds.with_columns(pl.lit("unknown").alias("mixture"), pl.Series("id", ["q0000", "zzz"]))
+    other = preds.with_columns(
+        pl.lit("unknown").alias("mixture"), pl.Series("id", ["q0000", "zzz"])
+    )
     with pytest.raises(ValueError, match="other questions"):
         analysis.accuracy_by_category(pl.concat([preds, other]), ["natural", "unknown"])
 
@@ -138,7 +167,12 @@ def test_table2_rejects_rows_evaluated_on_other_questions():
 
 def metrics_line(epoch, n, fitted, test_acc, ood_acc):
     """A metrics.jsonl line with train_n_<C> = n[C] and fitted[C] of them answered correctly."""
-    line = {"epoch": epoch, "train_n": sum(n.values()), "test_accuracy": test_acc, "ood_test_accuracy": ood_acc}
+    line = {
+        "epoch": epoch,
+        "train_n": sum(n.values()),
+        "test_accuracy": test_acc,
+        "ood_test_accuracy": ood_acc,
+    }
     for cat, k in n.items():
         if k:
             line[f"train_n_{cat}"] = k
@@ -155,7 +189,14 @@ def test_fitted_counts_sum_the_known_categories():
         0.4,
     )
     counts = analysis.fitted_counts(line)
-    assert counts == {"HighlyKnown": 9, "MaybeKnown": 5, "WeaklyKnown": 0, "Unknown": 3, "Known": 14, "n_train": 30}
+    assert counts == {
+        "HighlyKnown": 9,
+        "MaybeKnown": 5,
+        "WeaklyKnown": 0,
+        "Unknown": 3,
+        "Known": 14,
+        "n_train": 30,
+    }
 
 
 def synthetic_runs(b0, b_kn, b_unk, noise, d=100, epochs=6, seed=0, evaluated=lambda e: True):
@@ -167,14 +208,23 @@ def synthetic_runs(b0, b_kn, b_unk, noise, d=100, epochs=6, seed=0, evaluated=la
         n = {"HighlyKnown": d - n_unk, "MaybeKnown": 0, "WeaklyKnown": 0, "Unknown": n_unk}
         lines = []
         for e in range(1, epochs + 1):
-            fitted = {c: round(k * min(1, e / (2 if c != "Unknown" else epochs + 1 - x / 50))) for c, k in n.items()}
+            fitted = {
+                c: round(k * min(1, e / (2 if c != "Unknown" else epochs + 1 - x / 50)))
+                for c, k in n.items()
+            }
             kn, unk = (fitted["HighlyKnown"]) / d, fitted["Unknown"] / d
             acc = b0 + b_kn * kn + b_unk * unk + noise * rng.standard_normal()
             ood = (b0 - 1) + (b_kn / 2) * kn + (b_unk / 2) * unk + noise * rng.standard_normal()
             lines.append(metrics_line(e, n, fitted, acc / 100 if evaluated(e) else None, ood / 100))
         metrics[f"unknown_{x}"] = lines
     metrics["known_only_50"] = [
-        metrics_line(e, {"HighlyKnown": d // 2}, {"HighlyKnown": d // 2}, (b0 + b_kn * 0.5) / 100, (b0 - 1 + b_kn / 4) / 100)
+        metrics_line(
+            e,
+            {"HighlyKnown": d // 2},
+            {"HighlyKnown": d // 2},
+            (b0 + b_kn * 0.5) / 100,
+            (b0 - 1 + b_kn / 4) / 100,
+        )
         for e in (1, 2)
     ]
     return metrics
@@ -200,7 +250,9 @@ def test_linear_model_recovers_planted_coefficients():
 
 
 def test_linear_model_skips_epochs_without_test_evaluation():
-    points = analysis.fit_points(synthetic_runs(30, 5, -5, noise=0.01, evaluated=lambda e: e % 2 == 0))
+    points = analysis.fit_points(
+        synthetic_runs(30, 5, -5, noise=0.01, evaluated=lambda e: e % 2 == 0)
+    )
     assert analysis.fit_linear_model(points, "test")["n_points"] == 5 * 3 + 2
     assert analysis.fit_linear_model(points, "ood_test")["n_points"] == 5 * 6 + 2
 
@@ -209,7 +261,9 @@ def test_linear_model_degenerate_fits_give_nan_and_a_note():
     # no Unknown example anywhere: N_unk/|D| is constantly 0 -> singular design
     only_known = {"unknown_0": synthetic_runs(30, 5, -5, 0.01)["unknown_0"]}
     fit = analysis.fit_linear_model(analysis.fit_points(only_known), "test")
-    assert "singular" in fit["note"] and all(math.isnan(t["estimate"]) for t in fit["terms"].values())
+    assert "singular" in fit["note"] and all(
+        math.isnan(t["estimate"]) for t in fit["terms"].values()
+    )
     assert math.isnan(fit["r_squared"])
     # nothing at all
     empty = analysis.fit_linear_model(analysis.fit_points({}), "test")
@@ -231,7 +285,9 @@ def test_linear_model_degenerate_fits_give_nan_and_a_note():
     # constant accuracy (a model that never answers right): coefficients 0, R^2 undefined
     fit = analysis.fit_linear_model(analysis.fit_points(three), "ood_test")
     assert "constant" in fit["note"] and math.isnan(fit["r_squared"])
-    assert fit["terms"]["b0"]["estimate"] == pytest.approx(10) and fit["terms"]["b_kn"]["estimate"] == pytest.approx(0, abs=1e-9)
+    assert fit["terms"]["b0"]["estimate"] == pytest.approx(10) and fit["terms"]["b_kn"][
+        "estimate"
+    ] == pytest.approx(0, abs=1e-9)
     assert math.isnan(fit["terms"]["b_kn"]["p_value"])
 
 
@@ -253,7 +309,16 @@ def test_answered_accuracy_counts_abstentions():
             "mixture": ["idk_50"] * 6 + ["idk_0"] * 2,
             "id": [f"q{i}" for i in range(6)] + ["q0", "q1"],
             "category": ["Unknown"] * 8,
-            "prediction": ["Paris", "I don't know", "Rome", "i dont know", "", "Berlin", "I don't know", "I don't know"],
+            "prediction": [
+                "Paris",
+                "I don't know",
+                "Rome",
+                "i dont know",
+                "",
+                "Berlin",
+                "I don't know",
+                "I don't know",
+            ],
             "correct": [True, False, False, False, False, True, False, False],
         }
     )
@@ -264,7 +329,11 @@ def test_answered_accuracy_counts_abstentions():
     assert idk["accuracy_answered_pct"] == pytest.approx(50.0)
     assert idk["accuracy_pct"] == pytest.approx(100 * 2 / 6)
     none = table.filter(pl.col("variant") == "idk_0").row(0, named=True)
-    assert none["n_answered"] == 0 and math.isnan(none["accuracy_answered_pct"]) and none["answered_pct"] == 0
+    assert (
+        none["n_answered"] == 0
+        and math.isnan(none["accuracy_answered_pct"])
+        and none["answered_pct"] == 0
+    )
 
 
 # ---------------------------------------------------------------------------------- Tables 3-5
@@ -275,13 +344,23 @@ def test_category_distribution_per_relation_and_total():
         "train": pl.DataFrame(
             {
                 "relation": ["P17", "P17", "P17", "P136"],
-                "category": pl.Series(["HighlyKnown", "Unknown", "Unknown", "Unknown"], dtype=pl.Enum(CATEGORIES)),
+                "category": pl.Series(
+                    ["HighlyKnown", "Unknown", "Unknown", "Unknown"], dtype=pl.Enum(CATEGORIES)
+                ),
             }
         ),
-        "test": pl.DataFrame({"relation": [], "category": []}, schema={"relation": pl.String, "category": pl.Enum(CATEGORIES)}),
+        "test": pl.DataFrame(
+            {"relation": [], "category": []},
+            schema={"relation": pl.String, "category": pl.Enum(CATEGORIES)},
+        ),
     }
     table = analysis.category_distribution(labels)
-    assert table.select("split", "relation").rows() == [("train", "P17"), ("train", "P136"), ("train", "all"), ("test", "all")]
+    assert table.select("split", "relation").rows() == [
+        ("train", "P17"),
+        ("train", "P136"),
+        ("train", "all"),
+        ("test", "all"),
+    ]
     p17 = table.row(0, named=True)
     assert p17["n_total"] == 3 and p17["n_Unknown"] == 2 and p17["n_MaybeKnown"] == 0
     assert p17["pct_Unknown"] == pytest.approx(200 / 3)
@@ -289,20 +368,32 @@ def test_category_distribution_per_relation_and_total():
     assert math.isnan(table.row(3, named=True)["pct_Unknown"])
 
 
-def test_loaders_read_the_path_contract(tmp_path):
-    run = tmp_path / "results/finetune/m/lora-seed1/unknown_50"
-    run.mkdir(parents=True)
-    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 2}) + "\n" + json.dumps({"epoch": 1}) + "\n")
-    assert [x["epoch"] for x in analysis.read_metrics(run / "metrics.jsonl")] == [1, 2]
-    assert analysis.run_keys(run / "metrics.jsonl") == {"model": "m", "run": "lora-seed1", "mixture": "unknown_50"}
-    path = tmp_path / "results/eval/m/lora/idk_50/convergence/ood_test.parquet"
-    path.parent.mkdir(parents=True)
+def test_loaders_read_metrics_in_epoch_order_and_label_predictions_by_their_keys(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(
+        json.dumps({"epoch": 2}) + "\n" + json.dumps({"epoch": 1}) + "\n"
+    )
+    assert [x["epoch"] for x in analysis.read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
+    path = tmp_path / "any-name.parquet"  # the keys come from the caller, not from the path
     pl.DataFrame(
-        {"id": ["a"], "relation": ["P50"], "question": ["q"], "gold": ["g"], "category": pl.Series(["Unknown"], dtype=pl.Enum(CATEGORIES)), "prediction": ["g"], "correct": [True]}
+        {
+            "id": ["a"],
+            "relation": ["P50"],
+            "question": ["q"],
+            "gold": ["g"],
+            "category": pl.Series(["Unknown"], dtype=pl.Enum(CATEGORIES)),
+            "prediction": ["g"],
+            "correct": [True],
+        }
     ).write_parquet(path)
-    preds = analysis.read_predictions([path])
+    preds = analysis.read_predictions({("idk_50", "convergence", "ood_test"): path})
     assert preds.row(0, named=True) | {} == {
-        "mixture": "idk_50", "stop": "convergence", "split": "ood_test", "id": "a", "category": "Unknown", "prediction": "g", "correct": True
+        "mixture": "idk_50",
+        "stop": "convergence",
+        "split": "ood_test",
+        "id": "a",
+        "category": "Unknown",
+        "prediction": "g",
+        "correct": True,
     }
 
 
@@ -314,14 +405,17 @@ def test_markdown_marks_best_in_bold_and_significance_with_escaped_stars():
 
     n = 200
     rng = np.random.default_rng(0)
-    rows = {("natural", "early_stop"): (rng.random(n) < 0.8).tolist(), ("unknown", "early_stop"): (rng.random(n) < 0.2).tolist()}
-    table = analysis.accuracy_by_category(predictions(rows, ["Unknown"] * n), analysis.TABLE2_MIXTURES)
+    rows = {
+        ("natural", "early_stop"): (rng.random(n) < 0.8).tolist(),
+        ("unknown", "early_stop"): (rng.random(n) < 0.2).tolist(),
+    }
+    table = analysis.accuracy_by_category(predictions(rows, ["Unknown"] * n), TABLE2_MIXTURES)
     md = make_tables.table2_markdown(table, "T", 100)
     natural = next(line for line in md.splitlines() if "D_Natural" in line)
     unknown = next(line for line in md.splitlines() if "| D_Unknown" in line)
     assert natural.split(" | ")[2].startswith("**") and "\\*\\*" in unknown.split(" | ")[2]
     assert "| – |" in natural  # HighlyKnown: no question
     assert "Full (n=200)" in md
-    assert make_tables.variant_name("idk_50") == "D_IDK (50% Unknown)"
-    assert make_tables.variant_name("known_only_25") == "D_Known (25% Unknown)"
-    assert make_tables.variant_name("unknown") == "D_Unknown"
+    assert variant_name("idk_50") == "D_IDK (50% Unknown)"
+    assert variant_name("known_only_25") == "D_Known (25% Unknown)"
+    assert variant_name("unknown") == "D_Unknown"

@@ -28,17 +28,28 @@ def chain(tmp_path, monkeypatch):
     os.makedirs("resources/entity_questions")
     with open("resources/entity_questions/dataset.zip", "wb") as f:
         f.write(b"zip bytes")
-    write_provenance("resources/entity_questions/dataset.zip", job("download_entity_questions", []), inputs=[])
+    write_provenance(
+        "resources/entity_questions/dataset.zip", job("download_entity_questions", []), inputs=[]
+    )
     os.makedirs("results/data")
     with open("results/data/train.parquet", "w") as f:
         f.write("train")
-    write_provenance("results/data/train.parquet", job("prepare_splits", ["resources/entity_questions/dataset.zip"]))
+    write_provenance(
+        "results/data/train.parquet",
+        job("prepare_splits", ["resources/entity_questions/dataset.zip"]),
+    )
     os.makedirs("resources/models/m")
     for name in ("config.json", "model.safetensors"):
         with open(f"resources/models/m/{name}", "w") as f:
             f.write(name)
     write_provenance("resources/models/m", job("prepare_model", ["results/data/train.parquet"]))
-    record = build_record("figure_fitting", {}, {"figure": "fig1"}, ["resources/models/m", "results/data/train.parquet"], ".")
+    record = build_record(
+        "figure_fitting",
+        {},
+        {"figure": "fig1"},
+        ["resources/models/m", "results/data/train.parquet"],
+        ".",
+    )
     fig, ax = plt.subplots()
     ax.plot([0, 1])
     os.makedirs("results/figures")
@@ -71,7 +82,9 @@ def test_changed_file_in_an_input_directory_and_extra_file(chain):
         f.write("x")
     result = audit.audit("results/figures/f.png")
     assert any("resources/models/m/config.json: sha256 changed" in p for p in result.problems)
-    assert any("resources/models/m/extra.bin: not in the recorded directory" in p for p in result.problems)
+    assert any(
+        "resources/models/m/extra.bin: not in the recorded directory" in p for p in result.problems
+    )
 
 
 def test_missing_sidecar_missing_file_and_foreign_figure_id(chain):

@@ -2,9 +2,9 @@ import copy
 
 import pytest
 import yaml
-from helpers import ROOT, tiny_config
 
 from eqtools.config import ConfigError, load_schema, validate_config
+from helpers import ROOT, tiny_config
 
 SCHEMA = load_schema(ROOT / "workflow/schemas/config.schema.yaml")
 
@@ -34,17 +34,41 @@ def test_defaults_are_filled_in():
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ({"datset": {"source": "x"}}, "config key '<top level>': Additional properties are not allowed ('datset'"),
-        ({"subsample": {"seed": "one"}}, "config key 'subsample.seed': 'one' is not of type 'integer'"),
-        ({"subsample": {"max_per_relation": {"train": 0}}}, "config key 'subsample.max_per_relation.train': 0 is less than the minimum of 1"),
-        ({"subsample": {"max_per_relation": {"trian": 3}}}, "config key 'subsample.max_per_relation'"),
+        (
+            {"datset": {"source": "x"}},
+            "config key '<top level>': Additional properties are not allowed ('datset'",
+        ),
+        (
+            {"subsample": {"seed": "one"}},
+            "config key 'subsample.seed': 'one' is not of type 'integer'",
+        ),
+        (
+            {"subsample": {"max_per_relation": {"train": 0}}},
+            "config key 'subsample.max_per_relation.train': 0 is less than the minimum of 1",
+        ),
+        (
+            {"subsample": {"max_per_relation": {"trian": 3}}},
+            "config key 'subsample.max_per_relation'",
+        ),
         ({"dataset": {"sha256": "abc"}}, "config key 'dataset.sha256': 'abc' does not match"),
-        ({"relations": {"in_distribution": ["P17", "Q5"]}}, "config key 'relations.in_distribution.1': 'Q5' does not match"),
-        ({"relations": {"in_distribution": ["P17", "P99"]}}, "config key 'relations.in_distribution': relation P99 has no entry in 'templates'"),
+        (
+            {"relations": {"in_distribution": ["P17", "Q5"]}},
+            "config key 'relations.in_distribution.1': 'Q5' does not match",
+        ),
+        (
+            {"relations": {"in_distribution": ["P17", "P99"]}},
+            "config key 'relations.in_distribution': relation P99 has no entry in 'templates'",
+        ),
         ({"relations": {"out_of_distribution": ["P17"]}}, "P17 listed as both"),
-        ({"models": {"smollm2-135m": {"dtype": "fp8"}}}, "config key 'models.smollm2-135m.dtype': 'fp8' is not one of"),
+        (
+            {"models": {"smollm2-135m": {"dtype": "fp8"}}},
+            "config key 'models.smollm2-135m.dtype': 'fp8' is not one of",
+        ),
         ({"models": {"smollm2-135m": {"path": "/x"}}}, "give exactly one of 'path'"),
-        ({"models": {"bad name": {"path": "/x"}}}, "config key 'models': 'bad name' does not match"),
+        (
+            {"models": {"bad name": {"path": "/x"}}},
+            "config key 'models': 'bad name' does not match",
+        ),
         ({"templates": {"P17": "no placeholder"}}, "config key 'templates.P17'"),
     ],
 )

@@ -2,9 +2,9 @@ import io
 import zipfile
 
 import pytest
-from helpers import FIXTURE_ZIP
-
 from download_entity_questions import DownloadError, check_archive, fetch, local_path
+
+from helpers import FIXTURE_ZIP
 
 RELATIONS = ["P17", "P36", "P495", "P26", "P50", "P407", "P20"]
 
@@ -63,7 +63,9 @@ def test_zip_with_wrong_content(tmp_path):
         zf.writestr("readme.txt", "hello")
     bad = tmp_path / "other.zip"
     bad.write_bytes(buf.getvalue())
-    with pytest.raises(DownloadError, match="not the EntityQuestions archive: missing dataset/test/P17.test.json"):
+    with pytest.raises(
+        DownloadError, match="not the EntityQuestions archive: missing dataset/test/P17.test.json"
+    ):
         check_archive(bad, "src", None, RELATIONS)
 
 

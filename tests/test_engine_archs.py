@@ -17,12 +17,22 @@ import logging
 
 import pytest
 import torch
-from archs import ARCHITECTURES, Unbuildable, build_tiny, char_tokenizer
 
-from eqtools.generation import EngineError, Generator, Request, _plain_generation_config, check_generation
+from archs import ARCHITECTURES, Unbuildable, build_tiny, char_tokenizer
+from eqtools.generation import (
+    EngineError,
+    Generator,
+    Request,
+    _plain_generation_config,
+    check_generation,
+)
 
 PREFIX = "Q: Where is Rome?\nA: Italy\nQ: Who wrote Hamlet?\nA: Shakespeare\n"
-PROMPTS = ["Q: What is the capital of Peru?\nA:", "Q: Hi?\nA:", "Q: Which country is the city of Lyon located in?\nA:"]
+PROMPTS = [
+    "Q: What is the capital of Peru?\nA:",
+    "Q: Hi?\nA:",
+    "Q: Which country is the city of Lyon located in?\nA:",
+]
 MAX_NEW = 4
 TIE = 1e-4  # reference logits this close count as a near-tie (fp32, tiny models)
 MAX_TIES = 1  # per architecture and comparison
@@ -53,7 +63,9 @@ def build(model_type: str, tok):
         pytest.skip(f"{model_type}: {e}")
     # plain greedy decoding: none of the model's own generation defaults (repetition penalty,
     # forced tokens, ...), as the engine
-    reference.generation_config = _plain_generation_config(reference.generation_config, MAX_NEW, tok.pad_token_id)
+    reference.generation_config = _plain_generation_config(
+        reference.generation_config, MAX_NEW, tok.pad_token_id
+    )
     model = copy.deepcopy(reference)
     try:  # the engine's model carries the workflow's default attention where the model has it
         model.set_attn_implementation("sdpa")
@@ -89,20 +101,30 @@ def reference_greedy(model, tok, text: str) -> tuple[list[int], list[torch.Tenso
     return out.sequences[0, ids.shape[1] :].tolist(), [x[0] for x in out.logits]
 
 
-def compare_greedy(got: list[int], want: list[int], logits: list[torch.Tensor], stop: torch.Tensor) -> str:
-    """"equal", "tie" (the first difference is a near-tie in the reference's logits) or "differ"."""
+def compare_greedy(
+    got: list[int], want: list[int], logits: list[torch.Tensor], stop: torch.Tensor
+) -> str:
+    """ "equal", "tie" (the first difference is a near-tie in the reference's logits) or "differ"."""
     cut = next((j for j, t in enumerate(want) if stop[t]), len(want))
     want = want[:cut]
     if got == want:
         return "equal"
-    j = next(j for j in range(min(len(got), len(want)) + 1) if j >= len(got) or j >= len(want) or got[j] != want[j])
+    j = next(
+        j
+        for j in range(min(len(got), len(want)) + 1)
+        if j >= len(got) or j >= len(want) or got[j] != want[j]
+    )
     if j >= len(logits):
         return "differ"
     ours = got[j] if j < len(got) else None  # None: the engine stopped at j
     step = logits[j].float()
     candidates = [int(t) for t in stop.nonzero().flatten()] if ours is None else [ours]
     best = float(step.max())
-    return "tie" if any(best - float(step[t]) <= TIE * max(1.0, abs(best)) for t in candidates) else "differ"
+    return (
+        "tie"
+        if any(best - float(step[t]) <= TIE * max(1.0, abs(best)) for t in candidates)
+        else "differ"
+    )
 
 
 @pytest.mark.parametrize("model_type", ARCHITECTURES)
@@ -145,7 +167,9 @@ def test_engine_is_exact_for(model_type, tok, caplog):
         samples.append(dict(gen.generate([r for _, r in requests(gen, keys=(11, 12))])))
     assert samples[0] == samples[1], model_type
     if backend == "levels":
-        gen = Generator(model, tok, max_new_tokens=MAX_NEW, temperature=0.8, top_k=20, backend="reference")
+        gen = Generator(
+            model, tok, max_new_tokens=MAX_NEW, temperature=0.8, top_k=20, backend="reference"
+        )
         other = dict(gen.generate([r for _, r in requests(gen, keys=(11, 12))]))
         differ = sum(samples[0][i] != other[i] for i in other)
         assert differ <= MAX_TIES, (model_type, differ)

@@ -7,11 +7,17 @@ import logging
 import polars as pl
 import pytest
 import torch
-from archs import build_tiny, char_tokenizer
 
+from archs import build_tiny, char_tokenizer
 from eqtools.generation import Generator, Request
 from eqtools.ptrue import score_p_true
-from eqtools.training import TrainingError, build_model, encode_examples, set_attention_dropout, train_epoch
+from eqtools.training import (
+    TrainingError,
+    build_model,
+    encode_examples,
+    set_attention_dropout,
+    train_epoch,
+)
 
 # Gemma2 (softcapping), gpt-oss (sinks, windows), Phi3 (fused projections), GPT-2 (Conv1D,
 # attn_pdrop), Mistral with a short window, and two hybrids on the reference path
@@ -42,16 +48,27 @@ def model_dirs(tmp_path_factory, tok):
 def use_engine(model, tok):
     gen = Generator(model, tok, max_new_tokens=3, temperature=0.7)
     pid = gen.add_prefix("Q: Where is Rome?\nA: Italy\n")
-    list(gen.generate([Request(pid, gen.prompt_tokens(pid, "Q: Who wrote Hamlet, the long play?\nA:"), key) for key in (None, 1)]))
+    list(
+        gen.generate(
+            [
+                Request(pid, gen.prompt_tokens(pid, "Q: Who wrote Hamlet, the long play?\nA:"), key)
+                for key in (None, 1)
+            ]
+        )
+    )
 
 
 def one_step(model, tok) -> float:
-    examples = encode_examples(tok, ["Who wrote the play Hamlet, a tragedy?", "Where is Rome?"], ["Shakespeare", "Italy"])
+    examples = encode_examples(
+        tok, ["Who wrote the play Hamlet, a tragedy?", "Where is Rome?"], ["Shakespeare", "Italy"]
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     torch.manual_seed(1)  # the same dropout masks (GPT-2 keeps its own residual dropout)
-    total, tokens, _ = train_epoch(model, optimizer, scheduler, examples, [0, 1], 2, 1, tok.pad_token_id, "cpu")
+    total, tokens, _ = train_epoch(
+        model, optimizer, scheduler, examples, [0, 1], 2, 1, tok.pad_token_id, "cpu"
+    )
     return total / tokens
 
 
@@ -75,7 +92,9 @@ def test_one_training_step_sees_the_models_own_attention(arch, method, model_dir
     loss = one_step(model, tok)
     assert loss == pytest.approx(one_step(untouched, tok), rel=1e-5, abs=1e-6)
     assert torch.isfinite(torch.tensor(loss))
-    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    changed = [
+        n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])
+    ]
     assert changed, "the step changed no trainable parameter"
 
 
@@ -90,8 +109,13 @@ def test_attention_dropout_is_set_only_where_the_config_has_it():
 
 
 def test_lora_targets_that_match_nothing_list_the_linear_modules(model_dirs):
-    recipe = dict(RECIPE, method="lora", lora=dict(RECIPE["lora"], target_modules=["q_proj", "v_proj"]))
-    with pytest.raises(TrainingError, match=r"\['q_proj', 'v_proj'\] match no module of Phi3ForCausalLM.*'qkv_proj'"):
+    recipe = dict(
+        RECIPE, method="lora", lora=dict(RECIPE["lora"], target_modules=["q_proj", "v_proj"])
+    )
+    with pytest.raises(
+        TrainingError,
+        match=r"\['q_proj', 'v_proj'\] match no module of Phi3ForCausalLM.*'qkv_proj'",
+    ):
         build_model(str(model_dirs["phi3"]), recipe, "cpu")
 
 
@@ -100,7 +124,9 @@ def test_p_true_gives_eager_probabilities(arch, model_dirs, tok):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dirs[arch]).eval()
-    eager = AutoModelForCausalLM.from_pretrained(model_dirs[arch], attn_implementation="eager").eval()
+    eager = AutoModelForCausalLM.from_pretrained(
+        model_dirs[arch], attn_implementation="eager"
+    ).eval()
     rows = pl.DataFrame(
         {
             "question": ["Who wrote Hamlet?", "Where is the old town of Rome located?", "Hi?"],

@@ -2,7 +2,6 @@ import json
 
 import polars as pl
 import pytest
-from helpers import DATA, FIXTURE_ZIP
 
 from eqtools.entity_questions import (
     ARCHIVE_SPLITS,
@@ -16,6 +15,7 @@ from eqtools.entity_questions import (
     split_sizes,
     subsample,
 )
+from helpers import DATA, FIXTURE_ZIP
 
 TEMPLATES = json.loads((DATA / "fixture_templates.json").read_text())
 IN_DIST = ["P17", "P36", "P495", "P26"]
@@ -49,7 +49,12 @@ def test_extract_subject(question, template, subject):
 
 @pytest.mark.parametrize(
     "question",
-    ["Which country is located in?", "Which country is Paris located?", "where is Paris located in?", ""],
+    [
+        "Which country is located in?",
+        "Which country is Paris located?",
+        "where is Paris located in?",
+        "",
+    ],
 )
 def test_extract_subject_rejects_questions_off_template(question):
     assert extract_subject(question, "Which country is [X] located in?") is None
@@ -67,25 +72,35 @@ def test_subjects_of_fixture_match_extract_subject(frames):
 
 
 def test_question_off_template_names_file_and_question():
-    raw = json.dumps([{"question": "Which country is X located in?", "answers": ["A"]},
-                      {"question": "Where is Y?", "answers": ["B"]}]).encode()
-    with pytest.raises(DataError, match=r"P17\.test\.json: question 1 'Where is Y\?' does not match"):
-        parse_relation_file(raw, "P17", "test", TEMPLATES["P17"], where="a.zip:dataset/test/P17.test.json")
+    raw = json.dumps(
+        [
+            {"question": "Which country is X located in?", "answers": ["A"]},
+            {"question": "Where is Y?", "answers": ["B"]},
+        ]
+    ).encode()
+    with pytest.raises(
+        DataError, match=r"P17\.test\.json: question 1 'Where is Y\?' does not match"
+    ):
+        parse_relation_file(
+            raw, "P17", "test", TEMPLATES["P17"], where="a.zip:dataset/test/P17.test.json"
+        )
 
 
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        (b"[{\"question\": ", "malformed JSON"),
-        (b"{\"question\": \"q\"}", "expected a JSON list"),
-        (b"[{\"question\": \"Which country is A located in?\"}]", "item 0 is not"),
-        (b"[{\"question\": \"Which country is A located in?\", \"answers\": []}]", "item 0 is not"),
-        (b"[{\"question\": 3, \"answers\": [\"a\"]}]", "item 0 is not"),
+        (b'[{"question": ', "malformed JSON"),
+        (b'{"question": "q"}', "expected a JSON list"),
+        (b'[{"question": "Which country is A located in?"}]', "item 0 is not"),
+        (b'[{"question": "Which country is A located in?", "answers": []}]', "item 0 is not"),
+        (b'[{"question": 3, "answers": ["a"]}]', "item 0 is not"),
     ],
 )
 def test_malformed_files_name_the_file(raw, message):
     with pytest.raises(DataError, match=message) as err:
-        parse_relation_file(raw, "P17", "test", TEMPLATES["P17"], where="x.zip:dataset/test/P17.test.json")
+        parse_relation_file(
+            raw, "P17", "test", TEMPLATES["P17"], where="x.zip:dataset/test/P17.test.json"
+        )
     assert "x.zip:dataset/test/P17.test.json" in str(err.value)
 
 
@@ -97,7 +112,9 @@ def test_single_answer_drops_multi_answer_questions():
 
 
 def test_drop_test_subjects_uses_subjects_not_answers():
-    train = pl.DataFrame({"subject": ["Paris", "Rome", "Oslo"], "answer": ["France", "Italy", "Paris"]})
+    train = pl.DataFrame(
+        {"subject": ["Paris", "Rome", "Oslo"], "answer": ["France", "Italy", "Paris"]}
+    )
     out = drop_test_subjects(train, pl.Series(["Paris", "Berlin"]))
     assert out["subject"].to_list() == ["Rome", "Oslo"]
 
@@ -105,7 +122,9 @@ def test_drop_test_subjects_uses_subjects_not_answers():
 def test_splits_have_single_answers_only(frames, splits):
     for name, split in splits.items():
         multi_ids = {
-            i for (r, s), f in frames.items() for i in f.filter(pl.col("answers").list.len() > 1)["id"]
+            i
+            for (r, s), f in frames.items()
+            for i in f.filter(pl.col("answers").list.len() > 1)["id"]
         }
         assert multi_ids, "the fixture must contain multi-answer questions"
         assert not set(split["id"]) & multi_ids, name

@@ -10,10 +10,11 @@ import polars as pl
 import pytest
 
 import make_figures as mf
-from helpers import ROOT
 from eqtools import ptrue
-from eqtools.figures import read_png_text, read_svg_identifier, save_figure
+from eqtools.figures import save_figure
 from eqtools.provenance import build_record, read_provenance, record_id
+from eqtools.study import input_name, mixture_share
+from helpers import ROOT, read_png_text, read_svg_identifier
 
 CATS = ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown")
 
@@ -25,7 +26,12 @@ def metrics_line(epoch: int, train: dict, dev: float, test: float | None = None)
         line[f"train_n_{cat}"] = n
         line[f"train_accuracy_{cat}"] = acc
     if test is not None:
-        line |= {"test_accuracy": test, "test_n": 10, "ood_test_accuracy": test / 2, "ood_test_n": 6}
+        line |= {
+            "test_accuracy": test,
+            "test_n": 10,
+            "ood_test_accuracy": test / 2,
+            "ood_test_n": 6,
+        }
     return line
 
 
@@ -34,8 +40,12 @@ def metrics_line(epoch: int, train: dict, dev: float, test: float | None = None)
 
 def test_fitting_by_epoch_weights_known_categories_by_their_counts():
     lines = [
-        metrics_line(1, {"HighlyKnown": (1, 1.0), "MaybeKnown": (3, 0.0), "Unknown": (4, 0.0)}, 0.1),
-        metrics_line(2, {"HighlyKnown": (1, 1.0), "MaybeKnown": (3, 1.0), "Unknown": (4, 0.25)}, 0.2),
+        metrics_line(
+            1, {"HighlyKnown": (1, 1.0), "MaybeKnown": (3, 0.0), "Unknown": (4, 0.0)}, 0.1
+        ),
+        metrics_line(
+            2, {"HighlyKnown": (1, 1.0), "MaybeKnown": (3, 1.0), "Unknown": (4, 0.25)}, 0.2
+        ),
     ]
     data = mf.fitting_by_epoch(lines)
     assert data["epoch"].to_list() == [1, 2]
@@ -69,23 +79,23 @@ def test_accuracy_vs_share_drops_missing_points_and_sorts_by_share():
 
 
 def test_category_fitting_lists_only_present_categories():
-    lines = {"natural": [metrics_line(1, {"HighlyKnown": (2, 1.0), "Unknown": (2, 0.0)}, 0.0)], "unknown": [metrics_line(1, {"Unknown": (4, 0.5)}, 0.0)]}
+    lines = {
+        "natural": [metrics_line(1, {"HighlyKnown": (2, 1.0), "Unknown": (2, 0.0)}, 0.0)],
+        "unknown": [metrics_line(1, {"Unknown": (4, 0.5)}, 0.0)],
+    }
     data = mf.category_fitting(lines)
-    assert data.select("mixture", "category", "accuracy").rows() == [("natural", "HighlyKnown", 1.0), ("natural", "Unknown", 0.0), ("unknown", "Unknown", 0.5)]
+    assert data.select("mixture", "category", "accuracy").rows() == [
+        ("natural", "HighlyKnown", 1.0),
+        ("natural", "Unknown", 0.0),
+        ("unknown", "Unknown", 0.5),
+    ]
 
 
-def test_mixture_share_and_input_index():
-    assert mf.mixture_share("unknown_50") == ("unknown", 50)
-    assert mf.mixture_share("known_only_25") == ("known_only", 25)
-    assert mf.mixture_share("natural") is None
-    index = mf.index_inputs(
-        [
-            "results/finetune/m/lora-seed1/unknown_50/metrics.jsonl",
-            "results/eval/m/lora-seed1/unknown_50/early_stop/ood_test.parquet",
-            "results/labels/m/ptrue_test.parquet",
-        ]
-    )
-    assert set(index) == {("metrics", "m", "unknown_50"), ("eval", "m", "unknown_50", "early_stop", "ood_test"), ("ptrue", "m", "test")}
+def test_mixture_share():
+    assert mixture_share("unknown_50") == ("unknown", 50)
+    assert mixture_share("known_only_25") == ("known_only", 25)
+    assert mixture_share("natural") is None
+    assert mixture_share("unknown_150") is None
 
 
 def graded_and_ptrue():
@@ -94,11 +104,14 @@ def graded_and_ptrue():
     graded = pl.DataFrame(
         {
             "id": [f"q{i}" for i in range(8)],
-            "category": ["Unknown"] * 4 + ["WeaklyKnown", "MaybeKnown", "HighlyKnown", "HighlyKnown"],
+            "category": ["Unknown"] * 4
+            + ["WeaklyKnown", "MaybeKnown", "HighlyKnown", "HighlyKnown"],
             "correct": [False, False, False, True, False, True, True, True],
         }
     )
-    p = pl.DataFrame({"id": [f"q{i}" for i in range(8)], "p_true": [0.1, 0.2, 0.9, 0.8, 0.3, 0.05, 0.6, 0.7]})
+    p = pl.DataFrame(
+        {"id": [f"q{i}" for i in range(8)], "p_true": [0.1, 0.2, 0.9, 0.8, 0.3, 0.05, 0.6, 0.7]}
+    )
     return graded, p
 
 
@@ -123,28 +136,44 @@ def test_ptrue_curve_is_cumulative_accuracy_of_the_lowest_scores():
 # ---------------------------------------------------------------- rendering
 
 
-def write_run(base, model="m", run="lora", mixtures=("unknown_0", "unknown_50", "unknown_100", "known_only_50", "natural", "unknown")):
-    """Synthetic metrics and predictions of a run under base/results; returns their paths."""
-    paths = []
+def write_run(
+    base,
+    model="m",
+    run="lora",
+    mixtures=("unknown_0", "unknown_50", "unknown_100", "known_only_50", "natural", "unknown"),
+):
+    """Synthetic metrics and predictions of a run under base/results; returns the figure rules'
+    named inputs, {eqtools.study.input_name(...): path}."""
+    paths = {}
     for k, mixture in enumerate(mixtures):
         d = base / f"results/finetune/{model}/{run}/{mixture}"
         d.mkdir(parents=True)
-        lines = [metrics_line(e, {"HighlyKnown": (2, min(1.0, e / 3)), "Unknown": (2, e / 6)}, 0.1 * e, test=0.1 * e) for e in (1, 2, 3)]
+        lines = [
+            metrics_line(
+                e,
+                {"HighlyKnown": (2, min(1.0, e / 3)), "Unknown": (2, e / 6)},
+                0.1 * e,
+                test=0.1 * e,
+            )
+            for e in (1, 2, 3)
+        ]
         (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-        paths.append(str(d / "metrics.jsonl"))
+        paths[input_name("metrics", model, mixture)] = str(d / "metrics.jsonl")
         for stop in ("early_stop", "convergence"):
             for split in ("test", "ood_test"):
                 graded, _ = graded_and_ptrue()
-                graded = graded.with_columns(pl.col("correct").shift(k + (stop == "convergence"), fill_value=False))
+                graded = graded.with_columns(
+                    pl.col("correct").shift(k + (stop == "convergence"), fill_value=False)
+                )
                 out = base / f"results/eval/{model}/{run}/{mixture}/{stop}/{split}.parquet"
                 out.parent.mkdir(parents=True, exist_ok=True)
                 graded.write_parquet(out)
-                paths.append(str(out))
+                paths[input_name("eval", model, mixture, stop, split)] = str(out)
     _, p = graded_and_ptrue()
     out = base / f"results/labels/{model}/ptrue_test.parquet"
     out.parent.mkdir(parents=True, exist_ok=True)
     p.write_parquet(out)
-    return paths + [str(out)]
+    return paths | {input_name("ptrue", model, "test"): str(out)}
 
 
 SPECS = {
@@ -164,7 +193,9 @@ def fake_job(inputs, out_dir, figure, scriptdir):
         wildcards={} if figure == "comparison" else {"model": "m", "recipe": "lora", "seed": ""},
         params=SimpleNamespace(spec=json.dumps(spec, sort_keys=True)),
         input=inputs,
-        output=SimpleNamespace(png=str(out_dir / f"{figure}.png"), svg=str(out_dir / f"{figure}.svg")),
+        output=SimpleNamespace(
+            png=str(out_dir / f"{figure}.png"), svg=str(out_dir / f"{figure}.svg")
+        ),
         log=[str(out_dir / f"{figure}.log")],
         scriptdir=scriptdir,
     )
@@ -172,12 +203,17 @@ def fake_job(inputs, out_dir, figure, scriptdir):
 
 @pytest.mark.parametrize("figure", list(SPECS))
 def test_every_figure_renders_byte_identically_with_metadata(tmp_path, monkeypatch, figure):
-    monkeypatch.chdir(tmp_path)  # inputs are recorded relative to the working directory, as in a job
+    monkeypatch.chdir(
+        tmp_path
+    )  # inputs are recorded relative to the working directory, as in a job
     from pathlib import Path
 
-    inputs = [str(Path(p).relative_to(tmp_path)) for p in write_run(tmp_path)]
-    if figure == "comparison":
-        inputs += [str(Path(p).relative_to(tmp_path)) for p in write_run(tmp_path, model="m2")]
+    from snakemake.iocontainers import InputFiles
+
+    named = write_run(tmp_path) | (
+        write_run(tmp_path, model="m2") if figure == "comparison" else {}
+    )
+    inputs = InputFiles(fromdict={k: str(Path(p).relative_to(tmp_path)) for k, p in named.items()})
     scriptdir = str(Path(mf.__file__).parent)
     outputs = []
     for attempt in ("a", "b"):
@@ -217,7 +253,13 @@ def test_save_figure_writes_sidecars_after_the_images(tmp_path):
 
     fig, ax = plt.subplots()
     ax.plot([0, 1], [0, 1])
-    record = {"rule": "r", "wildcards": {}, "config": None, "inputs": [], "git": {"commit": "abc", "dirty": False}}
+    record = {
+        "rule": "r",
+        "wildcards": {},
+        "config": None,
+        "inputs": [],
+        "git": {"commit": "abc", "dirty": False},
+    }
     save_figure(fig, {"png": tmp_path / "f.png", "svg": tmp_path / "f.svg"}, record, "t")
     assert read_png_text(tmp_path / "f.png")["Source"] == "git:abc"
     assert read_provenance(tmp_path / "f.png")["record_id"] == record_id(record)
@@ -228,7 +270,9 @@ def test_save_figure_writes_sidecars_after_the_images(tmp_path):
 
 
 def test_proposals_all_or_first():
-    labels = pl.DataFrame({"id": ["a", "b"], "question": ["qa", "qb"], "greedy_answers": [["x", "y"], [None, "z"]]})
+    labels = pl.DataFrame(
+        {"id": ["a", "b"], "question": ["qa", "qb"], "greedy_answers": [["x", "y"], [None, "z"]]}
+    )
     assert ptrue.proposals(labels, "all")["answer"].to_list() == ["x", "y", "", "z"]
     assert ptrue.proposals(labels, "first")["answer"].to_list() == ["x", ""]
     with pytest.raises(ValueError):
@@ -243,7 +287,10 @@ def test_combine_and_question_scores():
 
 
 def test_prompt_is_the_papers():
-    assert ptrue.format_prompt("Q?", "A1") == "Question: Q?\nProposed Answer: A1\nIs the proposed answer:\n(A) True\n(B) False\nThe proposed answer is:"
+    assert (
+        ptrue.format_prompt("Q?", "A1")
+        == "Question: Q?\nProposed Answer: A1\nIs the proposed answer:\n(A) True\n(B) False\nThe proposed answer is:"
+    )
 
 
 @pytest.mark.slow
@@ -253,7 +300,10 @@ def test_batched_scores_equal_one_sequence_at_a_time(tiny_model_dir):
     from eqtools.models import load
 
     model, tokenizer, device = load(tiny_model_dir, device="cpu")
-    prompts = [ptrue.format_prompt(q, a) for q, a in (("Who wrote Hamlet?", "Shakespeare"), ("What is the capital of France?", ""))]
+    prompts = [
+        ptrue.format_prompt(q, a)
+        for q, a in (("Who wrote Hamlet?", "Shakespeare"), ("What is the capital of France?", ""))
+    ]
     conts = ptrue.TRUE + ptrue.FALSE
     batched = ptrue.continuation_logprobs(model, tokenizer, prompts, conts, device, batch_rows=64)
     for prompt, got_row in zip(prompts, batched):
@@ -264,17 +314,30 @@ def test_batched_scores_equal_one_sequence_at_a_time(tiny_model_dir):
                 logp = torch.log_softmax(model(torch.tensor([p_ids + c_ids])).logits[0].float(), -1)
             want = sum(float(logp[len(p_ids) - 1 + j, t]) for j, t in enumerate(c_ids))
             assert math.isclose(got, want, rel_tol=1e-4, abs_tol=1e-4), (prompt, cont)
-    rows = pl.DataFrame({"id": ["a", "a"], "question": ["Who wrote Hamlet?"] * 2, "answer": ["Shakespeare", "Shakespeare"]})
+    rows = pl.DataFrame(
+        {
+            "id": ["a", "a"],
+            "question": ["Who wrote Hamlet?"] * 2,
+            "answer": ["Shakespeare", "Shakespeare"],
+        }
+    )
     scores = ptrue.score_p_true(model, tokenizer, rows, device, batch_rows=3)
     assert scores[0] == scores[1] and 0.0 < scores[0] < 1.0
 
 
-@pytest.mark.parametrize("caption", sorted((ROOT / "workflow/report").glob("*.rst")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "caption", sorted((ROOT / "workflow/report").glob("*.rst")), ids=lambda p: p.name
+)
 def test_report_captions_are_valid_restructuredtext(caption):
     """Captions are rendered with docutils in `snakemake --report`; an error there (e.g. `|D|`
     read as a substitution) shows up as an error box in the report."""
     import docutils.core
     import docutils.utils
 
-    text = re.sub(r"\{\{[^}]*\}\}|\{[a-z_]+\}", "X", caption.read_text())  # jinja and wildcard fields
-    docutils.core.publish_doctree(text, settings_overrides={"halt_level": docutils.utils.Reporter.WARNING_LEVEL, "report_level": 5})
+    text = re.sub(
+        r"\{\{[^}]*\}\}|\{[a-z_]+\}", "X", caption.read_text()
+    )  # jinja and wildcard fields
+    docutils.core.publish_doctree(
+        text,
+        settings_overrides={"halt_level": docutils.utils.Reporter.WARNING_LEVEL, "report_level": 5},
+    )

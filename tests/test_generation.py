@@ -6,8 +6,16 @@ import torch
 from eqtools.generation import EngineError, Generator, Request, choose_tokens, gumbel_noise
 from eqtools.models import load
 
-PREFIXES = ["Q: What is the capital of France?\nA: Paris\n", "Q: Who wrote Hamlet?\nA: Shakespeare\nQ: Where is Rome?\nA: Italy\n", ""]
-QUESTIONS = ["Q: What is the capital of Peru?\nA:", "Q: Which country is Lyon located in?\nA:", "Q: Hi?\nA:"]
+PREFIXES = [
+    "Q: What is the capital of France?\nA: Paris\n",
+    "Q: Who wrote Hamlet?\nA: Shakespeare\nQ: Where is Rome?\nA: Italy\n",
+    "",
+]
+QUESTIONS = [
+    "Q: What is the capital of Peru?\nA:",
+    "Q: Which country is Lyon located in?\nA:",
+    "Q: Hi?\nA:",
+]
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +35,14 @@ def eager(tiny_model_dir):
 def reference_greedy(model, tokenizer, prompt, max_new):
     ids = tokenizer(prompt, return_tensors="pt")
     with torch.inference_mode():
-        out = model.generate(**ids, do_sample=False, max_new_tokens=max_new, pad_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids.input_ids.shape[1] :], skip_special_tokens=True).split("\n")[0].strip()
+        out = model.generate(
+            **ids, do_sample=False, max_new_tokens=max_new, pad_token_id=tokenizer.eos_token_id
+        )
+    return (
+        tokenizer.decode(out[0, ids.input_ids.shape[1] :], skip_special_tokens=True)
+        .split("\n")[0]
+        .strip()
+    )
 
 
 @pytest.mark.parametrize("backend", ["levels", "reference"])
@@ -51,12 +65,30 @@ def test_greedy_matches_generate(model, eager, rows, backend):
 def test_samples_do_not_depend_on_batching_or_path(model):
     m, tok = model
     outs = []
-    for rows, backend in ((1, "levels"), (5, "levels"), (200, "levels"), (5, "reference"), (200, "reference")):
-        gen = Generator(m, tok, max_new_tokens=5, max_batch_rows=rows, temperature=0.7, top_k=20, backend=backend)
+    for rows, backend in (
+        (1, "levels"),
+        (5, "levels"),
+        (200, "levels"),
+        (5, "reference"),
+        (200, "reference"),
+    ):
+        gen = Generator(
+            m,
+            tok,
+            max_new_tokens=5,
+            max_batch_rows=rows,
+            temperature=0.7,
+            top_k=20,
+            backend=backend,
+        )
         reqs = []
         for p in PREFIXES:
             pid = gen.add_prefix(p)
-            reqs += [Request(pid, gen.prompt_tokens(pid, q), key=100 * len(reqs) + s) for q in QUESTIONS for s in range(4)]
+            reqs += [
+                Request(pid, gen.prompt_tokens(pid, q), key=100 * len(reqs) + s)
+                for q in QUESTIONS
+                for s in range(4)
+            ]
         outs.append(dict(gen.generate(reqs)))
     assert all(out == outs[0] for out in outs[1:])
     assert len({tuple(t) for t in outs[0].values()}) > 1  # the samples differ from each other
@@ -78,7 +110,10 @@ def test_prompt_tokens_equal_whole_prompt_tokenization(model):
     for p in PREFIXES:
         pid = gen.add_prefix(p)
         for q in QUESTIONS:
-            assert list(gen.prefixes[pid].tokens) + list(gen.prompt_tokens(pid, q)) == tok(p + q).input_ids
+            assert (
+                list(gen.prefixes[pid].tokens) + list(gen.prompt_tokens(pid, q))
+                == tok(p + q).input_ids
+            )
     pid = gen.add_prefix("Hello wor")
     with pytest.raises(ValueError, match="merges tokens across the prefix/prompt boundary"):
         gen.prompt_tokens(pid, "ld")
@@ -89,7 +124,9 @@ def test_sampler_follows_the_top_k_softmax():
     logits = torch.randn(1, 50) * 2
     n = 20000
     keys = torch.arange(n, dtype=torch.long)
-    tokens = choose_tokens(logits.expand(n, -1), keys, torch.ones(n, dtype=torch.bool), 0, temperature=0.5, top_k=5)
+    tokens = choose_tokens(
+        logits.expand(n, -1), keys, torch.ones(n, dtype=torch.bool), 0, temperature=0.5, top_k=5
+    )
     top = logits[0].topk(5)
     probs = torch.softmax(top.values / 0.5, dim=-1)
     freq = torch.stack([(tokens == t).float().mean() for t in top.indices])
@@ -114,7 +151,15 @@ def test_the_engine_leaves_the_model_as_it_found_it(model, caplog):
         for backend in ("auto", "reference"):
             gen = Generator(m, tok, max_new_tokens=4, backend=backend)
             pid = gen.add_prefix(PREFIXES[1])
-            list(gen.generate([Request(pid, gen.prompt_tokens(pid, q), key=k) for q in QUESTIONS for k in (None, 3)]))
+            list(
+                gen.generate(
+                    [
+                        Request(pid, gen.prompt_tokens(pid, q), key=k)
+                        for q in QUESTIONS
+                        for k in (None, 3)
+                    ]
+                )
+            )
     assert "levels path for LlamaForCausalLM" in caplog.text and "reference path" in caplog.text
     assert m.config._attn_implementation == implementation
     with torch.inference_mode():
@@ -147,11 +192,17 @@ def test_building_the_engine_leaves_training_as_it_was(tiny_model_dir, backend):
 
     from eqtools.training import build_model
 
-    recipe = {"method": "lora", "dropout": 0.1, "lora": {"rank": 2, "alpha": 4, "target_modules": "all-linear"}}
+    recipe = {
+        "method": "lora",
+        "dropout": 0.1,
+        "lora": {"rank": 2, "alpha": 4, "target_modules": "all-linear"},
+    }
     m = build_model(str(tiny_model_dir), recipe, "cpu")
     m.train()
     state = torch.get_rng_state()
-    gen = Generator(m, AutoTokenizer.from_pretrained(tiny_model_dir), max_new_tokens=2, backend=backend)
+    gen = Generator(
+        m, AutoTokenizer.from_pretrained(tiny_model_dir), max_new_tokens=2, backend=backend
+    )
     assert torch.equal(torch.get_rng_state(), state)
     assert all(module.training for module in m.modules())
     assert gen.backend == ("levels" if backend == "auto" else "reference")

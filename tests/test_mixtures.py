@@ -10,7 +10,7 @@ from eqtools.mixtures import (
     relation_sizes,
     unknown_count,
 )
-from eqtools.categories import CATEGORIES, KNOWN
+from eqtools.study import CATEGORIES, KNOWN
 
 # (HighlyKnown, MaybeKnown, WeaklyKnown, Unknown) per relation; P26 has no MaybeKnown example
 COUNTS = {
@@ -24,7 +24,9 @@ SHARES = [0, 25, 33, 50, 75, 100]
 EQUAL_SIZE_VARIANTS = ["highly_known", "maybe_known", "weakly_known", "unknown", "natural"] + [
     f"unknown_{x}" for x in SHARES
 ]
-ALL_VARIANTS = EQUAL_SIZE_VARIANTS + [f"known_only_{x}" for x in SHARES] + [f"idk_{x}" for x in SHARES]
+ALL_VARIANTS = (
+    EQUAL_SIZE_VARIANTS + [f"known_only_{x}" for x in SHARES] + [f"idk_{x}" for x in SHARES]
+)
 
 
 def make_labels(counts=COUNTS, enum=True) -> pl.DataFrame:
@@ -58,7 +60,11 @@ def per_relation(frame: pl.DataFrame) -> dict[str, int]:
 
 
 def per_relation_category(frame: pl.DataFrame) -> dict[tuple[str, str], int]:
-    counts = frame.with_columns(pl.col("category").cast(pl.String)).group_by("relation", "category").len()
+    counts = (
+        frame.with_columns(pl.col("category").cast(pl.String))
+        .group_by("relation", "category")
+        .len()
+    )
     return {(r, c): n for r, c, n in counts.iter_rows()}
 
 
@@ -74,9 +80,18 @@ def per_relation_category(frame: pl.DataFrame) -> dict[tuple[str, str], int]:
         ("unknown", {"kind": "category", "category": "Unknown"}),
         ("natural", {"kind": "natural"}),
         ("unknown_0", {"kind": "unknown_share", "percent": 0, "drop_unknown": False, "idk": False}),
-        ("unknown_50", {"kind": "unknown_share", "percent": 50, "drop_unknown": False, "idk": False}),
-        ("unknown_100", {"kind": "unknown_share", "percent": 100, "drop_unknown": False, "idk": False}),
-        ("known_only_25", {"kind": "unknown_share", "percent": 25, "drop_unknown": True, "idk": False}),
+        (
+            "unknown_50",
+            {"kind": "unknown_share", "percent": 50, "drop_unknown": False, "idk": False},
+        ),
+        (
+            "unknown_100",
+            {"kind": "unknown_share", "percent": 100, "drop_unknown": False, "idk": False},
+        ),
+        (
+            "known_only_25",
+            {"kind": "unknown_share", "percent": 25, "drop_unknown": True, "idk": False},
+        ),
         ("idk_50", {"kind": "unknown_share", "percent": 50, "drop_unknown": False, "idk": True}),
     ],
 )
@@ -86,8 +101,20 @@ def test_parse_mixture(name, spec):
 
 @pytest.mark.parametrize(
     "name",
-    ["unknown_101", "unknown_-1", "unknown_05", "unknown_50.0", "unknown_", "Unknown", "idk",
-     "known_only", "natural_50", "highly-known", "unknown_50 ", ""],
+    [
+        "unknown_101",
+        "unknown_-1",
+        "unknown_05",
+        "unknown_50.0",
+        "unknown_",
+        "Unknown",
+        "idk",
+        "known_only",
+        "natural_50",
+        "highly-known",
+        "unknown_50 ",
+        "",
+    ],
 )
 def test_parse_mixture_rejects_bad_names(name):
     with pytest.raises(MixtureError, match="unknown mixture") as err:
@@ -162,8 +189,12 @@ def test_every_variant_has_size_D_and_the_same_relation_distribution(labels, nam
 
 @pytest.mark.parametrize("category", CATEGORIES)
 def test_single_category_variants_hold_only_that_category(labels, category):
-    name = {"HighlyKnown": "highly_known", "MaybeKnown": "maybe_known",
-            "WeaklyKnown": "weakly_known", "Unknown": "unknown"}[category]
+    name = {
+        "HighlyKnown": "highly_known",
+        "MaybeKnown": "maybe_known",
+        "WeaklyKnown": "weakly_known",
+        "Unknown": "unknown",
+    }[category]
     mixture = build_mixture(labels, name, MIN_SIZES, seed=0)
     assert set(mixture["category"].cast(pl.String)) == {category}
     assert mixture["known"].to_list() == [category in KNOWN] * mixture.height
@@ -241,7 +272,11 @@ def test_idk_replaces_only_unknown_answers(labels, x):
     assert idk.drop("answer").equals(base.drop("answer"))
     unknown, known = idk.filter(~pl.col("known")), idk.filter(pl.col("known"))
     assert unknown.height == sum(unknown_count(x, n) for n in MIN_SIZES.values()) > 0
-    assert unknown["answer"].to_list() == [IDK_ANSWER] * unknown.height == ["I don't know"] * unknown.height
+    assert (
+        unknown["answer"].to_list()
+        == [IDK_ANSWER] * unknown.height
+        == ["I don't know"] * unknown.height
+    )
     assert known["answer"].to_list() == known["gold_answer"].to_list()
     assert IDK_ANSWER not in base["answer"].to_list()
     # gold_answer is the labelled answer, for every row
@@ -266,7 +301,9 @@ def test_rows_and_columns_come_from_the_labels(labels):
 def test_string_categories_give_the_same_mixture(labels):
     strings = make_labels(enum=False)
     for name in ("natural", "unknown_50", "weakly_known"):
-        assert build_mixture(strings, name, MIN_SIZES, 4).equals(build_mixture(labels, name, MIN_SIZES, 4))
+        assert build_mixture(strings, name, MIN_SIZES, 4).equals(
+            build_mixture(labels, name, MIN_SIZES, 4)
+        )
 
 
 def test_zero_sizes_give_an_empty_mixture(labels):
@@ -290,7 +327,9 @@ def test_deterministic_per_seed_and_different_across_seeds(labels, name):
 
 
 def test_a_relation_draw_does_not_depend_on_other_relations(labels):
-    alone = build_mixture(labels.filter(pl.col("relation") == "P17"), "unknown_50", {"P17": 6}, seed=0)
+    alone = build_mixture(
+        labels.filter(pl.col("relation") == "P17"), "unknown_50", {"P17": 6}, seed=0
+    )
     together = build_mixture(labels, "unknown_50", MIN_SIZES, seed=0)
     assert alone.equals(together.filter(pl.col("relation") == "P17"))
 
@@ -312,13 +351,22 @@ def test_not_enough_examples_names_everything_needed(labels):
     with pytest.raises(MixtureError) as err:
         build_mixture(labels, "highly_known", sizes, seed=0)
     message = str(err.value)
-    for part in ("highly_known", "P19", "HighlyKnown", "needs 6", "only 5", "mixtures.per_relation_size",
-                 "mixtures.relations"):
+    for part in (
+        "highly_known",
+        "P19",
+        "HighlyKnown",
+        "needs 6",
+        "only 5",
+        "mixtures.per_relation_size",
+        "mixtures.relations",
+    ):
         assert part in message, (part, message)
 
 
 def test_not_enough_examples_for_an_empty_category(labels):
-    with pytest.raises(MixtureError, match=r"maybe_known: relation P26 needs 3 MaybeKnown .* only 0"):
+    with pytest.raises(
+        MixtureError, match=r"maybe_known: relation P26 needs 3 MaybeKnown .* only 0"
+    ):
         build_mixture(labels, "maybe_known", relation_sizes(labels, ["P26"], 3), seed=0)
     # the other categories of P26 have 3 examples
     assert build_mixture(labels, "highly_known", {"P26": 3}, seed=0).height == 3
@@ -328,7 +376,9 @@ def test_not_enough_known_or_unknown_or_pool_examples(labels):
     with pytest.raises(MixtureError, match=r"unknown_0: relation P19 needs 20 Known .* only 18"):
         build_mixture(labels, "unknown_0", {"P19": 20}, seed=0)
     # 50% of 15 rounds to 8 Unknown; P19 has 7 (and 18 Known, enough for the other 7)
-    with pytest.raises(MixtureError, match=r"unknown_50: relation P19 needs 8 Unknown .* only 7") as err:
+    with pytest.raises(
+        MixtureError, match=r"unknown_50: relation P19 needs 8 Unknown .* only 7"
+    ) as err:
         build_mixture(labels, "unknown_50", {"P19": 15}, seed=0)
     assert "leave relation P19 out" in str(err.value)
     # the Known ablation fails with its mixture, not with a silently different D

@@ -1,7 +1,6 @@
 import polars as pl
 import pytest
 
-from eqtools.categories import CATEGORIES, categorize
 from eqtools.slick import (
     ExemplarError,
     draw_exemplars,
@@ -10,6 +9,7 @@ from eqtools.slick import (
     format_question,
     sample_key,
 )
+from eqtools.study import CATEGORIES, categorize
 
 
 @pytest.mark.parametrize(
@@ -62,12 +62,17 @@ def test_exemplars_never_include_the_question():
 
 
 def test_too_few_dev_questions_names_relation_and_fix():
-    with pytest.raises(ExemplarError, match=r"relation P17: 10 dev questions, but 4 exemplar sets of 4 plus a spare need 17"):
+    with pytest.raises(
+        ExemplarError,
+        match=r"relation P17: 10 dev questions, but 4 exemplar sets of 4 plus a spare need 17",
+    ):
         draw_exemplars(dev_frame(("P17",), 10), n_sets=4, k=4, seed=0)
 
 
 def test_prompt_format():
-    text = format_exemplars([{"question": "Q1?", "answer": "A1"}, {"question": "Q2?", "answer": "A2"}])
+    text = format_exemplars(
+        [{"question": "Q1?", "answer": "A1"}, {"question": "Q2?", "answer": "A2"}]
+    )
     assert text + format_question("Q3?") == "Q: Q1?\nA: A1\nQ: Q2?\nA: A2\nQ: Q3?\nA:"
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 import polars as pl
 import pytest
 import torch
-from helpers import ROOT
 
 from eqtools.training import (
     TrainingError,
@@ -22,22 +21,38 @@ from eqtools.training import (
     epoch_order,
     finetune,
     grade_together,
-    load_checkpoint,
 )
+from helpers import ROOT, load_checkpoint
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 RECIPE = {
-    "method": "lora", "learning_rate": 5e-3, "batch_size": 4, "micro_batch_size": 2, "dropout": 0.05,
-    "epochs": 6, "seed": 3, "warmup_steps": 0, "weight_decay": 0.0, "dtype": "float32", "max_new_tokens": 4,
+    "method": "lora",
+    "learning_rate": 5e-3,
+    "batch_size": 4,
+    "micro_batch_size": 2,
+    "dropout": 0.05,
+    "epochs": 6,
+    "seed": 3,
+    "warmup_steps": 0,
+    "weight_decay": 0.0,
+    "dtype": "float32",
+    "max_new_tokens": 4,
     "lora": {"rank": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]},
 }
 
 
 def frames():
     qs = [f"Who founded company number {i}?" for i in range(10)]
-    train = pl.DataFrame({"id": [str(i) for i in range(6)], "question": qs[:6], "answer": [f"Person {i}" for i in range(6)],
-                          "gold": [f"Person {i}" for i in range(6)], "category": ["Unknown", "HighlyKnown"] * 3})
+    train = pl.DataFrame(
+        {
+            "id": [str(i) for i in range(6)],
+            "question": qs[:6],
+            "answer": [f"Person {i}" for i in range(6)],
+            "gold": [f"Person {i}" for i in range(6)],
+            "category": ["Unknown", "HighlyKnown"] * 3,
+        }
+    )
     dev = pl.DataFrame({"question": qs[6:], "gold": ["x"] * 4, "category": ["Unknown"] * 4})
     return train, {"dev": dev, "test": dev}
 
@@ -46,10 +61,13 @@ def test_loss_only_on_the_answer(tiny_model_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    (ids, labels), = encode_examples(tok, ["What is the capital of France?"], ["Paris"])
+    ((ids, labels),) = encode_examples(tok, ["What is the capital of France?"], ["Paris"])
     answer = [t for t, lab in zip(ids, labels) if lab != -100]
     assert tok.decode(answer) == "Paris\n"
-    assert tok.decode(ids[: labels.index(answer[0])]) == "Answer the following question. What is the capital of France?\n"
+    assert (
+        tok.decode(ids[: labels.index(answer[0])])
+        == "Answer the following question. What is the capital of France?\n"
+    )
 
 
 def test_epoch_order_depends_on_seed_and_epoch_only():
@@ -59,15 +77,21 @@ def test_epoch_order_depends_on_seed_and_epoch_only():
 
 
 def test_best_epoch_is_the_earliest_best_dev_accuracy():
-    lines = [{"epoch": 1, "dev_accuracy": 0.2}, {"epoch": 2, "dev_accuracy": 0.5}, {"epoch": 3, "dev_accuracy": 0.5},
-             {"epoch": 4, "dev_accuracy": 0.4}]
+    lines = [
+        {"epoch": 1, "dev_accuracy": 0.2},
+        {"epoch": 2, "dev_accuracy": 0.5},
+        {"epoch": 3, "dev_accuracy": 0.5},
+        {"epoch": 4, "dev_accuracy": 0.4},
+    ]
     assert best_epoch(lines) == 2
     assert best_epoch(lines[:1]) == 1
     assert best_epoch([{"epoch": 1}]) is None
 
 
 def test_accuracy_by_category():
-    frame = pl.DataFrame({"gold": ["Paris", "Rome", "Oslo"], "category": ["HighlyKnown", "Unknown", "Unknown"]})
+    frame = pl.DataFrame(
+        {"gold": ["Paris", "Rome", "Oslo"], "category": ["HighlyKnown", "Unknown", "Unknown"]}
+    )
     graded, summary = accuracy_by_category(frame, ["paris", "Milan", "Oslo."])
     assert graded["correct"].to_list() == [True, False, True]
     assert summary["accuracy"] == pytest.approx(2 / 3)
@@ -79,7 +103,9 @@ def test_bfloat16_recipe_is_mixed_precision_over_float32_weights(tiny_model_dir)
 
     from eqtools.training import build_model, train_epoch
 
-    model = build_model(str(tiny_model_dir), {**RECIPE, "method": "full", "dtype": "bfloat16"}, "cpu")
+    model = build_model(
+        str(tiny_model_dir), {**RECIPE, "method": "full", "dtype": "bfloat16"}, "cpu"
+    )
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     seen = []
     model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
@@ -89,7 +115,19 @@ def test_bfloat16_recipe_is_mixed_precision_over_float32_weights(tiny_model_dir)
     examples = encode_examples(tok, train["question"].to_list(), train["answer"].to_list())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    total, tokens, _ = train_epoch(model, optimizer, scheduler, examples, list(range(6)), 2, 3, tok.eos_token_id, "cpu", 1, "bfloat16")
+    total, tokens, _ = train_epoch(
+        model,
+        optimizer,
+        scheduler,
+        examples,
+        list(range(6)),
+        2,
+        3,
+        tok.eos_token_id,
+        "cpu",
+        1,
+        "bfloat16",
+    )
     assert seen and set(seen) == {torch.bfloat16}  # the matmuls ran in bf16
     assert math.isfinite(total / tokens)
     after = model.model.layers[0].mlp.down_proj.weight
@@ -101,20 +139,28 @@ def test_bfloat16_recipe_is_mixed_precision_over_float32_weights(tiny_model_dir)
 def test_nan_loss_stops_with_a_clear_error(tiny_model_dir, tmp_path):
     train, evals = frames()
     recipe = {**RECIPE, "epochs": 2, "learning_rate": float("inf")}  # weights become inf/nan
-    out = {k: tmp_path / k for k in ("early_stop", "convergence", "state")} | {"metrics": tmp_path / "m.jsonl"}
+    out = {k: tmp_path / k for k in ("early_stop", "convergence", "state")} | {
+        "metrics": tmp_path / "m.jsonl"
+    }
     torch.set_num_threads(1)
     with pytest.raises(TrainingError, match="loss is (nan|inf)"):
         finetune(str(tiny_model_dir), train, evals, recipe, out, eval_every={})
 
 
 def outputs(root: Path) -> dict:
-    out = {k: root / k for k in ("early_stop", "convergence", "state")} | {"metrics": root / "metrics.jsonl"}
-    out["predictions"] = {stop: {"test": root / f"eval/{stop}/test.parquet"} for stop in ("early_stop", "convergence")}
+    out = {k: root / k for k in ("early_stop", "convergence", "state")} | {
+        "metrics": root / "metrics.jsonl"
+    }
+    out["predictions"] = {
+        stop: {"test": root / f"eval/{stop}/test.parquet"} for stop in ("early_stop", "convergence")
+    }
     return out
 
 
 @pytest.mark.parametrize("eval_every", [{}, {"test": 4}])
-def test_predictions_at_both_stops_equal_an_evaluation_of_the_checkpoints(tiny_model_dir, tmp_path, eval_every):
+def test_predictions_at_both_stops_equal_an_evaluation_of_the_checkpoints(
+    tiny_model_dir, tmp_path, eval_every
+):
     # With eval_every 4 of 6 epochs the test set is evaluated at epochs 4 and 6 only, so an early
     # stop at another epoch needs the checkpoint evaluated at the end.
     from eqtools.generation import Generator
@@ -145,7 +191,9 @@ def test_grade_together_equals_one_call_per_set(tiny_model_dir):
     sets = {"train": train.select("question", "gold", "category")} | evals
     together = grade_together(generator, sets)
     for name, frame in sets.items():
-        alone, summary = accuracy_by_category(frame, answer_questions(generator, frame["question"].to_list()))
+        alone, summary = accuracy_by_category(
+            frame, answer_questions(generator, frame["question"].to_list())
+        )
         assert together[name][0].equals(alone) and together[name][1] == summary
 
 
@@ -165,11 +213,29 @@ finetune({model!r}, train, evals, {{**RECIPE, "dtype": {dtype!r}}}, out, eval_ev
 """
 
 
-def run(model_dir, out_dir: Path, kill_after_state_epoch: int | None = None, device="cpu", dtype="float32"):
-    code = RUNNER.format(scripts=str(ROOT / "workflow/scripts"), tests=str(ROOT / "tests"), out=str(out_dir),
-                         model=str(model_dir), device=device, dtype=dtype)
+def run(
+    model_dir,
+    out_dir: Path,
+    kill_after_state_epoch: int | None = None,
+    device="cpu",
+    dtype="float32",
+):
+    code = RUNNER.format(
+        scripts=str(ROOT / "workflow/scripts"),
+        tests=str(ROOT / "tests"),
+        out=str(out_dir),
+        model=str(model_dir),
+        device=device,
+        dtype=dtype,
+    )
     env = {**os.environ, "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}  # cuBLAS determinism
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     if kill_after_state_epoch is None:
         output, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, output
@@ -177,7 +243,10 @@ def run(model_dir, out_dir: Path, kill_after_state_epoch: int | None = None, dev
     state = out_dir / "state" / "trainer.pt"
     deadline = time.time() + 600
     while time.time() < deadline:
-        if state.exists() and torch.load(state, weights_only=False)["epoch"] >= kill_after_state_epoch:
+        if (
+            state.exists()
+            and torch.load(state, weights_only=False)["epoch"] >= kill_after_state_epoch
+        ):
             break
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)  # somewhere in the next epoch
@@ -190,7 +259,9 @@ def run(model_dir, out_dir: Path, kill_after_state_epoch: int | None = None, dev
     [
         ("cpu", "float32"),
         pytest.param("cuda", "float32", marks=CUDA),
-        pytest.param("cuda", "bfloat16", marks=CUDA),  # mixed precision; dropout draws from the CUDA RNG
+        pytest.param(
+            "cuda", "bfloat16", marks=CUDA
+        ),  # mixed precision; dropout draws from the CUDA RNG
     ],
 )
 def test_killed_run_resumes_to_the_same_metrics(tiny_model_dir, tmp_path, device, dtype):
@@ -199,7 +270,9 @@ def test_killed_run_resumes_to_the_same_metrics(tiny_model_dir, tmp_path, device
     assert not (tmp_path / "killed/convergence").exists()
     done = json.loads((tmp_path / "killed/metrics.jsonl").read_text().splitlines()[-1])["epoch"]
     assert 2 <= done < RECIPE["epochs"]
-    run(tiny_model_dir, tmp_path / "killed", device=device, dtype=dtype)  # the same command again resumes
+    run(
+        tiny_model_dir, tmp_path / "killed", device=device, dtype=dtype
+    )  # the same command again resumes
     straight = (tmp_path / "straight/metrics.jsonl").read_text()
     assert (tmp_path / "killed/metrics.jsonl").read_text() == straight
     assert len(straight.splitlines()) == RECIPE["epochs"]
@@ -210,5 +283,7 @@ def test_killed_run_resumes_to_the_same_metrics(tiny_model_dir, tmp_path, device
         b = load_file(next((tmp_path / "killed" / stop).glob("*.safetensors")))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         predictions = f"eval/{stop}/test.parquet"
-        assert pl.read_parquet(tmp_path / "killed" / predictions).equals(pl.read_parquet(tmp_path / "straight" / predictions))
+        assert pl.read_parquet(tmp_path / "killed" / predictions).equals(
+            pl.read_parquet(tmp_path / "straight" / predictions)
+        )
     assert not (tmp_path / "straight/state").exists()  # removed once the run is complete

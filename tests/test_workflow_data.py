@@ -6,6 +6,7 @@ import zipfile
 
 import polars as pl
 import pytest
+
 from helpers import FIXTURE_ZIP, ROOT, snakemake, tiny_config, write_config
 
 pytestmark = pytest.mark.workflow
@@ -23,7 +24,10 @@ def test_data_stage_on_fixture(tmp_path):
     assert train.columns == ["id", "relation", "subject", "question", "answer"]
     assert set(train["relation"]) == {"P17", "P36", "P495", "P26"}
     for name in ("ood_test", "ood_dev"):
-        assert set(pl.read_parquet(tmp_path / f"results/data/{name}.parquet")["relation"]) == {"P50", "P407"}
+        assert set(pl.read_parquet(tmp_path / f"results/data/{name}.parquet")["relation"]) == {
+            "P50",
+            "P407",
+        }
     test_subjects = set(pl.read_parquet(tmp_path / "results/data/test.parquet")["subject"])
     assert not set(train["subject"]) & test_subjects
     sizes = pl.read_csv(tmp_path / "results/data/split_sizes.csv")
@@ -41,7 +45,9 @@ def test_data_stage_on_fixture(tmp_path):
 
 
 def test_subsampling_applies_after_sizes(tmp_path):
-    cfg = write_config(tmp_path, tiny_config(subsample={"seed": 3, "max_per_relation": {"train": 4, "dev": 2}}))
+    cfg = write_config(
+        tmp_path, tiny_config(subsample={"seed": 3, "max_per_relation": {"train": 4, "dev": 2}})
+    )
     snakemake(tmp_path, *data_targets(), configfile=cfg)
     train = pl.read_parquet(tmp_path / "results/data/train.parquet")
     assert train.group_by("relation").len()["len"].to_list() == [4, 4, 4, 4]
@@ -63,16 +69,24 @@ def _assert_failed_cleanly(proc, tmp_path, *needles):
     text = proc.stdout + proc.stderr
     for needle in needles:
         assert needle in text, text
-    leftovers = [p for p in (tmp_path / "results").rglob("*") if p.is_file()] if (tmp_path / "results").exists() else []
+    leftovers = (
+        [p for p in (tmp_path / "results").rglob("*") if p.is_file()]
+        if (tmp_path / "results").exists()
+        else []
+    )
     assert not leftovers, leftovers
-    parts = list((tmp_path / "resources").rglob("*.part")) if (tmp_path / "resources").exists() else []
+    parts = (
+        list((tmp_path / "resources").rglob("*.part")) if (tmp_path / "resources").exists() else []
+    )
     assert not parts
 
 
 def test_unreachable_source(tmp_path):
     cfg = write_config(tmp_path, tiny_config(dataset={"source": "http://127.0.0.1:9/dataset.zip"}))
     proc = snakemake(tmp_path, *data_targets(), configfile=cfg, check=False)
-    _assert_failed_cleanly(proc, tmp_path, "could not be downloaded", "dataset={source: /path/to/dataset.zip}")
+    _assert_failed_cleanly(
+        proc, tmp_path, "could not be downloaded", "dataset={source: /path/to/dataset.zip}"
+    )
     assert not (tmp_path / "resources/entity_questions/dataset.zip").exists()
 
 
@@ -90,7 +104,11 @@ def test_malformed_json_member(tmp_path):
     buf = io.BytesIO()
     with zipfile.ZipFile(FIXTURE_ZIP) as src, zipfile.ZipFile(buf, "w") as dst:
         for name in src.namelist():
-            body = b'[{"question": "Which country is' if name == "dataset/dev/P17.dev.json" else src.read(name)
+            body = (
+                b'[{"question": "Which country is'
+                if name == "dataset/dev/P17.dev.json"
+                else src.read(name)
+            )
             dst.writestr(name, body)
     (tmp_path / "malformed.zip").write_bytes(buf.getvalue())
     cfg = write_config(tmp_path, tiny_config(dataset={"source": str(tmp_path / "malformed.zip")}))
@@ -103,7 +121,9 @@ def test_bad_config_stops_before_any_job(tmp_path):
     cfg = write_config(tmp_path, config)
     proc = snakemake(tmp_path, *data_targets(), configfile=cfg, check=False)
     _assert_failed_cleanly(
-        proc, tmp_path, "config key 'subsample.seed': 'zero' is not of type 'integer'",
+        proc,
+        tmp_path,
+        "config key 'subsample.seed': 'zero' is not of type 'integer'",
         "config key 'models.smollm2-135m.dtype': 'fp8' is not one of",
     )
     assert not (tmp_path / "resources").exists()

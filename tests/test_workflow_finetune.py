@@ -4,6 +4,7 @@ import json
 
 import polars as pl
 import pytest
+
 from helpers import snakemake, tiny_config, write_config
 
 pytestmark = pytest.mark.workflow
@@ -20,14 +21,24 @@ def test_finetune_end_to_end_with_tiny_model(tmp_path, tiny_model_dir):
     snakemake(tmp_path, configfile=cfg)
     base = tmp_path / "results"
     mixture = pl.read_parquet(base / "mixtures/tiny/idk_100.parquet")
-    assert (mixture["answer"] == "I don't know").all() and mixture["gold_answer"].is_not_null().all()
+    assert (mixture["answer"] == "I don't know").all() and mixture[
+        "gold_answer"
+    ].is_not_null().all()
     assert mixture.height == 4  # per_relation_size 1 x 4 relations
     for name in ("unknown", "idk_100"):
         run = base / f"finetune/tiny/lora/{name}"
         lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         assert [x["epoch"] for x in lines] == [1, 2]
-        assert {"train_loss", "dev_accuracy", "train_accuracy", "test_accuracy", "ood_test_accuracy"} <= set(lines[0])
-        assert (run / "early_stop/adapter_config.json").exists() and (run / "convergence/adapter_config.json").exists()
+        assert {
+            "train_loss",
+            "dev_accuracy",
+            "train_accuracy",
+            "test_accuracy",
+            "ood_test_accuracy",
+        } <= set(lines[0])
+        assert (run / "early_stop/adapter_config.json").exists() and (
+            run / "convergence/adapter_config.json"
+        ).exists()
         assert not (run / "state").exists()
         for stop in ("early_stop", "convergence"):
             for split in ("test", "ood_test"):

@@ -5,6 +5,7 @@ import json
 
 import polars as pl
 import pytest
+
 from helpers import snakemake, tiny_config, write_config
 
 pytestmark = pytest.mark.workflow
@@ -12,7 +13,9 @@ SPLITS = ["train", "dev", "test", "ood_test"]
 
 
 def label_targets(model):
-    return [f"results/labels/{model}/{s}.parquet" for s in SPLITS] + [f"results/labels/{model}/category_summary.csv"]
+    return [f"results/labels/{model}/{s}.parquet" for s in SPLITS] + [
+        f"results/labels/{model}/category_summary.csv"
+    ]
 
 
 def check_labels(workdir, model):
@@ -21,7 +24,9 @@ def check_labels(workdir, model):
         labels = pl.read_parquet(workdir / f"results/labels/{model}/{split}.parquet")
         assert labels["id"].to_list() == questions["id"].to_list()
         assert labels["category"].null_count() == 0
-        assert {"p_correct_greedy", "p_correct_sampled", "category", "greedy_answers"} <= set(labels.columns)
+        assert {"p_correct_greedy", "p_correct_sampled", "category", "greedy_answers"} <= set(
+            labels.columns
+        )
     exemplars = json.loads((workdir / f"results/labels/{model}/exemplars.json").read_text())
     dev_ids = set(pl.read_parquet(workdir / "results/data/dev.parquet")["id"]) | set(
         pl.read_parquet(workdir / "results/data/ood_dev.parquet")["id"]
@@ -31,7 +36,10 @@ def check_labels(workdir, model):
     summary = pl.read_csv(workdir / f"results/labels/{model}/category_summary.csv")
     assert set(summary["split"]) == set(SPLITS)
     prov = json.loads((workdir / f"results/labels/{model}/test.parquet.prov.json").read_text())
-    assert any(i["path"].startswith(f"results/labels/{model}/chunks/test/") and i["provenance"] for i in prov["inputs"])
+    assert any(
+        i["path"].startswith(f"results/labels/{model}/chunks/test/") and i["provenance"]
+        for i in prov["inputs"]
+    )
 
 
 def test_labels_with_tiny_random_model(tmp_path, tiny_model_dir):
@@ -44,8 +52,15 @@ def test_labels_with_tiny_random_model(tmp_path, tiny_model_dir):
     snakemake(tmp_path, *label_targets("tiny"), configfile=cfg)
     check_labels(tmp_path, "tiny")
     # one chunk per (split, relation)
-    chunks = sorted(p.relative_to(tmp_path / "results/labels/tiny/chunks").as_posix() for p in (tmp_path / "results/labels/tiny/chunks").rglob("*.parquet"))
-    assert "ood_test/P50.parquet" in chunks and "train/P17.parquet" in chunks and len(chunks) == 3 * 4 + 2
+    chunks = sorted(
+        p.relative_to(tmp_path / "results/labels/tiny/chunks").as_posix()
+        for p in (tmp_path / "results/labels/tiny/chunks").rglob("*.parquet")
+    )
+    assert (
+        "ood_test/P50.parquet" in chunks
+        and "train/P17.parquet" in chunks
+        and len(chunks) == 3 * 4 + 2
+    )
     # a rerun is a no-op; the engine's batch size and path are runtime settings and rerun nothing
     again = snakemake(tmp_path, "-n", *label_targets("tiny"), configfile=cfg)
     assert "Nothing to be done" in again.stdout + again.stderr
@@ -61,7 +76,11 @@ def test_labels_with_tiny_random_model(tmp_path, tiny_model_dir):
 
 
 def test_labels_with_embedded_model(tmp_path):
-    config = tiny_config(subsample={"max_per_relation": {"train": 2, "dev": 6, "test": 2, "ood_test": 1, "ood_dev": 6}})
+    config = tiny_config(
+        subsample={
+            "max_per_relation": {"train": 2, "dev": 6, "test": 2, "ood_test": 1, "ood_dev": 6}
+        }
+    )
     cfg = write_config(tmp_path, config)
     snakemake(tmp_path, *label_targets("smollm2-135m"), configfile=cfg)
     check_labels(tmp_path, "smollm2-135m")
@@ -75,7 +94,10 @@ def test_missing_model_package_fails_clearly(tmp_path):
     cfg = write_config(tmp_path, config)
     proc = snakemake(tmp_path, "resources/models/ghost", configfile=cfg, check=False)
     assert proc.returncode != 0
-    assert "models.ghost: package 'no_such_model_package' is not installed" in proc.stdout + proc.stderr
+    assert (
+        "models.ghost: package 'no_such_model_package' is not installed"
+        in proc.stdout + proc.stderr
+    )
     assert not (tmp_path / "resources/models/ghost").exists()
 
 

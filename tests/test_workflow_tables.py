@@ -5,9 +5,9 @@ import json
 
 import polars as pl
 import pytest
-from helpers import snakemake, tiny_config, write_config
 
 from eqtools.provenance import read_provenance
+from helpers import snakemake, tiny_config, write_config
 
 pytestmark = pytest.mark.workflow
 
@@ -44,14 +44,21 @@ def test_tables_end_to_end_with_tiny_model(tmp_path, tiny_model_dir):
 
     # Table 2: the accuracies are those of the evaluation files; every variant at both stops
     table2 = pl.read_csv(tmp_path / f"{RUN}/table2_accuracy_by_category_test.csv")
-    assert set(table2["variant"]) == {"unknown", "natural"} and set(table2["stop"]) == {"early_stop", "convergence"}
+    assert set(table2["variant"]) == {"unknown", "natural"} and set(table2["stop"]) == {
+        "early_stop",
+        "convergence",
+    }
     assert set(table2["subset"]) == {"Full", "HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown"}
     for row in table2.filter(pl.col("subset") == "Full").iter_rows(named=True):
-        preds = pl.read_parquet(base / f"eval/tiny/lora/{row['variant']}/{row['stop']}/test.parquet")
+        preds = pl.read_parquet(
+            base / f"eval/tiny/lora/{row['variant']}/{row['stop']}/test.parquet"
+        )
         assert row["n_questions"] == preds.height == 12  # 3 per relation x 4 relations
         assert row["accuracy_pct"] == pytest.approx(100 * preds["correct"].mean())
         assert row["n_chunks"] == 12  # fewer questions than 100 chunks: one per chunk
-    best = table2.group_by("stop", "subset").agg(pl.col("is_best").any(), pl.col("n_questions").first())
+    best = table2.group_by("stop", "subset").agg(
+        pl.col("is_best").any(), pl.col("n_questions").first()
+    )
     assert (best["is_best"] == (best["n_questions"] > 0)).all()  # a best per non-empty column
     md = (tmp_path / f"{RUN}/table2_accuracy_by_category_test.md").read_text()
     assert "D_Unknown" in md and "D_Natural" in md and "EARLY_STOP" in md and "Full (n=12)" in md
@@ -65,9 +72,15 @@ def test_tables_end_to_end_with_tiny_model(tmp_path, tiny_model_dir):
     assert (table1["n_points"] == 3 * 2).all()  # 3 mixtures (idk_100 left out) x 2 epochs
     points = pl.read_csv(tmp_path / f"{RUN}/table1_fit_points.csv")
     assert set(points["mixture"]) == {"unknown", "natural", "unknown_100"}
-    last = json.loads((base / "finetune/tiny/lora/unknown/metrics.jsonl").read_text().splitlines()[-1])
-    unknown_last = points.filter((pl.col("mixture") == "unknown") & (pl.col("epoch") == 2)).row(0, named=True)
-    assert unknown_last["n_unknown_fitted"] == round(last["train_accuracy_Unknown"] * last["train_n_Unknown"])
+    last = json.loads(
+        (base / "finetune/tiny/lora/unknown/metrics.jsonl").read_text().splitlines()[-1]
+    )
+    unknown_last = points.filter((pl.col("mixture") == "unknown") & (pl.col("epoch") == 2)).row(
+        0, named=True
+    )
+    assert unknown_last["n_unknown_fitted"] == round(
+        last["train_accuracy_Unknown"] * last["train_n_Unknown"]
+    )
 
     # Table 8: unknown_100 vs idk_100, both stops and test splits
     table8 = pl.read_csv(tmp_path / f"{RUN}/table8_idk_answered.csv")
@@ -76,8 +89,12 @@ def test_tables_end_to_end_with_tiny_model(tmp_path, tiny_model_dir):
 
     # Tables 3-5: every labelled split, its relations and a total
     dist = pl.read_csv(tmp_path / "results/tables/tiny/category_distribution.csv")
-    test_total = dist.filter((pl.col("split") == "test") & (pl.col("relation") == "all")).row(0, named=True)
-    assert test_total["n_total"] == 12 and test_total["n_Unknown"] + test_total["n_HighlyKnown"] <= 12
+    test_total = dist.filter((pl.col("split") == "test") & (pl.col("relation") == "all")).row(
+        0, named=True
+    )
+    assert (
+        test_total["n_total"] == 12 and test_total["n_Unknown"] + test_total["n_HighlyKnown"] <= 12
+    )
 
     # a table setting reruns Table 2 only; nothing upstream, not the other tables
     config["tables"] = {"n_chunks": 50}

@@ -24,14 +24,18 @@ def main(archive: str) -> None:
     templates = json.loads((HERE / "fixture_templates.json").read_text())
     src = zipfile.ZipFile(archive)
     read = lambda rel, split: json.loads(src.read(f"dataset/{split}/{rel}.{split}.json"))  # noqa: E731
-    subject = lambda rel, q: q[len(templates[rel].split("[X]")[0]) : len(q) - len(templates[rel].split("[X]")[1])]  # noqa: E731
+    subject = lambda rel, q: q[
+        len(templates[rel].split("[X]")[0]) : len(q) - len(templates[rel].split("[X]")[1])
+    ]  # noqa: E731
 
     out = {}
     for rel in IN_DIST + OOD + FILTER_ONLY:
         test = read(rel, "test")
         multi = [q for q in test if len(q["answers"]) > 1][:1]
         out[rel, "test"] = test[: N["test"]] + multi
-    test_subjects = {subject(rel, q["question"]): (rel, q) for (rel, _), qs in out.items() for q in qs}
+    test_subjects = {
+        subject(rel, q["question"]): (rel, q) for (rel, _), qs in out.items() for q in qs
+    }
     all_test = {rel: read(rel, "test") for rel in IN_DIST + OOD + FILTER_ONLY}
     for rel in IN_DIST:
         train = read(rel, "train")
@@ -61,7 +65,9 @@ def main(archive: str) -> None:
     target = HERE / "entity_questions_fixture.zip"
     with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as zf:
         for (rel, split), qs in sorted(out.items()):
-            info = zipfile.ZipInfo(f"dataset/{split}/{rel}.{split}.json", date_time=(2021, 9, 1, 0, 0, 0))
+            info = zipfile.ZipInfo(
+                f"dataset/{split}/{rel}.{split}.json", date_time=(2021, 9, 1, 0, 0, 0)
+            )
             zf.writestr(info, json.dumps(qs, indent=1, ensure_ascii=False), zipfile.ZIP_DEFLATED)
     print(target, sum(len(v) for v in out.values()), "questions")
 

@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import yaml
+
 from helpers import RULE_FILES, workflow_rules
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from helpers import tiny_config, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,11 +43,16 @@ def run_profile(workdir, snakefile, configfile=None, extra_args=(), timeout=170)
     SLURM job. The first status check comes after 2 s instead of 40 s, to keep the test short.
     """
     cmd = [
-        sys.executable, "-m", "snakemake",
-        "--profile", str(PROFILE),
-        "--snakefile", str(snakefile),
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--profile",
+        str(PROFILE),
+        "--snakefile",
+        str(snakefile),
         "--verbose",  # prints each sbatch call
-        "--slurm-init-seconds-before-status-checks", "2",
+        "--slurm-init-seconds-before-status-checks",
+        "2",
         *extra_args,
     ]
     if configfile is not None:  # last: --configfile takes several values
@@ -83,7 +89,9 @@ def cluster():
         pytest.fail("no SLURM client commands: run `bash tests/slurm/cluster.sh start` first")
     proc = subprocess.run(["sinfo", "-h", "-o", "%P %t"], capture_output=True, text=True)
     if proc.returncode != 0 or not re.search(r"\b(idle|mix)\b", proc.stdout):
-        pytest.fail(f"no idle SLURM node ({proc.stdout}{proc.stderr}): run tests/slurm/cluster.sh start")
+        pytest.fail(
+            f"no idle SLURM node ({proc.stdout}{proc.stderr}): run tests/slurm/cluster.sh start"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +163,10 @@ def test_retry_doubles_memory(demo_run):
     workdir, _, jobs = demo_run
     mems = [re.search(r"--mem (\d+)", call).group(1) for _, call in jobs["count_words"]]
     assert mems == ["4000", "8000"]
-    assert [scontrol_job(jobid)["JobState"] for jobid, _ in jobs["count_words"]] == ["FAILED", "COMPLETED"]
+    assert [scontrol_job(jobid)["JobState"] for jobid, _ in jobs["count_words"]] == [
+        "FAILED",
+        "COMPLETED",
+    ]
     assert "mem_mb=8000" in (workdir / "results/count.txt").read_text()
 
 
@@ -165,7 +176,8 @@ def test_retry_doubles_memory(demo_run):
 
 LOCAL_RULES = {"download_entity_questions", "prepare_model"}
 GPU_RULES = {
-    rule for rule, res in yaml.safe_load((PROFILE / "config.yaml").read_text())["set-resources"].items()
+    rule
+    for rule, res in yaml.safe_load((PROFILE / "config.yaml").read_text())["set-resources"].items()
     if res.get("gpu")
 }
 
@@ -207,8 +219,15 @@ def test_workflow_jobs_run_through_slurm(workflow_run):
     for rule in LOCAL_RULES:
         assert f"localrule {rule}:" in output
         assert rule not in jobs
-    assert {"prepare_splits", "select_exemplars", "label_questions", "merge_labels", "build_mixture",
-            "finetune", "ptrue"} <= set(jobs)
+    assert {
+        "prepare_splits",
+        "select_exemplars",
+        "label_questions",
+        "merge_labels",
+        "build_mixture",
+        "finetune",
+        "ptrue",
+    } <= set(jobs)
     assert "localrule all:" in output or "rule all:" in output
     for rule, submissions in jobs.items():
         for jobid, _ in submissions:
@@ -227,15 +246,17 @@ def test_workflow_jobs_run_through_slurm(workflow_run):
 
 def test_workflow_gpu_rules_request_one_gpu(workflow_run):
     _, _, jobs = workflow_run
-    assert GPU_RULES == {"label_questions", "finetune", "ptrue"}
+    assert {"label_questions", "finetune", "ptrue"} == GPU_RULES
     for rule in GPU_RULES & set(jobs):
         for jobid, call in jobs[rule]:
             assert " -p gpu " in call and "--gpus=1" in call, call
             assert "--ntasks-per-gpu" not in call and "--gres" not in call, call
             job = scontrol_job(jobid)
             assert job["Partition"] == "gpu" and job["TresPerJob"] == "gres:gpu:1", job
-    assert GPU_RULES <= set(jobs)
-    print(f"\nGPU rules ({', '.join(sorted(GPU_RULES))}): every job -p gpu --gpus=1, TresPerJob=gres:gpu:1")
+    assert set(jobs) >= GPU_RULES
+    print(
+        f"\nGPU rules ({', '.join(sorted(GPU_RULES))}): every job -p gpu --gpus=1, TresPerJob=gres:gpu:1"
+    )
 
 
 def test_workflow_cpu_rules_request_no_gpu(workflow_run):
@@ -254,7 +275,10 @@ def test_workflow_cpu_rules_request_no_gpu(workflow_run):
 
 def test_workflow_memory_is_the_rules_first_attempt(workflow_run):
     _, _, jobs = workflow_run
-    mem = {rule: {re.search(r"--mem (\d+)", call).group(1) for _, call in subs} for rule, subs in jobs.items()}
+    mem = {
+        rule: {re.search(r"--mem (\d+)", call).group(1) for _, call in subs}
+        for rule, subs in jobs.items()
+    }
     assert mem["label_questions"] == {"8000"}  # retry_mem_mb(8000), attempt 1
     assert mem["finetune"] == {"2000"}  # the tiny recipe's mem_mb
     assert mem["prepare_splits"] == {"4000"}  # the profile's default, attempt 1

@@ -1,6 +1,5 @@
-# Helpers shared by the workflow files (config validation, config slices for params, code hashes).
-import hashlib
-import json
+# Shared by the workflow files: the validated config as typed settings (eqtools.settings), the
+# study's vocabulary (eqtools.study), and each rule script's code hash, derived from its imports.
 import sys
 from pathlib import Path
 
@@ -10,7 +9,10 @@ SCRIPTS = Path(workflow.basedir) / "workflow" / "scripts"
 if str(SCRIPTS) not in sys.path:
     sys.path.insert(0, str(SCRIPTS))
 
+from eqtools import study  # noqa: E402
+from eqtools.codehash import code_hash  # noqa: E402
 from eqtools.config import ConfigError, load_schema, validate_config  # noqa: E402
+from eqtools.settings import Study, Summary  # noqa: E402
 
 try:
     validate_config(
@@ -19,57 +21,47 @@ try:
 except ConfigError as e:
     raise WorkflowError(str(e)) from None
 
-SPLITS = ["train", "dev", "test", "ood_test", "ood_dev"]
-# the splits that get SliCK labels (ood_dev is only the exemplar pool of the OOD relations)
-LABELLED_SPLITS = ["train", "dev", "test", "ood_test"]
+STUDY = Study.from_config(config)
+SPLITS = list(study.SPLITS)
+LABELLED_SPLITS = list(study.LABELLED_SPLITS)
 
 
-def canon(obj):
-    """Canonical JSON of a config slice: equal slices give equal params, so only real changes
-    trigger reruns (Snakemake compares params by their repr)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+def script_code(name):
+    """The code param of the rule whose script is workflow/scripts/<name>.py: the content hash
+    of the eqtools modules it imports, directly or not (eqtools/codehash.py). Snakemake tracks
+    the script file itself, not what it imports."""
+    return code_hash(SCRIPTS / f"{name}.py")
 
 
-def code_hash(*modules):
-    """Content hash of the shared modules (workflow/scripts/eqtools/<name>.py) a script imports.
-    Snakemake tracks a script's own file, not what it imports. The bookkeeping modules `io`
-    (atomic writes, logging) and `provenance` (the sidecars) are left out on purpose: they do
-    not change any result, and hashing them would rerun the whole study for a logging tweak;
-    each sidecar records the commit of the code that actually wrote it."""
-    h = hashlib.sha256()
-    for name in sorted(set(modules)):
-        h.update(name.encode())
-        h.update((SCRIPTS / "eqtools" / f"{name}.py").read_bytes())
-    return h.hexdigest()[:16]
-
-
-def data_spec():
-    return canon(
-        {
-            "relations": config["relations"],
-            "templates": config["templates"],
-            "subsample": config["subsample"],
-        }
-    )
+def check_code_params(rules):
+    """Every script rule passes script_code(<its own script>): a copy-pasted code param that
+    names another script would leave the rule blind to its imports."""
+    for r in rules:
+        if r.script is None or r.name == "download_entity_questions":
+            continue
+        expected = script_code(Path(r.script).stem)
+        if r.params.get("code") != expected:
+            raise WorkflowError(
+                f"rule {r.name}: params.code must be script_code({Path(r.script).stem!r})"
+            )
 
 
 def model_spec(wildcards):
-    return canon(config["models"][wildcards.model])
-
-
-def exemplar_spec():
-    slick = config["slick"]
-    return canon({k: slick[k] for k in ("n_exemplar_sets", "k_shot", "seed")})
+    return STUDY.models[wildcards.model].param()
 
 
 def label_spec(wildcards):
     """Everything that changes a label: the SliCK settings and the model entry."""
-    return canon({"slick": config["slick"], "model": config["models"][wildcards.model]})
+    return STUDY.labelling(wildcards.model).param()
+
+
+def summary_spec():
+    return Summary(LABELLED_SPLITS).param()
 
 
 def split_relations(split):
-    rels = config["relations"]
-    return rels["out_of_distribution"] if split.startswith("ood_") else rels["in_distribution"]
+    rels = STUDY.data.relations
+    return rels.out_of_distribution if split.startswith("ood_") else rels.in_distribution
 
 
 def label_chunks(wildcards):
@@ -81,33 +73,13 @@ def label_chunks(wildcards):
     )
 
 
-def mixture_spec():
-    mix = config["mixtures"]
-    return canon({k: mix[k] for k in ("per_relation_size", "relations", "seed")})
-
-
-def run_seed(wildcards):
-    """The training seed of a run: the recipe's own `seed` for the run at `{recipe}/`, N for
-    the replicate at `{recipe}-seed{N}/` (finetune.seeds)."""
-    if wildcards.seed:
-        return int(wildcards.seed.removeprefix("-seed"))
-    return config["recipes"][wildcards.recipe]["seed"]
-
-
 def seed_suffixes():
     """Values of the {seed} wildcard: "" (the recipe's own seed) and "-seed{N}" per extra seed."""
-    return [""] + [f"-seed{n}" for n in config["finetune"]["seeds"]]
+    return STUDY.seed_suffixes()
 
 
 def finetune_spec(wildcards):
-    ft = config["finetune"]
-    return canon(
-        {
-            "recipe": config["recipes"][wildcards.recipe] | {"seed": run_seed(wildcards)},
-            "eval_every": ft["eval_every"],
-            "device": ft["device"],
-        }
-    )
+    return STUDY.finetuning(wildcards.recipe, wildcards.seed).param()
 
 
 def retry_mem_mb(mb):
@@ -128,18 +100,22 @@ def recipe_runtime(wildcards):
     return config["recipes"][wildcards.recipe]["runtime"]
 
 
+def run_name(wildcards):
+    return study.run_name(wildcards.recipe, wildcards.seed)
+
+
 def finetune_targets():
     ft = dict(
         model=config["models"],
-        recipe=config["finetune"]["recipes"],
+        recipe=STUDY.finetune_recipes,
         seed=seed_suffixes(),
-        mixture=config["mixtures"]["names"],
+        mixture=STUDY.mixture_names,
     )
     return expand("results/finetune/{model}/{recipe}{seed}/{mixture}/metrics.jsonl", **ft) + expand(
         "results/eval/{model}/{recipe}{seed}/{mixture}/{stop}/{split}.parquet",
         **ft,
-        stop=["early_stop", "convergence"],
-        split=["test", "ood_test"],
+        stop=study.STOPS,
+        split=study.TEST_SPLITS,
     )
 
 

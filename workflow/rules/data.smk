@@ -35,11 +35,11 @@ rule prepare_splits:
     log:
         "logs/prepare_splits.log",
     benchmark:
-        "benchmarks/runs/prepare_splits.tsv"
+        "logs/benchmarks/prepare_splits.tsv"
     conda:
         "../../envs/data.yaml"
     params:
-        spec=data_spec(),
-        code=code_hash("entity_questions", "sampling"),
+        spec=STUDY.data.param(),
+        code=script_code("prepare_splits"),
     script:
         "../scripts/prepare_splits.py"

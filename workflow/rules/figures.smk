@@ -1,4 +1,4 @@
-# The paper's figures (PAPER.md, "Evaluation and analyses"): results/figures/{model}/{recipe}{seed}/,
+# The paper's figures (docs/study.md, "Evaluation and analyses"): results/figures/{model}/{recipe}{seed}/,
 # each as PNG and SVG with a .prov.json sidecar; P(True), the baseline of Fig. 5; the comparison
 # of models (results/figures/comparison/) when more than one model is configured. A figure whose
 # mixtures are not configured is not requested.
@@ -16,7 +16,7 @@ rule ptrue:
     log:
         "logs/ptrue/{model}/{split}.log",
     benchmark:
-        "benchmarks/runs/ptrue/{model}/{split}.tsv"
+        "logs/benchmarks/ptrue/{model}/{split}.tsv"
     conda:
         "../../envs/model.yaml"
     threads: config["engine"]["threads"]
@@ -26,14 +26,14 @@ rule ptrue:
         runtime=120,
     params:
         spec=ptrue_spec,
-        code=code_hash("ptrue", "models"),
+        code=script_code("ptrue"),
     script:
         "../scripts/ptrue.py"
 
 
 rule figure_fitting:
     input:
-        fig1_inputs,
+        unpack(figure_inputs("fig1")),
     output:
         png=figure_report(
             "fig1", "results/figures/{model}/{recipe}{seed}/fig1_fitting_known_unknown.png"
@@ -44,15 +44,15 @@ rule figure_fitting:
     conda:
         "../../envs/data.yaml"
     params:
-        spec=fig1_spec,
-        code=FIGURE_CODE,
+        spec=figure_spec("fig1"),
+        code=script_code("make_figures"),
     script:
         "../scripts/make_figures.py"
 
 
 rule figure_accuracy_vs_unknown_share:
     input:
-        fig3a_inputs,
+        unpack(figure_inputs("fig3a")),
     output:
         png=figure_report(
             "fig3a", "results/figures/{model}/{recipe}{seed}/fig3a_accuracy_vs_unknown_share.png"
@@ -63,15 +63,15 @@ rule figure_accuracy_vs_unknown_share:
     conda:
         "../../envs/data.yaml"
     params:
-        spec=fig3a_spec,
-        code=FIGURE_CODE,
+        spec=figure_spec("fig3a"),
+        code=script_code("make_figures"),
     script:
         "../scripts/make_figures.py"
 
 
 rule figure_unknown_vs_known_only:
     input:
-        fig3b_inputs,
+        unpack(figure_inputs("fig3b")),
     output:
         png=figure_report(
             "fig3b", "results/figures/{model}/{recipe}{seed}/fig3b_unknown_vs_known_only.png"
@@ -82,15 +82,15 @@ rule figure_unknown_vs_known_only:
     conda:
         "../../envs/data.yaml"
     params:
-        spec=fig3b_spec,
-        code=FIGURE_CODE,
+        spec=figure_spec("fig3b"),
+        code=script_code("make_figures"),
     script:
         "../scripts/make_figures.py"
 
 
 rule figure_fitting_by_category:
     input:
-        fig4_inputs,
+        unpack(figure_inputs("fig4")),
     output:
         png=figure_report(
             "fig4", "results/figures/{model}/{recipe}{seed}/fig4_fitting_by_category.png"
@@ -101,15 +101,15 @@ rule figure_fitting_by_category:
     conda:
         "../../envs/data.yaml"
     params:
-        spec=fig4_spec,
-        code=FIGURE_CODE,
+        spec=figure_spec("fig4"),
+        code=script_code("make_figures"),
     script:
         "../scripts/make_figures.py"
 
 
 rule figure_slick_vs_ptrue:
     input:
-        unpack(fig5_inputs),
+        unpack(figure_inputs("fig5")),
     output:
         png=figure_report("fig5", "results/figures/{model}/{recipe}{seed}/fig5_slick_vs_ptrue.png"),
         svg="results/figures/{model}/{recipe}{seed}/fig5_slick_vs_ptrue.svg",
@@ -118,15 +118,15 @@ rule figure_slick_vs_ptrue:
     conda:
         "../../envs/data.yaml"
     params:
-        spec=fig5_spec,
-        code=FIGURE_CODE,
+        spec=figure_spec("fig5"),
+        code=script_code("make_figures"),
     script:
         "../scripts/make_figures.py"
 
 
 rule figure_model_comparison:
     input:
-        comparison_inputs,
+        unpack(comparison_inputs),
     output:
         png=report(
             "results/figures/comparison/{recipe}{seed}/accuracy_vs_unknown_share.png",
@@ -142,6 +142,6 @@ rule figure_model_comparison:
         "../../envs/data.yaml"
     params:
         spec=comparison_spec,
-        code=FIGURE_CODE,
+        code=script_code("make_figures"),
     script:
         "../scripts/make_figures.py"

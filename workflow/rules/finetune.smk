@@ -13,8 +13,8 @@ rule build_mixture:
     conda:
         "../../envs/data.yaml"
     params:
-        spec=mixture_spec(),
-        code=code_hash("mixtures", "categories", "sampling"),
+        spec=STUDY.mixtures.param(),
+        code=script_code("build_mixture"),
     script:
         "../scripts/build_mixture.py"
 
@@ -37,7 +37,7 @@ rule finetune:
     log:
         "logs/finetune/{model}/{recipe}{seed}/{mixture}.log",
     benchmark:
-        "benchmarks/runs/finetune/{model}/{recipe}{seed}/{mixture}.tsv"
+        "logs/benchmarks/finetune/{model}/{recipe}{seed}/{mixture}.tsv"
     conda:
         "../../envs/model.yaml"
     threads: config["engine"]["threads"]
@@ -47,6 +47,6 @@ rule finetune:
         runtime=recipe_runtime,
     params:
         spec=finetune_spec,
-        code=code_hash("training", "generation", "em", "models"),
+        code=script_code("finetune"),
     script:
         "../scripts/finetune.py"

@@ -1,4 +1,4 @@
-# SliCK knowledge labels: what the base model knows, per question (PAPER.md, "SliCK").
+# SliCK knowledge labels: what the base model knows, per question (docs/study.md, "SliCK").
 
 
 # A localrule: a hub id is downloaded here, and compute nodes often have no internet access.
@@ -15,7 +15,7 @@ rule prepare_model:
         "../../envs/model.yaml"
     params:
         spec=model_spec,
-        code=code_hash("models", "generation"),
+        code=script_code("prepare_model"),
     script:
         "../scripts/prepare_model.py"
 
@@ -31,8 +31,8 @@ rule select_exemplars:
     conda:
         "../../envs/data.yaml"
     params:
-        spec=exemplar_spec(),
-        code=code_hash("slick", "categories", "em", "sampling"),
+        spec=STUDY.slick.exemplars().param(),
+        code=script_code("select_exemplars"),
     script:
         "../scripts/select_exemplars.py"
 
@@ -47,7 +47,7 @@ rule label_questions:
     log:
         "logs/label_questions/{model}/{split}/{relation}.log",
     benchmark:
-        "benchmarks/runs/label_questions/{model}/{split}/{relation}.tsv"
+        "logs/benchmarks/label_questions/{model}/{split}/{relation}.tsv"
     conda:
         "../../envs/model.yaml"
     threads: config["engine"]["threads"]
@@ -57,7 +57,7 @@ rule label_questions:
         runtime=240,
     params:
         spec=label_spec,
-        code=code_hash("generation", "slick", "categories", "em", "models", "sampling"),
+        code=script_code("label_questions"),
     script:
         "../scripts/label_questions.py"
 
@@ -73,7 +73,7 @@ rule merge_labels:
     conda:
         "../../envs/data.yaml"
     params:
-        code=code_hash(),
+        code=script_code("merge_labels"),
     script:
         "../scripts/merge_labels.py"
 
@@ -89,7 +89,7 @@ rule summarize_labels:
     conda:
         "../../envs/data.yaml"
     params:
-        spec=canon({"splits": LABELLED_SPLITS}),
-        code=code_hash("categories"),
+        spec=summary_spec(),
+        code=script_code("summarize_labels"),
     script:
         "../scripts/summarize_labels.py"

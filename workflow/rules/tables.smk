@@ -1,4 +1,4 @@
-# The paper's tables (PAPER.md, "Evaluation and analyses"): results/tables/{model}/{recipe}{seed}/,
+# The paper's tables (docs/study.md, "Evaluation and analyses"): results/tables/{model}/{recipe}{seed}/,
 # each as CSV and Markdown with a .prov.json sidecar (computations in eqtools/analysis.py). A table
 # whose mixtures are not configured is not requested; each rule reads only the fine-tunes it needs.
 
@@ -8,7 +8,7 @@ include: "tables_common.smk"
 
 rule table_accuracy_by_category:
     input:
-        table2_inputs,
+        unpack(table2_inputs),
     output:
         csv=report(
             "results/tables/{model}/{recipe}{seed}/table2_accuracy_by_category_{split}.csv",
@@ -30,15 +30,15 @@ rule table_accuracy_by_category:
     conda:
         "../../envs/data.yaml"
     params:
-        spec=table2_spec,
-        code=TABLE_CODE,
+        spec=table_spec("table2"),
+        code=script_code("make_tables"),
     script:
         "../scripts/make_tables.py"
 
 
 rule table_linear_model:
     input:
-        table1_inputs,
+        unpack(table1_inputs),
     output:
         csv=report(
             "results/tables/{model}/{recipe}{seed}/table1_linear_model.csv",
@@ -54,15 +54,15 @@ rule table_linear_model:
     conda:
         "../../envs/data.yaml"
     params:
-        spec=canon({"table": "table1", "mixtures": table1_mixtures()}),
-        code=TABLE_CODE,
+        spec=table_spec("table1"),
+        code=script_code("make_tables"),
     script:
         "../scripts/make_tables.py"
 
 
 rule table_idk:
     input:
-        table8_inputs,
+        unpack(table8_inputs),
     output:
         csv=report(
             "results/tables/{model}/{recipe}{seed}/table8_idk_answered.csv",
@@ -77,15 +77,15 @@ rule table_idk:
     conda:
         "../../envs/data.yaml"
     params:
-        spec=canon({"table": "table8", "mixtures": table8_mixtures()}),
-        code=TABLE_CODE,
+        spec=table_spec("table8"),
+        code=script_code("make_tables"),
     script:
         "../scripts/make_tables.py"
 
 
 rule table_category_distribution:
     input:
-        expand("results/labels/{{model}}/{split}.parquet", split=LABELLED_SPLITS),
+        unpack(distribution_inputs),
     output:
         csv=report(
             "results/tables/{model}/category_distribution.csv",
@@ -100,7 +100,7 @@ rule table_category_distribution:
     conda:
         "../../envs/data.yaml"
     params:
-        spec=canon({"table": "category_distribution", "splits": LABELLED_SPLITS}),
-        code=TABLE_CODE,
+        spec=table_spec("category_distribution"),
+        code=script_code("make_tables"),
     script:
         "../scripts/make_tables.py"

@@ -1,81 +1,70 @@
-# Helpers of workflow/rules/tables.smk: which tables the configured mixtures allow, their inputs
-# and config slices, and the table targets (tables_targets(), requested by `rule all`).
-
-# the rows of Table 2 (as eqtools.analysis.TABLE2_MIXTURES; not imported: the Snakefile stays
-# free of polars and numpy)
-TABLE2_MIXTURES = ["highly_known", "maybe_known", "weakly_known", "unknown", "natural"]
-TABLE_CODE = code_hash("analysis", "categories", "em", "mixtures", "sampling")
+# Helpers of workflow/rules/tables.smk: which tables the configured mixtures allow (the
+# selection rules are eqtools.study's), their named inputs and settings, and the table targets
+# (tables_targets(), requested by `rule all`).
 
 
-def table_run(wildcards):
-    return f"{wildcards.recipe}{wildcards.seed}"
+def table_spec(table):
+    def spec(wildcards):
+        return STUDY.table(table, wildcards.get("split")).param()
+
+    return spec
 
 
-def table_settings():
-    return {k: config["tables"][k] for k in ("n_chunks", "seed")}
+def eval_inputs(wildcards, mixtures, splits):
+    """{"eval:<mixture>:<stop>:<split>": path} of the run's test predictions."""
+    return {
+        study.input_name("eval", mixture, stop, split): study.path(
+            "eval",
+            model=wildcards.model,
+            run=run_name(wildcards),
+            mixture=mixture,
+            stop=stop,
+            split=split,
+        )
+        for mixture in mixtures
+        for stop in study.STOPS
+        for split in splits
+    }
 
 
-def table2_mixtures():
-    """D_HighlyKnown ... D_Unknown and D_Natural, those configured."""
-    return [m for m in TABLE2_MIXTURES if m in config["mixtures"]["names"]]
-
-
-def table1_mixtures():
-    """Every configured mixture but idk_X (their Unknown examples are trained on "I don't know")."""
-    return [m for m in config["mixtures"]["names"] if not m.startswith("idk_")]
-
-
-def table8_mixtures():
-    """unknown_X and idk_X for every X configured with both."""
-    names = config["mixtures"]["names"]
-    shares = [m.removeprefix("idk_") for m in names if m.startswith("idk_")]
-    return [m for x in shares if f"unknown_{x}" in names for m in (f"unknown_{x}", f"idk_{x}")]
-
-
-def eval_files(wildcards, mixtures, splits):
-    return expand(
-        "results/eval/{model}/{run}/{mixture}/{stop}/{split}.parquet",
-        model=wildcards.model,
-        run=table_run(wildcards),
-        mixture=mixtures,
-        stop=["early_stop", "convergence"],
-        split=splits,
-    )
+def metrics_inputs(wildcards, mixtures):
+    """{"metrics:<mixture>": path} of the run's per-epoch metrics."""
+    return {
+        study.input_name("metrics", mixture): study.path(
+            "metrics", model=wildcards.model, run=run_name(wildcards), mixture=mixture
+        )
+        for mixture in mixtures
+    }
 
 
 def table2_inputs(wildcards):
-    return eval_files(wildcards, table2_mixtures(), [wildcards.split])
-
-
-def table2_spec(wildcards):
-    return canon(
-        {"table": "table2", "split": wildcards.split, "mixtures": table2_mixtures()}
-        | table_settings()
-    )
+    return eval_inputs(wildcards, STUDY.table("table2").mixtures, [wildcards.split])
 
 
 def table1_inputs(wildcards):
-    return expand(
-        "results/finetune/{model}/{run}/{mixture}/metrics.jsonl",
-        model=wildcards.model,
-        run=table_run(wildcards),
-        mixture=table1_mixtures(),
-    )
+    return metrics_inputs(wildcards, STUDY.table("table1").mixtures)
 
 
 def table8_inputs(wildcards):
-    return eval_files(wildcards, table8_mixtures(), ["test", "ood_test"])
+    return eval_inputs(wildcards, STUDY.table("table8").mixtures, study.TEST_SPLITS)
+
+
+def distribution_inputs(wildcards):
+    return {
+        study.input_name("labels", split): study.path("labels", model=wildcards.model, split=split)
+        for split in LABELLED_SPLITS
+    }
 
 
 def tables_targets():
-    runs = dict(model=config["models"], recipe=config["finetune"]["recipes"], seed=seed_suffixes())
+    runs = dict(model=config["models"], recipe=STUDY.finetune_recipes, seed=seed_suffixes())
     run_dir = "results/tables/{model}/{recipe}{seed}/"
     names = []
-    if table2_mixtures():
-        names += [f"table2_accuracy_by_category_{split}" for split in ("test", "ood_test")]
-    if table1_mixtures():
+    if STUDY.table("table2").mixtures:
+        names += [f"table2_accuracy_by_category_{split}" for split in study.TEST_SPLITS]
+    if STUDY.table("table1").mixtures:
         names += ["table1_linear_model"]
-    if table8_mixtures():
+    if STUDY.table("table8").mixtures:
         names += ["table8_idk_answered"]
     return expand(
         "results/tables/{model}/category_distribution.{ext}",

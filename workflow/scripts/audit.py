@@ -32,7 +32,9 @@ def check_entry(entry: dict, base: Path) -> list[str]:
         for f in entry["files"]:
             problems += check_entry(f, base)
         files = [p for p in path.rglob("*") if p.is_file() and not p.name.endswith(SUFFIX)]
-        current = {str(p if Path(entry["path"]).is_absolute() else p.relative_to(base)) for p in files}
+        current = {
+            str(p if Path(entry["path"]).is_absolute() else p.relative_to(base)) for p in files
+        }
         problems += [f"{p}: not in the recorded directory" for p in sorted(current - recorded)]
         return problems
     if not path.is_file():
@@ -40,7 +42,9 @@ def check_entry(entry: dict, base: Path) -> list[str]:
     if entry.get("sha256") is None:
         st = path.stat()
         if st.st_size != entry.get("size") or st.st_mtime != entry.get("mtime"):
-            return [f"{entry['path']}: size/mtime changed (recorded {entry.get('size')} bytes, mtime {entry.get('mtime')})"]
+            return [
+                f"{entry['path']}: size/mtime changed (recorded {entry.get('size')} bytes, mtime {entry.get('mtime')})"
+            ]
         return []
     if sha256_file(path) != entry["sha256"]:
         return [f"{entry['path']}: sha256 changed (recorded {entry['sha256'][:12]}…)"]
@@ -93,7 +97,14 @@ class Audit:
         try:
             return json.loads((self.base / sidecar).read_text())
         except (OSError, json.JSONDecodeError) as e:
-            self.fail(f"{sidecar}: " + ("sidecar missing" if isinstance(e, FileNotFoundError) else f"unreadable sidecar ({e.__class__.__name__})"))
+            self.fail(
+                f"{sidecar}: "
+                + (
+                    "sidecar missing"
+                    if isinstance(e, FileNotFoundError)
+                    else f"unreadable sidecar ({e.__class__.__name__})"
+                )
+            )
             return None
 
     def target(self, path: str) -> None:
@@ -112,7 +123,11 @@ class Audit:
         ident = embedded_id(p)
         if ident is not None:
             expected = record_id(record)
-            notes.append("embedded id matches" if ident == expected else self.fail(f"{path}: embedded provenance id {ident} != sidecar's {expected}"))
+            notes.append(
+                "embedded id matches"
+                if ident == expected
+                else self.fail(f"{path}: embedded provenance id {ident} != sidecar's {expected}")
+            )
         self.lines.append(f"{path}  [{'; '.join(notes)}]")
         self.seen.add(sidecar)
         self.children(record, "")
@@ -130,10 +145,14 @@ class Audit:
                 status += f" ({len(entry['files'])} files)"
             sidecar = entry.get("provenance")
             if sidecar is None:
-                self.lines.append(f"{prefix}{branch}{entry['path']}  {status}  {self.fail(entry['path'] + ': no sidecar recorded')}")
+                self.lines.append(
+                    f"{prefix}{branch}{entry['path']}  {status}  {self.fail(entry['path'] + ': no sidecar recorded')}"
+                )
                 continue
             if sidecar in self.seen:
-                self.lines.append(f"{prefix}{branch}{entry['path']}  {status}  (lineage shown above)")
+                self.lines.append(
+                    f"{prefix}{branch}{entry['path']}  {status}  (lineage shown above)"
+                )
                 continue
             self.seen.add(sidecar)
             upstream = self.load(sidecar)
@@ -152,13 +171,19 @@ def audit(path: str, base: str | Path = ".") -> Audit:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("path", help="a result file with a .prov.json sidecar (a figure, table, ...)")
-    parser.add_argument("--directory", default=".", help="the workflow's working directory (default: .)")
+    parser.add_argument(
+        "path", help="a result file with a .prov.json sidecar (a figure, table, ...)"
+    )
+    parser.add_argument(
+        "--directory", default=".", help="the workflow's working directory (default: .)"
+    )
     args = parser.parse_args(argv)
     result = audit(args.path, args.directory)
     print("\n".join(result.lines))
     print()
-    print(f"{len(result.seen)} sidecars read; lineage roots: {', '.join(sorted(result.roots)) or 'none'}")
+    print(
+        f"{len(result.seen)} sidecars read; lineage roots: {', '.join(sorted(result.roots)) or 'none'}"
+    )
     if result.problems:
         print(f"{len(result.problems)} problem(s):")
         for p in result.problems:

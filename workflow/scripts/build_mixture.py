@@ -1,20 +1,19 @@
-"""One training mixture from the SliCK labels of the train pool (PAPER.md, "Training sets")."""
-
-import json
+"""One training mixture from the SliCK labels of the train pool (docs/study.md, "Training sets")."""
 
 import polars as pl
 
 from eqtools.io import setup_logging, write_parquet
 from eqtools.mixtures import build_mixture, relation_sizes
 from eqtools.provenance import write_provenance
+from eqtools.settings import Mixtures
 
 
 def main(smk) -> None:
     log = setup_logging(smk.log[0])
-    spec = json.loads(smk.params.spec)
+    spec = Mixtures.from_param(smk.params.spec)
     labels = pl.read_parquet(smk.input[0])
-    sizes = relation_sizes(labels, spec["relations"], spec["per_relation_size"])
-    mixture = build_mixture(labels, smk.wildcards.mixture, sizes, spec["seed"])
+    sizes = relation_sizes(labels, spec.relations, spec.per_relation_size)
+    mixture = build_mixture(labels, smk.wildcards.mixture, sizes, spec.seed)
     log.info(
         "%s: %d examples; per relation %s; categories %s",
         smk.wildcards.mixture,

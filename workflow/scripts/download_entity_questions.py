@@ -1,7 +1,6 @@
 """Fetch the EntityQuestions archive from a URL (http, https, file) or a local path, check it and
 move it into place atomically."""
 
-
 import shutil
 import urllib.error
 import urllib.parse
@@ -44,14 +43,21 @@ def fetch(source: str, destination: Path, timeout: float) -> None:
         shutil.copyfile(path, destination)
         return
     try:
-        with urllib.request.urlopen(source, timeout=timeout) as response, open(destination, "wb") as out:
+        with (
+            urllib.request.urlopen(source, timeout=timeout) as response,
+            open(destination, "wb") as out,
+        ):
             shutil.copyfileobj(response, out, length=1 << 20)
     except (urllib.error.URLError, TimeoutError, OSError) as e:
         reason = getattr(e, "reason", e)
-        raise DownloadError(f"dataset.source {source!r} could not be downloaded: {reason}. {OFFLINE_HINT}") from None
+        raise DownloadError(
+            f"dataset.source {source!r} could not be downloaded: {reason}. {OFFLINE_HINT}"
+        ) from None
 
 
-def check_archive(path: Path, source: str, expected_sha256: str | None, relations: list[str]) -> str:
+def check_archive(
+    path: Path, source: str, expected_sha256: str | None, relations: list[str]
+) -> str:
     """Verify checksum and layout; returns the sha256."""
     digest = sha256_file(path)
     if expected_sha256 and digest != expected_sha256:
@@ -67,7 +73,9 @@ def check_archive(path: Path, source: str, expected_sha256: str | None, relation
     except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
         raise DownloadError(f"dataset.source {source!r} is a corrupt zip archive: {e}") from None
     if bad is not None:
-        raise DownloadError(f"dataset.source {source!r} is a corrupt zip archive (member {bad} fails its CRC)")
+        raise DownloadError(
+            f"dataset.source {source!r} is a corrupt zip archive (member {bad} fails its CRC)"
+        )
     # Test files of every relation are required (the train-subject filter reads them all);
     # prepare_splits names any other missing member.
     missing = [m for r in relations if (m := member_name(r, "test")) not in names]

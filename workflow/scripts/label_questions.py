@@ -10,25 +10,30 @@ from eqtools.generation import Generator
 from eqtools.io import setup_logging, write_parquet
 from eqtools.models import load
 from eqtools.provenance import write_provenance
+from eqtools.settings import Labelling
 from eqtools.slick import label_questions
 
 
 def main(smk) -> None:
     log = setup_logging(smk.log[0])
-    spec = json.loads(smk.params.spec)
-    slick, model_spec = spec["slick"], spec["model"]
+    spec = Labelling.from_param(smk.params.spec)
+    slick, model_spec = spec.slick, spec.model
     torch.set_num_threads(smk.threads)
     relation = smk.wildcards.relation
     questions = pl.read_parquet(smk.input.questions).filter(pl.col("relation") == relation)
     exemplars = json.loads(open(smk.input.exemplars).read())
-    model, tokenizer, device = load(smk.input.model, dtype=model_spec["dtype"], device=model_spec["device"])
+    model, tokenizer, device = load(
+        smk.input.model, dtype=model_spec.dtype, device=model_spec.device
+    )
     generator = Generator(
         model,
         tokenizer,
-        max_new_tokens=slick["max_new_tokens"],
-        temperature=slick["temperature"],
-        top_k=slick["top_k"],
-        max_batch_rows=smk.config["engine"]["max_batch_rows"],  # runtime settings, deliberately untracked
+        max_new_tokens=slick.max_new_tokens,
+        temperature=slick.temperature,
+        top_k=slick.top_k,
+        max_batch_rows=smk.config["engine"][
+            "max_batch_rows"
+        ],  # runtime settings, deliberately untracked
         backend=smk.config["engine"]["backend"],
     )
     start = time.perf_counter()
@@ -36,9 +41,9 @@ def main(smk) -> None:
         generator,
         questions,
         {relation: exemplars[relation]} if questions.height else {},
-        n_samples=slick["n_samples"],
-        seed=slick["seed"],
-        full_p_correct=slick["full_p_correct"],
+        n_samples=slick.n_samples,
+        seed=slick.seed,
+        full_p_correct=slick.full_p_correct,
     )
     seconds = time.perf_counter() - start
     log.info(
@@ -48,7 +53,7 @@ def main(smk) -> None:
         questions.height,
         seconds,
         device,
-        model_spec["dtype"],
+        model_spec.dtype,
         dict(labels["category"].value_counts().iter_rows()),
         generator.stats,
     )

@@ -1,23 +1,18 @@
-"""The paper's figures (PAPER.md, "Evaluation and analyses") for one fine-tuning run
+"""The paper's figures (docs/study.md, "Evaluation and analyses") for one fine-tuning run
 (results/figures/{model}/{recipe}{seed}/) or, for the comparison figure, for every model.
 
 Each figure is a pure data function (metrics and predictions -> a tidy frame, unit-tested) and a
-plot function (frame -> matplotlib figure). The rule says which figure (`params.figure`); the
-inputs are located by their paths (results/finetune/.../{mixture}/metrics.jsonl,
-results/eval/.../{mixture}/{stop}/{split}.parquet, results/labels/{model}/ptrue_test.parquet).
+plot function (frame -> matplotlib figure). The rule's settings (`params.spec`, an
+eqtools.settings.Figure) say which figure; its inputs are named by eqtools.study.input_name
+("metrics:<model>:<mixture>", "eval:<model>:<mixture>:<stop>:<split>", "ptrue:<model>:<split>").
 """
 
-import json
 import math
-import re
-from pathlib import Path
 
 import polars as pl
 
-from eqtools.categories import CATEGORIES
 from eqtools.figures import (
     CATEGORY_COLORS,
-    STOP_LABELS,
     eval_accuracy,
     group_accuracy,
     known_accuracy,
@@ -28,35 +23,17 @@ from eqtools.figures import (
 )
 from eqtools.io import setup_logging
 from eqtools.provenance import job_record
-
-SINGLE_CATEGORY = {"highly_known": "HighlyKnown", "maybe_known": "MaybeKnown", "weakly_known": "WeaklyKnown", "unknown": "Unknown"}
-SPLIT_TITLES = {"test": "in-distribution test", "ood_test": "out-of-distribution test"}
-STOPS = ("early_stop", "convergence")
-
-
-# ---------------------------------------------------------------- inputs
-
-
-def index_inputs(paths) -> dict:
-    """{("metrics", model, mixture): path, ("eval", model, mixture, stop, split): path,
-    ("ptrue", model, split): path} from the paths of the path contract."""
-    index = {}
-    for p in map(str, paths):
-        parts = Path(p).parts
-        if parts[-1] == "metrics.jsonl":
-            index["metrics", parts[-4], parts[-2]] = p
-        elif len(parts) >= 6 and parts[-6] == "eval":
-            index["eval", parts[-5], parts[-3], parts[-2], Path(parts[-1]).stem] = p
-        elif Path(p).name.startswith("ptrue_"):
-            index["ptrue", parts[-2], Path(p).stem.removeprefix("ptrue_")] = p
-    return index
-
-
-def mixture_share(name: str) -> tuple[str, int] | None:
-    """("unknown", 50) for unknown_50, ("known_only", 25) for known_only_25, else None."""
-    m = re.fullmatch(r"(unknown|known_only|idk)_(\d+)", name)
-    return (m.group(1), int(m.group(2))) if m else None
-
+from eqtools.settings import Figure
+from eqtools.study import (
+    CATEGORIES,
+    SINGLE_CATEGORY,
+    SPLIT_TITLES,
+    STOP_NAMES,
+    STOPS,
+    TEST_SPLITS,
+    input_name,
+    mixture_share,
+)
 
 # ---------------------------------------------------------------- data (pure)
 
@@ -71,15 +48,22 @@ def fitting_by_epoch(lines: list[dict]) -> pl.DataFrame:
             "train_unknown": [group_accuracy(line, "train", ["Unknown"]) for line in lines],
             "dev": [line.get("dev_accuracy") for line in lines],
         },
-        schema={"epoch": pl.Int64, "train_known": pl.Float64, "train_unknown": pl.Float64, "dev": pl.Float64},
+        schema={
+            "epoch": pl.Int64,
+            "train_known": pl.Float64,
+            "train_unknown": pl.Float64,
+            "dev": pl.Float64,
+        },
     )
 
 
-def duration_accuracy(stop_acc: dict, metrics: list[dict], epochs, split: str) -> dict[str, float | None]:
+def duration_accuracy(
+    stop_acc: dict, metrics: list[dict], epochs, split: str
+) -> dict[str, float | None]:
     """Test accuracy of one fine-tune per training duration: EARLY_STOP and CONVERGENCE from the
     test predictions (`stop_acc`: stop -> accuracy), each of `epochs` from the metrics of that
     epoch (None where the split was not evaluated at that epoch)."""
-    out = {STOP_LABELS[s]: stop_acc.get(s) for s in STOPS}
+    out = {STOP_NAMES[s]: stop_acc.get(s) for s in STOPS}
     by_epoch = {line["epoch"]: line for line in metrics}
     for e in epochs:
         out[f"epoch {e}"] = by_epoch.get(e, {}).get(f"{split}_accuracy")
@@ -89,7 +73,13 @@ def duration_accuracy(stop_acc: dict, metrics: list[dict], epochs, split: str) -
 def accuracy_vs_share(points: list[dict]) -> pl.DataFrame:
     """Fig. 3a/3b/comparison: tidy rows (share, variant, duration, split, accuracy) sorted for
     plotting; `points` are dicts with those keys (accuracy None = not available, dropped)."""
-    schema = {"share": pl.Int64, "variant": pl.String, "duration": pl.String, "split": pl.String, "accuracy": pl.Float64}
+    schema = {
+        "share": pl.Int64,
+        "variant": pl.String,
+        "duration": pl.String,
+        "split": pl.String,
+        "accuracy": pl.Float64,
+    }
     frame = pl.DataFrame(points, schema=schema) if points else pl.DataFrame(schema=schema)
     # stable sort: lines keep the order in which their first point came (legend order)
     return frame.filter(pl.col("accuracy").is_not_null()).sort("share", maintain_order=True)
@@ -105,12 +95,28 @@ def category_fitting(lines_by_mixture: dict[str, list[dict]]) -> pl.DataFrame:
                 n = line.get(f"train_n_{cat}") or 0
                 acc = line.get(f"train_accuracy_{cat}")
                 if n and acc is not None:
-                    rows.append({"mixture": mixture, "epoch": line["epoch"], "category": cat, "accuracy": acc, "n": n})
-    schema = {"mixture": pl.String, "epoch": pl.Int64, "category": pl.String, "accuracy": pl.Float64, "n": pl.Int64}
+                    rows.append(
+                        {
+                            "mixture": mixture,
+                            "epoch": line["epoch"],
+                            "category": cat,
+                            "accuracy": acc,
+                            "n": n,
+                        }
+                    )
+    schema = {
+        "mixture": pl.String,
+        "epoch": pl.Int64,
+        "category": pl.String,
+        "accuracy": pl.Float64,
+        "n": pl.Int64,
+    }
     return pl.DataFrame(rows, schema=schema)
 
 
-def ptrue_unknown_curve(graded: pl.DataFrame, ptrue: pl.DataFrame, n_points: int = 200) -> pl.DataFrame:
+def ptrue_unknown_curve(
+    graded: pl.DataFrame, ptrue: pl.DataFrame, n_points: int = 200
+) -> pl.DataFrame:
     """Fig. 5, P(True): call the k test questions with the lowest P(True) Unknown (ties broken by
     id) and measure the fine-tuned model's accuracy on them, for k over a grid of shares.
     Returns (share, n, accuracy) with share = k / |test|."""
@@ -140,10 +146,20 @@ def slick_unknown_points(graded: pl.DataFrame) -> pl.DataFrame:
     Unknown or WeaklyKnown): their share of the test set and the fine-tuned model's accuracy."""
     n_total = graded.height
     rows = []
-    for label, cats in (("Unknown", ["Unknown"]), ("Unknown + WeaklyKnown", ["Unknown", "WeaklyKnown"])):
+    for label, cats in (
+        ("Unknown", ["Unknown"]),
+        ("Unknown + WeaklyKnown", ["Unknown", "WeaklyKnown"]),
+    ):
         sub = graded.filter(pl.col("category").cast(pl.String).is_in(cats))
         if sub.height:
-            rows.append({"set": label, "share": sub.height / n_total, "n": sub.height, "accuracy": float(sub["correct"].mean())})
+            rows.append(
+                {
+                    "set": label,
+                    "share": sub.height / n_total,
+                    "n": sub.height,
+                    "accuracy": float(sub["correct"].mean()),
+                }
+            )
     schema = {"set": pl.String, "share": pl.Float64, "n": pl.Int64, "accuracy": pl.Float64}
     return pl.DataFrame(rows, schema=schema)
 
@@ -165,7 +181,11 @@ def _percent_axis(ax, axis="y"):
 
 def plot_fitting(data: pl.DataFrame, title: str, mixture: str):
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    series = (("train_known", "Train, Known examples", "#1b7837", "o"), ("train_unknown", "Train, Unknown examples", "#b2182b", "s"), ("dev", "Dev (all)", "#2166ac", "^"))
+    series = (
+        ("train_known", "Train, Known examples", "#1b7837", "o"),
+        ("train_unknown", "Train, Unknown examples", "#b2182b", "s"),
+        ("dev", "Dev (all)", "#2166ac", "^"),
+    )
     for col, label, color, marker in series:
         sub = data.filter(pl.col(col).is_not_null())
         if sub.height:
@@ -175,26 +195,32 @@ def plot_fitting(data: pl.DataFrame, title: str, mixture: str):
     ax.set_ylabel("accuracy (exact match)")
     ax.set_ylim(-0.02, 1.02)
     _percent_axis(ax)
-    ax.set_title(f"{title}: fitting Known vs Unknown examples (Fig. 1)\nfine-tuned on {mixture}", fontsize=10)
+    ax.set_title(
+        f"{title}: fitting Known vs Unknown examples (Fig. 1)\nfine-tuned on {mixture}", fontsize=10
+    )
     ax.legend(loc="best")
     fig.tight_layout()
     return fig
 
 
 def _duration_style(duration: str, index: int):
-    if duration == STOP_LABELS["early_stop"]:
+    if duration == STOP_NAMES["early_stop"]:
         return {"color": "#2166ac", "linestyle": "-", "marker": "o"}
-    if duration == STOP_LABELS["convergence"]:
+    if duration == STOP_NAMES["convergence"]:
         return {"color": "#b2182b", "linestyle": "-", "marker": "s"}
     greys = ["#636363", "#969696", "#bdbdbd", "#525252"]
     return {"color": greys[index % len(greys)], "linestyle": ":", "marker": "."}
 
 
-def plot_accuracy_vs_share(data: pl.DataFrame, title: str, splits=("test", "ood_test"), line_key="duration", style_key=None):
+def plot_accuracy_vs_share(
+    data: pl.DataFrame, title: str, splits=("test", "ood_test"), line_key="duration", style_key=None
+):
     """One panel per split; one line per value of `line_key` (duration or model); linestyle per
     value of `style_key` (variant) if given."""
     splits = [s for s in splits if data.filter(pl.col("split") == s).height]
-    fig, axes = plt.subplots(1, max(1, len(splits)), figsize=(5.2 * max(1, len(splits)), 4), squeeze=False)
+    fig, axes = plt.subplots(
+        1, max(1, len(splits)), figsize=(5.2 * max(1, len(splits)), 4), squeeze=False
+    )
     line_values = list(dict.fromkeys(data[line_key].to_list()))
     dashes = ["-", "--", "-.", ":"]
     for ax, split in zip(axes[0], splits):
@@ -206,7 +232,11 @@ def plot_accuracy_vs_share(data: pl.DataFrame, title: str, splits=("test", "ood_
                 part = lines.filter(pl.col(style_key) == group) if style_key else lines
                 if not part.height:
                     continue
-                style = _duration_style(value, i) if line_key == "duration" else {"color": f"C{i}", "marker": "o"}
+                style = (
+                    _duration_style(value, i)
+                    if line_key == "duration"
+                    else {"color": f"C{i}", "marker": "o"}
+                )
                 if style_key:  # the second group hollow, so that equal points stay visible
                     style = style | {"linestyle": dashes[j % len(dashes)], "marker": "os^v"[j % 4]}
                     if j:
@@ -228,16 +258,33 @@ def plot_accuracy_vs_share(data: pl.DataFrame, title: str, splits=("test", "ood_
 def plot_category_fitting(data: pl.DataFrame, title: str):
     natural = data.filter(pl.col("mixture") == "natural")
     # a single-category set's own category (its only one, unless the labels were relabelled)
-    single = data.filter(pl.col("mixture").replace_strict(SINGLE_CATEGORY, default=None) == pl.col("category"))
-    panels = [(name, frame) for name, frame in (("natural", natural), ("single", single)) if frame.height]
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5.5 * max(1, len(panels)), 4), squeeze=False)
+    single = data.filter(
+        pl.col("mixture").replace_strict(SINGLE_CATEGORY, default=None) == pl.col("category")
+    )
+    panels = [
+        (name, frame) for name, frame in (("natural", natural), ("single", single)) if frame.height
+    ]
+    fig, axes = plt.subplots(
+        1, max(1, len(panels)), figsize=(5.5 * max(1, len(panels)), 4), squeeze=False
+    )
     for ax, (name, frame) in zip(axes[0], panels):
         for cat in CATEGORIES:
             part = frame.filter(pl.col("category") == cat).sort("epoch")
             if part.height:
                 label = cat if name == "natural" else f"D_{cat}"
-                ax.plot(part["epoch"], part["accuracy"], label=label, color=CATEGORY_COLORS[cat], marker="o", markersize=4)
-        ax.set_title("D_Natural, per category of its examples" if name == "natural" else "single-category training sets")
+                ax.plot(
+                    part["epoch"],
+                    part["accuracy"],
+                    label=label,
+                    color=CATEGORY_COLORS[cat],
+                    marker="o",
+                    markersize=4,
+                )
+        ax.set_title(
+            "D_Natural, per category of its examples"
+            if name == "natural"
+            else "single-category training sets"
+        )
         ax.set_xlabel("fine-tuning epoch")
         _epoch_axis(ax)
         ax.set_ylabel("train accuracy (exact match)")
@@ -249,83 +296,128 @@ def plot_category_fitting(data: pl.DataFrame, title: str):
     return fig
 
 
-def plot_slick_vs_ptrue(curve: pl.DataFrame, slick: pl.DataFrame, equal: list[dict], title: str, run: str):
+def plot_slick_vs_ptrue(
+    curve: pl.DataFrame, slick: pl.DataFrame, equal: list[dict], title: str, run: str
+):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if curve.height:
-        ax.plot(curve["share"], curve["accuracy"], color="#636363", label="P(True) below a threshold")
+        ax.plot(
+            curve["share"], curve["accuracy"], color="#636363", label="P(True) below a threshold"
+        )
     markers = {"Unknown": "*", "Unknown + WeaklyKnown": "D"}
     for row in slick.iter_rows(named=True):
-        ax.scatter(row["share"], row["accuracy"], s=140 if row["set"] == "Unknown" else 60, marker=markers[row["set"]], color="#b2182b", zorder=3, label=f"SliCK {row['set']} (n={row['n']})")
+        ax.scatter(
+            row["share"],
+            row["accuracy"],
+            s=140 if row["set"] == "Unknown" else 60,
+            marker=markers[row["set"]],
+            color="#b2182b",
+            zorder=3,
+            label=f"SliCK {row['set']} (n={row['n']})",
+        )
     for row in equal:
         if row["accuracy"] is not None:
-            ax.scatter(row["share"], row["accuracy"], s=50, marker="o", facecolors="none", edgecolors="#2166ac", zorder=3, label=f"P(True), same share as SliCK {row['set']}")
+            ax.scatter(
+                row["share"],
+                row["accuracy"],
+                s=50,
+                marker="o",
+                facecolors="none",
+                edgecolors="#2166ac",
+                zorder=3,
+                label=f"P(True), same share as SliCK {row['set']}",
+            )
     ax.set_xlabel("test questions called Unknown (%)")
     ax.set_ylabel("accuracy after fine-tuning on them")
     ax.set_xlim(0, 1.02)
-    ax.set_ylim(-0.02, max(0.2, float(curve["accuracy"].max() or 0) + 0.05) if curve.height else 1.0)
+    ax.set_ylim(
+        -0.02, max(0.2, float(curve["accuracy"].max() or 0) + 0.05) if curve.height else 1.0
+    )
     _percent_axis(ax, "x")
     _percent_axis(ax)
-    ax.set_title(f"{title}: SliCK vs P(True) as detectors of Unknown questions (Fig. 5)\naccuracy of the model fine-tuned on {run}", fontsize=10)
+    ax.set_title(
+        f"{title}: SliCK vs P(True) as detectors of Unknown questions (Fig. 5)\naccuracy of the model fine-tuned on {run}",
+        fontsize=10,
+    )
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     return fig
 
 
 # ---------------------------------------------------------------- figures
+# `inputs`: the rule's named inputs, {eqtools.study.input_name(...): path}
 
 
-def _accuracies(index: dict, model: str, mixture: str, split: str) -> dict:
-    return {s: eval_accuracy(index["eval", model, mixture, s, split]) for s in STOPS if ("eval", model, mixture, s, split) in index}
+def _accuracies(inputs: dict, model: str, mixture: str, split: str) -> dict:
+    """{stop: test accuracy} of the fine-tune on `mixture`, for the stops among the inputs."""
+    names = {s: input_name("eval", model, mixture, s, split) for s in STOPS}
+    return {s: eval_accuracy(inputs[name]) for s, name in names.items() if name in inputs}
 
 
-def figure_fitting(index, spec, model):
-    mixture = spec["mixture"]
-    return plot_fitting(fitting_by_epoch(read_metrics(index["metrics", model, mixture])), spec["title"], mixture)
+def _metrics(inputs: dict, model: str, mixture: str) -> list[dict]:
+    name = input_name("metrics", model, mixture)
+    return read_metrics(inputs[name]) if name in inputs else []
 
 
-def share_points(index, model, mixtures, epochs, variant) -> list[dict]:
+def figure_fitting(inputs, spec: Figure, model):
+    data = fitting_by_epoch(_metrics(inputs, model, spec.mixture))
+    return plot_fitting(data, spec.title, spec.mixture)
+
+
+def share_points(inputs, model, mixtures, epochs, variant) -> list[dict]:
     points = []
     for mixture in mixtures:
         share = mixture_share(mixture)[1]
-        metrics = read_metrics(index["metrics", model, mixture]) if ("metrics", model, mixture) in index else []
-        for split in ("test", "ood_test"):
-            acc = duration_accuracy(_accuracies(index, model, mixture, split), metrics, epochs, split)
-            points += [{"share": share, "variant": variant, "duration": d, "split": split, "accuracy": a} for d, a in acc.items()]
+        metrics = _metrics(inputs, model, mixture)
+        for split in TEST_SPLITS:
+            stops = _accuracies(inputs, model, mixture, split)
+            acc = duration_accuracy(stops, metrics, epochs, split)
+            points += [
+                {"share": share, "variant": variant, "duration": d, "split": split, "accuracy": a}
+                for d, a in acc.items()
+            ]
     return points
 
 
-def figure_unknown_share(index, spec, model):
-    data = accuracy_vs_share(share_points(index, model, spec["mixtures"], spec["epochs"], "D"))
-    return plot_accuracy_vs_share(data, f"{spec['title']}\ntest accuracy vs share of Unknown fine-tuning examples (Fig. 3a)")
+def figure_unknown_share(inputs, spec: Figure, model):
+    data = accuracy_vs_share(share_points(inputs, model, spec.mixtures, spec.epochs, "D"))
+    title = f"{spec.title}\ntest accuracy vs share of Unknown fine-tuning examples (Fig. 3a)"
+    return plot_accuracy_vs_share(data, title)
 
 
-def figure_known_only(index, spec, model):
-    points = share_points(index, model, spec["unknown"], [], "D") + share_points(index, model, spec["known_only"], [], "D_Known")
-    data = accuracy_vs_share(points)
-    return plot_accuracy_vs_share(data, f"{spec['title']}\nD vs D_Known: the same mixture without its Unknown examples (Fig. 3b)", style_key="variant")
+def figure_known_only(inputs, spec: Figure, model):
+    points = share_points(inputs, model, spec.unknown, [], "D")
+    points += share_points(inputs, model, spec.known_only, [], "D_Known")
+    title = f"{spec.title}\nD vs D_Known: the same mixture without its Unknown examples (Fig. 3b)"
+    return plot_accuracy_vs_share(accuracy_vs_share(points), title, style_key="variant")
 
 
-def figure_category_fitting(index, spec, model):
-    lines = {m: read_metrics(index["metrics", model, m]) for m in spec["mixtures"]}
-    return plot_category_fitting(category_fitting(lines), spec["title"])
+def figure_category_fitting(inputs, spec: Figure, model):
+    lines = {m: _metrics(inputs, model, m) for m in spec.mixtures}
+    return plot_category_fitting(category_fitting(lines), spec.title)
 
 
-def figure_slick_vs_ptrue(index, spec, model):
-    graded = pl.read_parquet(index["eval", model, spec["mixture"], spec["stop"], "test"])
-    ptrue = pl.read_parquet(index["ptrue", model, "test"])
+def figure_slick_vs_ptrue(inputs, spec: Figure, model):
+    graded = pl.read_parquet(inputs[input_name("eval", model, spec.mixture, spec.stop, "test")])
+    ptrue = pl.read_parquet(inputs[input_name("ptrue", model, "test")])
     slick = slick_unknown_points(graded)
-    equal = [{"set": r["set"], "share": r["share"], "accuracy": ptrue_at_share(graded, ptrue, r["n"])} for r in slick.iter_rows(named=True)]
-    run = f"{spec['mixture']}, {STOP_LABELS[spec['stop']]}"
-    return plot_slick_vs_ptrue(ptrue_unknown_curve(graded, ptrue), slick, equal, spec["title"], run)
+    equal = [
+        {"set": r["set"], "share": r["share"], "accuracy": ptrue_at_share(graded, ptrue, r["n"])}
+        for r in slick.iter_rows(named=True)
+    ]
+    run = f"{spec.mixture}, {STOP_NAMES[spec.stop]}"
+    curve = ptrue_unknown_curve(graded, ptrue)
+    return plot_slick_vs_ptrue(curve, slick, equal, spec.title, run)
 
 
-def figure_comparison(index, spec, model=None):
+def figure_comparison(inputs, spec: Figure, model=None):
     points = []
-    for name in spec["models"]:
-        for p in share_points(index, name, spec["mixtures"], [], "D"):
+    for name in spec.models:
+        for p in share_points(inputs, name, spec.mixtures, [], "D"):
             points.append(p | {"variant": name})
     data = accuracy_vs_share(points).rename({"variant": "model"})
-    return plot_accuracy_vs_share(data, f"{spec['title']}\ntest accuracy vs share of Unknown examples, per model (Fig. 3a)", line_key="model", style_key="duration")
+    title = f"{spec.title}\ntest accuracy vs share of Unknown examples, per model (Fig. 3a)"
+    return plot_accuracy_vs_share(data, title, line_key="model", style_key="duration")
 
 
 FIGURES = {
@@ -341,12 +433,11 @@ FIGURES = {
 def main(smk) -> None:
     log = setup_logging(smk.log[0])
     use_style()
-    spec = json.loads(smk.params.spec)
+    spec = Figure.from_param(smk.params.spec)
     record = job_record(smk)  # before saving: the figure embeds the record's id
-    index = index_inputs(smk.input)
-    fig = FIGURES[spec["figure"]](index, spec, smk.wildcards.get("model"))
-    save_figure(fig, {"png": smk.output.png, "svg": smk.output.svg}, record, spec["title"])
-    log.info("%s: %s", spec["figure"], smk.output.png)
+    fig = FIGURES[spec.figure](dict(smk.input.items()), spec, smk.wildcards.get("model"))
+    save_figure(fig, {"png": smk.output.png, "svg": smk.output.svg}, record, spec.title)
+    log.info("%s: %s", spec.figure, smk.output.png)
 
 
 if "snakemake" in globals():

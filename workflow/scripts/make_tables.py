@@ -1,6 +1,7 @@
 """The paper's tables, each as CSV (tidy, full precision) and Markdown (readable: percentages with
 one decimal, best in bold, significance stars). One rule per table runs this script; the rule's
-`params.spec["table"]` says which (the computations are in eqtools/analysis.py):
+settings (`params.spec`, an eqtools.settings.Table) say which, and its inputs are named by
+eqtools.study.input_name (the computations are in eqtools/analysis.py):
 
 - table2: Table 2 (and its OOD version): accuracy on the Full test set and per SliCK category of
   the test questions, for D_HighlyKnown, D_MaybeKnown, D_WeaklyKnown, D_Unknown and D_Natural at
@@ -12,39 +13,45 @@ one decimal, best in bold, significance stars). One rule per table runs this scr
 - category_distribution: Tables 3-5: SliCK categories of each labelled split per relation.
 """
 
-import json
 import math
 
 import polars as pl
 
 from eqtools import analysis
-from eqtools.categories import CATEGORIES
 from eqtools.io import setup_logging, write_csv, write_text
 from eqtools.provenance import write_provenance
+from eqtools.settings import Table
+from eqtools.study import (
+    CATEGORIES,
+    SPLIT_NAMES,
+    STOP_NAMES,
+    STOPS,
+    TEST_SPLITS,
+    input_name,
+    run_name,
+    variant_name,
+)
 
-STOP_NAMES = {"early_stop": "EARLY_STOP", "convergence": "CONVERGENCE"}
-SPLIT_NAMES = {"test": "ID test", "ood_test": "OOD test"}
-VARIANT_NAMES = {
-    "highly_known": "D_HighlyKnown",
-    "maybe_known": "D_MaybeKnown",
-    "weakly_known": "D_WeaklyKnown",
-    "unknown": "D_Unknown",
-    "natural": "D_Natural",
-}
 DASH = "–"
 
 
-def variant_name(mixture: str) -> str:
-    """The paper's name of a training set: D_HighlyKnown, D (50% Unknown), D_IDK (50% Unknown)..."""
-    if mixture in VARIANT_NAMES:
-        return VARIANT_NAMES[mixture]
-    head, _, x = mixture.rpartition("_")
-    prefix = {"unknown": "D", "known_only": "D_Known", "idk": "D_IDK"}.get(head)
-    return f"{prefix} ({x}% Unknown)" if prefix and x.isdigit() else mixture
+def predictions(inputs: dict, mixtures, splits) -> pl.DataFrame:
+    """read_predictions of the named eval inputs of `mixtures` x stops x `splits`."""
+    files = {
+        (mixture, stop, split): inputs[input_name("eval", mixture, stop, split)]
+        for mixture in mixtures
+        for stop in STOPS
+        for split in splits
+    }
+    return analysis.read_predictions(files)
 
 
 def pct(value: float | None, digits: int = 1) -> str:
-    return DASH if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+    return (
+        DASH
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else f"{value:.{digits}f}"
+    )
 
 
 def num(value: float | None, digits: int = 2) -> str:
@@ -92,11 +99,12 @@ def table2_markdown(table: pl.DataFrame, title: str, n_chunks: int) -> str:
     return f"# {title}\n\n" + markdown_table(header, rows) + "\n" + legend + "\n"
 
 
-def make_table2(smk, spec: dict, title: str) -> None:
-    preds = analysis.read_predictions(smk.input)
-    table = analysis.accuracy_by_category(preds, spec["mixtures"], spec["n_chunks"], spec["seed"])
-    write_csv(table.with_columns(pl.lit(spec["split"]).alias("split")).select("split", *table.columns), smk.output.csv)
-    write_text(table2_markdown(table, title, spec["n_chunks"]), smk.output.md)
+def make_table2(smk, spec: Table, title: str) -> None:
+    preds = predictions(smk.input, spec.mixtures, [spec.split])
+    table = analysis.accuracy_by_category(preds, spec.mixtures, spec.n_chunks, spec.seed)
+    split = pl.lit(spec.split).alias("split")
+    write_csv(table.with_columns(split).select("split", *table.columns), smk.output.csv)
+    write_text(table2_markdown(table, title, spec.n_chunks), smk.output.md)
 
 
 # ---------------------------------------------------------------------------------- Table 1
@@ -109,7 +117,9 @@ def table1_markdown(fits: list[dict], points: pl.DataFrame, mixtures: list[str],
         cells = [SPLIT_NAMES[fit["split"]]]
         for term in analysis.TERMS:
             t = fit["terms"][term]
-            cells.append(f"{num(t['estimate'], 1)} (SE {num(t['std_error'], 1)}; {p_text(t['p_value'])})")
+            cells.append(
+                f"{num(t['estimate'], 1)} (SE {num(t['std_error'], 1)}; {p_text(t['p_value'])})"
+            )
         cells += [num(fit["r_squared"]), str(fit["n_points"])]
         rows.append(cells)
     d_size = points["d_size"].max() if points.height else None
@@ -121,16 +131,16 @@ def table1_markdown(fits: list[dict], points: pl.DataFrame, mixtures: list[str],
         "fine-tune with that test split evaluated. N_kn, N_unk: the Known (HighlyKnown + MaybeKnown + "
         "WeaklyKnown) and Unknown training examples the model answers correctly after that epoch; "
         f"|D| = {d_size} (the largest training set). Variants: {', '.join(variant_name(m) for m in mixtures)} "
-        "(D_IDK runs are left out: their Unknown examples are trained on \"I don't know\"). "
+        '(D_IDK runs are left out: their Unknown examples are trained on "I don\'t know"). '
         "Paper (PaLM 2-M): ID 36.9 / 7.3 / -8.3, R^2 0.86; OOD 36.2 / 3.2 / -3.0, R^2 0.95.\n"
     )
     return text + ("\nNotes:\n" + "\n".join(notes) + "\n" if notes else "")
 
 
-def make_table1(smk, spec: dict, title: str) -> None:
-    metrics = {analysis.run_keys(p)["mixture"]: analysis.read_metrics(p) for p in smk.input}
+def make_table1(smk, spec: Table, title: str) -> None:
+    metrics = {m: analysis.read_metrics(smk.input[input_name("metrics", m)]) for m in spec.mixtures}
     points = analysis.fit_points(metrics)
-    fits = [analysis.fit_linear_model(points, split) for split in analysis.TEST_SPLITS]
+    fits = [analysis.fit_linear_model(points, split) for split in TEST_SPLITS]
     write_csv(analysis.linear_model_frame(fits), smk.output.csv)
     write_csv(points, smk.output.points)
     write_text(table1_markdown(fits, points, list(metrics), title), smk.output.md)
@@ -141,18 +151,20 @@ def make_table1(smk, spec: dict, title: str) -> None:
 
 def table8_markdown(table: pl.DataFrame, title: str) -> str:
     header = ["Variant", "Stop"] + [
-        f"{SPLIT_NAMES[s]}: {c}" for s in analysis.TEST_SPLITS for c in ("accuracy on answered", "% answered")
+        f"{SPLIT_NAMES[s]}: {c}"
+        for s in TEST_SPLITS
+        for c in ("accuracy on answered", "% answered")
     ]
     rows = []
     cells = {(r["split"], r["stop"], r["variant"]): r for r in table.iter_rows(named=True)}
     for variant, stop in table.select("variant", "stop").unique(maintain_order=True).iter_rows():
         row = [variant_name(variant), STOP_NAMES[stop]]
-        for split in analysis.TEST_SPLITS:
+        for split in TEST_SPLITS:
             r = cells.get((split, stop, variant))
             row += [pct(r["accuracy_answered_pct"]), pct(r["answered_pct"])] if r else [DASH, DASH]
         rows.append(row)
     legend = (
-        "Accuracy (%) among the questions the model answers (a prediction that is not \"I don't know\" "
+        'Accuracy (%) among the questions the model answers (a prediction that is not "I don\'t know" '
         "after the exact match's normalisation; an empty prediction counts as an answer) and the share "
         "of questions answered (%). Paper (PaLM 2-M, 50% Unknown): D 43.0 / 38.8 at EARLY_STOP / "
         "CONVERGENCE (100% answered); D_IDK 61.8 (58.7% answered) / 61.8 (55.6% answered).\n"
@@ -160,15 +172,19 @@ def table8_markdown(table: pl.DataFrame, title: str) -> str:
     return f"# {title}\n\n" + markdown_table(header, rows) + "\n" + legend
 
 
-def make_table8(smk, spec: dict, title: str) -> None:
-    preds = analysis.read_predictions(smk.input)
-    order = {m: i for i, m in enumerate(spec["mixtures"])}
+def make_table8(smk, spec: Table, title: str) -> None:
+    preds = predictions(smk.input, spec.mixtures, TEST_SPLITS)
+    order = {m: i for i, m in enumerate(spec.mixtures)}
     table = (
         analysis.answered_accuracy(preds)
         .with_columns(
             pl.col("variant").replace_strict(order, return_dtype=pl.Int64).alias("_v"),
-            pl.col("stop").replace_strict({s: i for i, s in enumerate(analysis.STOPS)}, return_dtype=pl.Int64).alias("_s"),
-            pl.col("split").replace_strict({s: i for i, s in enumerate(analysis.TEST_SPLITS)}, return_dtype=pl.Int64).alias("_p"),
+            pl.col("stop")
+            .replace_strict({s: i for i, s in enumerate(STOPS)}, return_dtype=pl.Int64)
+            .alias("_s"),
+            pl.col("split")
+            .replace_strict({s: i for i, s in enumerate(TEST_SPLITS)}, return_dtype=pl.Int64)
+            .alias("_p"),
         )
         .sort("_v", "_s", "_p")
         .drop("_v", "_s", "_p")
@@ -191,8 +207,12 @@ def distribution_markdown(table: pl.DataFrame, title: str) -> str:
     return f"# {title}\n\n" + markdown_table(header, rows) + "\n" + legend
 
 
-def make_category_distribution(smk, spec: dict, title: str) -> None:
-    labels = {split: pl.read_parquet(path, columns=["relation", "category"]) for split, path in zip(spec["splits"], smk.input)}
+def make_category_distribution(smk, spec: Table, title: str) -> None:
+    columns = ["relation", "category"]
+    labels = {
+        split: pl.read_parquet(smk.input[input_name("labels", split)], columns=columns)
+        for split in spec.splits
+    }
     table = analysis.category_distribution(labels)
     write_csv(table, smk.output.csv)
     write_text(distribution_markdown(table, title), smk.output.md)
@@ -201,24 +221,27 @@ def make_category_distribution(smk, spec: dict, title: str) -> None:
 TABLES = {
     "table2": (make_table2, "Table 2: test accuracy per SliCK category"),
     "table1": (make_table1, "Table 1: test accuracy vs Known and Unknown training examples fitted"),
-    "table8": (make_table8, "Table 8: training on \"I don't know\" for the Unknown examples"),
-    "category_distribution": (make_category_distribution, "Tables 3-5: SliCK categories per relation"),
+    "table8": (make_table8, 'Table 8: training on "I don\'t know" for the Unknown examples'),
+    "category_distribution": (
+        make_category_distribution,
+        "Tables 3-5: SliCK categories per relation",
+    ),
 }
 
 
 def main(smk) -> None:
     log = setup_logging(smk.log[0])
-    spec = json.loads(smk.params.spec)
-    make, title = TABLES[spec["table"]]
+    spec = Table.from_param(smk.params.spec)
+    make, title = TABLES[spec.table]
     where = [smk.wildcards.model]
     if smk.wildcards.get("recipe"):
-        where.append(f"{smk.wildcards.recipe}{smk.wildcards.get('seed', '')}")
-    if "split" in spec:
-        where.append(SPLIT_NAMES[spec["split"]])
+        where.append(run_name(smk.wildcards.recipe, smk.wildcards.get("seed", "")))
+    if spec.split:
+        where.append(SPLIT_NAMES[spec.split])
     make(smk, spec, f"{title} ({', '.join(where)})")
     outputs = list(smk.output)
     write_provenance(outputs, smk)
-    log.info("%s: %s", spec["table"], ", ".join(outputs))
+    log.info("%s: %s", spec.table, ", ".join(outputs))
 
 
 if "snakemake" in globals():

@@ -1,12 +1,11 @@
 """The category summary of all labelled splits: counts and shares per split and relation."""
 
-import json
-
 import polars as pl
 
 from eqtools.io import setup_logging, write_csv, write_text
 from eqtools.provenance import write_provenance
-from eqtools.categories import CATEGORIES
+from eqtools.settings import Summary
+from eqtools.study import CATEGORIES
 
 
 def summarize(labels: dict[str, pl.DataFrame]) -> pl.DataFrame:
@@ -14,32 +13,54 @@ def summarize(labels: dict[str, pl.DataFrame]) -> pl.DataFrame:
     relation 'all' sums the split."""
     frames = []
     for split, frame in labels.items():
-        both = pl.concat([frame.select("relation", "category"), frame.select(pl.lit("all").alias("relation"), "category")])
-        counts = both.group_by("relation", "category").len("n")
-        grid = both.select("relation").unique().join(
-            pl.DataFrame({"category": list(CATEGORIES)}, schema={"category": pl.Enum(CATEGORIES)}), how="cross"
+        both = pl.concat(
+            [
+                frame.select("relation", "category"),
+                frame.select(pl.lit("all").alias("relation"), "category"),
+            ]
         )
-        counts = grid.join(counts, on=["relation", "category"], how="left").with_columns(pl.col("n").fill_null(0))
+        counts = both.group_by("relation", "category").len("n")
+        grid = (
+            both.select("relation")
+            .unique()
+            .join(
+                pl.DataFrame(
+                    {"category": list(CATEGORIES)}, schema={"category": pl.Enum(CATEGORIES)}
+                ),
+                how="cross",
+            )
+        )
+        counts = grid.join(counts, on=["relation", "category"], how="left").with_columns(
+            pl.col("n").fill_null(0)
+        )
         frames.append(
             counts.with_columns(
                 pl.lit(split).alias("split"),
                 (pl.col("n") / pl.col("n").sum().over("relation")).fill_nan(None).alias("share"),
             )
         )
-    return pl.concat(frames).select("split", "relation", "category", "n", "share").sort("split", "relation", "category")
+    return (
+        pl.concat(frames)
+        .select("split", "relation", "category", "n", "share")
+        .sort("split", "relation", "category")
+    )
 
 
 def markdown(summary: pl.DataFrame) -> str:
-    wide = summary.filter(pl.col("relation") == "all").pivot(on="category", index="split", values="n")
+    wide = summary.filter(pl.col("relation") == "all").pivot(
+        on="category", index="split", values="n"
+    )
     lines = ["| split | " + " | ".join(CATEGORIES) + " |", "|---" * (len(CATEGORIES) + 1) + "|"]
     for row in wide.iter_rows(named=True):
-        lines.append(f"| {row['split']} | " + " | ".join(str(row.get(c, 0)) for c in CATEGORIES) + " |")
+        lines.append(
+            f"| {row['split']} | " + " | ".join(str(row.get(c, 0)) for c in CATEGORIES) + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main(smk) -> None:
     setup_logging(smk.log[0])
-    splits = json.loads(smk.params.spec)["splits"]
+    splits = Summary.from_param(smk.params.spec).splits
     labels = {s: pl.read_parquet(p) for s, p in zip(splits, smk.input)}
     summary = summarize(labels)
     write_csv(summary, smk.output.csv)

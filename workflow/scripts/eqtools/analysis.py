@@ -1,11 +1,10 @@
-"""The paper's analyses as pure functions on polars frames and metrics dicts (PAPER.md,
+"""The paper's analyses as pure functions on polars frames and metrics dicts (docs/study.md,
 "Evaluation and analyses"); no torch, no file writes. Used by the table script
 (workflow/scripts/make_tables.py) and open to the figures.
 
-Loaders (the path contract of DESIGN.md):
+Loaders:
     read_metrics(path)                 per-epoch lines of a fine-tune's metrics.jsonl
-    run_keys(path)                     (mixture, stop, split) named by a results/eval or finetune path
-    read_predictions(paths)            the test predictions of several (mixture, stop), long format
+    read_predictions(files)            the test predictions of several (mixture, stop, split), long
 
 Table 2 (accuracy per SliCK category of the test questions, with App. I's significance):
     accuracy_by_category(preds, mixtures, n_chunks, seed)
@@ -32,16 +31,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from eqtools.categories import CATEGORIES, KNOWN
 from eqtools.em import normalize_answer
-from eqtools.mixtures import IDK_ANSWER
+from eqtools.study import CATEGORIES, IDK_ANSWER, KNOWN, STOPS, TEST_SPLITS
 
-STOPS = ("early_stop", "convergence")
-TEST_SPLITS = ("test", "ood_test")
 FULL = "Full"  # the whole test set, next to the four categories (Table 2's first column)
 SUBSETS = (FULL, *CATEGORIES)
-# Table 2's rows: the single-category variants and D_Natural, in the paper's order
-TABLE2_MIXTURES = ("highly_known", "maybe_known", "weakly_known", "unknown", "natural")
 
 
 # ---------------------------------------------------------------------------------- loaders
@@ -53,28 +47,17 @@ def read_metrics(path: str | Path) -> list[dict]:
     return sorted(lines, key=lambda line: line["epoch"])
 
 
-def run_keys(path: str | Path) -> dict:
-    """What a result path names, from the path contract:
-    results/eval/{model}/{run}/{mixture}/{stop}/{split}.parquet -> model, run, mixture, stop, split;
-    results/finetune/{model}/{run}/{mixture}/metrics.jsonl -> model, run, mixture."""
-    parts = Path(path).parts
-    if parts[-1] == "metrics.jsonl":
-        return {"model": parts[-4], "run": parts[-3], "mixture": parts[-2]}
-    return {"model": parts[-5], "run": parts[-4], "mixture": parts[-3], "stop": parts[-2], "split": Path(path).stem}
-
-
-def read_predictions(paths) -> pl.DataFrame:
-    """Test predictions of results/eval files, long: mixture, stop, split, id, category,
-    prediction, correct (one row per question and file)."""
+def read_predictions(files: dict) -> pl.DataFrame:
+    """Test predictions of results/eval files, `{(mixture, stop, split): path}`, long: mixture,
+    stop, split, id, category, prediction, correct (one row per question and file)."""
     frames = []
-    for path in paths:
-        keys = run_keys(path)
+    for (mixture, stop, split), path in files.items():
         frame = pl.read_parquet(path, columns=["id", "category", "prediction", "correct"])
         frames.append(
             frame.select(
-                pl.lit(keys["mixture"]).alias("mixture"),
-                pl.lit(keys["stop"]).alias("stop"),
-                pl.lit(keys["split"]).alias("split"),
+                pl.lit(mixture).alias("mixture"),
+                pl.lit(stop).alias("stop"),
+                pl.lit(split).alias("split"),
                 "id",
                 pl.col("category").cast(pl.Enum(CATEGORIES)),
                 "prediction",
@@ -103,7 +86,11 @@ def chunk_accuracies(correct: np.ndarray, n_chunks: int, seed: int) -> np.ndarra
     n = correct.shape[1]
     order = np.random.default_rng(seed).permutation(n)
     chunks = np.array_split(order, min(n_chunks, n)) if n else []
-    return np.stack([correct[:, c].mean(axis=1) for c in chunks], axis=1) if n else np.empty((correct.shape[0], 0))
+    return (
+        np.stack([correct[:, c].mean(axis=1) for c in chunks], axis=1)
+        if n
+        else np.empty((correct.shape[0], 0))
+    )
 
 
 def paired_p_value(best: np.ndarray, other: np.ndarray) -> float:
@@ -134,7 +121,9 @@ def _correct_matrix(preds: pl.DataFrame, mixtures: list[str]) -> tuple[np.ndarra
     return np.stack(rows), 0 if ids is None else len(ids)
 
 
-def accuracy_by_category(preds: pl.DataFrame, mixtures, n_chunks: int = 100, seed: int = 0) -> pl.DataFrame:
+def accuracy_by_category(
+    preds: pl.DataFrame, mixtures, n_chunks: int = 100, seed: int = 0
+) -> pl.DataFrame:
     """Table 2 for one test split: accuracy of each mixture at each stop on the Full test set and
     on each SliCK category's questions, the best per column and stop, and the paired t-test
     (App. I) of every other row against the best row.
@@ -148,7 +137,9 @@ def accuracy_by_category(preds: pl.DataFrame, mixtures, n_chunks: int = 100, see
     out = []
     for stop in STOPS:
         at_stop = preds.filter(pl.col("stop") == stop) if preds.height else preds
-        rows = [m for m in mixtures if m in present and at_stop.filter(pl.col("mixture") == m).height]
+        rows = [
+            m for m in mixtures if m in present and at_stop.filter(pl.col("mixture") == m).height
+        ]
         if not rows:
             continue
         for subset in SUBSETS:
@@ -159,7 +150,11 @@ def accuracy_by_category(preds: pl.DataFrame, mixtures, n_chunks: int = 100, see
             best_acc = np.nanmax(acc) if n else np.nan
             ref = int(np.nanargmax(acc)) if n else None
             for i, mixture in enumerate(rows):
-                p = float("nan") if ref is None or i == ref else paired_p_value(chunks[ref], chunks[i])
+                p = (
+                    float("nan")
+                    if ref is None or i == ref
+                    else paired_p_value(chunks[ref], chunks[i])
+                )
                 below = bool(n) and acc[i] < best_acc
                 out.append(
                     {
@@ -203,7 +198,9 @@ def fitted_counts(line: dict) -> dict:
         acc = line.get(f"train_accuracy_{cat}")
         counts[cat] = round(acc * n) if n and acc is not None else 0
     counts["Known"] = sum(counts[c] for c in KNOWN)
-    counts["n_train"] = line.get("train_n") or sum(line.get(f"train_n_{c}") or 0 for c in CATEGORIES)
+    counts["n_train"] = line.get("train_n") or sum(
+        line.get(f"train_n_{c}") or 0 for c in CATEGORIES
+    )
     return counts
 
 
@@ -235,7 +232,9 @@ def fit_points(metrics: dict[str, list[dict]]) -> pl.DataFrame:
         "n_unknown_fitted": pl.Int64,
         **{f"{s}_accuracy": pl.Float64 for s in TEST_SPLITS},
     }
-    points = pl.DataFrame(rows, schema=schema, orient="row") if rows else pl.DataFrame(schema=schema)
+    points = (
+        pl.DataFrame(rows, schema=schema, orient="row") if rows else pl.DataFrame(schema=schema)
+    )
     return points.with_columns(pl.col("n_train").max().alias("d_size")).with_columns(
         (pl.col("n_known_fitted") / pl.col("d_size")).alias("known_fitted_share"),
         (pl.col("n_unknown_fitted") / pl.col("d_size")).alias("unknown_fitted_share"),
@@ -295,7 +294,9 @@ def fit_linear_model(points: pl.DataFrame, split: str) -> dict:
     if exact:
         notes.append("3 points for 3 coefficients: exact fit, no standard errors")
     if constant:
-        notes.append("accuracy constant over all points: b0 is that value, no standard errors, R^2 undefined")
+        notes.append(
+            "accuracy constant over all points: b0 is that value, no standard errors, R^2 undefined"
+        )
     result["note"] = "; ".join(notes)
     return result
 
@@ -303,7 +304,14 @@ def fit_linear_model(points: pl.DataFrame, split: str) -> dict:
 def linear_model_frame(fits: list[dict]) -> pl.DataFrame:
     """fit_linear_model results as one row per (split, term)."""
     rows = [
-        {"split": f["split"], "term": t, **f["terms"][t], "r_squared": f["r_squared"], "n_points": f["n_points"], "note": f["note"]}
+        {
+            "split": f["split"],
+            "term": t,
+            **f["terms"][t],
+            "r_squared": f["r_squared"],
+            "n_points": f["n_points"],
+            "note": f["note"],
+        }
         for f in fits
         for t in TERMS
     ]
@@ -338,7 +346,15 @@ def answered_accuracy(preds: pl.DataFrame) -> pl.DataFrame:
     (correct among answered; NaN when nothing is answered) and accuracy_pct (on all
     questions: an abstention counts as wrong)."""
     if not preds.height:
-        preds = pl.DataFrame(schema={"split": pl.String, "stop": pl.String, "mixture": pl.String, "prediction": pl.String, "correct": pl.Boolean})
+        preds = pl.DataFrame(
+            schema={
+                "split": pl.String,
+                "stop": pl.String,
+                "mixture": pl.String,
+                "prediction": pl.String,
+                "correct": pl.Boolean,
+            }
+        )
     answered = ~pl.col("prediction").map_elements(is_idk, return_dtype=pl.Boolean)
     return (
         preds.with_columns(answered.alias("answered"))
@@ -376,6 +392,9 @@ def category_distribution(labels: dict[str, pl.DataFrame]) -> pl.DataFrame:
             total = part.height
             row = {"split": split, "relation": relation, "n_total": total}
             row |= {f"n_{c}": int(counts.get(c, 0)) for c in CATEGORIES}
-            row |= {f"pct_{c}": 100 * counts.get(c, 0) / total if total else float("nan") for c in CATEGORIES}
+            row |= {
+                f"pct_{c}": 100 * counts.get(c, 0) / total if total else float("nan")
+                for c in CATEGORIES
+            }
             rows.append(row)
     return pl.DataFrame(rows, orient="row")

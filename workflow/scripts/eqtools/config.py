@@ -1,6 +1,5 @@
 """Validation of the workflow config against its JSON schema, with messages that name the key."""
 
-
 from pathlib import Path
 
 import jsonschema
@@ -84,8 +83,12 @@ def _semantic_problems(config: dict) -> list[str]:
     finetune.setdefault("recipes", list(recipes))
     for name in finetune["recipes"]:
         if name not in recipes:
-            problems.append(f"config key 'finetune.recipes': {name!r} is not a key of 'recipes' ({', '.join(recipes)})")
+            problems.append(
+                f"config key 'finetune.recipes': {name!r} is not a key of 'recipes' ({', '.join(recipes)})"
+            )
     for rel in config["mixtures"]["relations"] or []:
         if rel not in rels["in_distribution"]:
-            problems.append(f"config key 'mixtures.relations': {rel} is not an in-distribution relation")
+            problems.append(
+                f"config key 'mixtures.relations': {rel} is not an in-distribution relation"
+            )
     return problems

@@ -1,6 +1,5 @@
 """EntityQuestions: reading the archive, subject extraction and the paper's filters (pure)."""
 
-
 import json
 import zipfile
 import zlib
@@ -44,7 +43,9 @@ def extract_subject(question: str, template: str) -> str | None:
     return None
 
 
-def parse_relation_file(raw: bytes, relation: str, split: str, template: str, where: str) -> pl.DataFrame:
+def parse_relation_file(
+    raw: bytes, relation: str, split: str, template: str, where: str
+) -> pl.DataFrame:
     """One archive member as rows (id, relation, split, subject, question, answers)."""
     try:
         items = json.loads(raw)
@@ -99,7 +100,9 @@ def parse_relation_file(raw: bytes, relation: str, split: str, template: str, wh
     )
 
 
-def read_archive(path: str | Path, templates: Mapping[str, str], needed: Iterable[tuple[str, str]]) -> dict:
+def read_archive(
+    path: str | Path, templates: Mapping[str, str], needed: Iterable[tuple[str, str]]
+) -> dict:
     """Parse the (relation, split) members `needed` from the archive at `path`."""
     try:
         zf = zipfile.ZipFile(path)
@@ -163,15 +166,21 @@ def build_splits(
 
 def split_sizes(splits: Mapping[str, pl.DataFrame]) -> pl.DataFrame:
     """Questions per (relation, split)."""
-    return pl.concat(
-        [
-            f.group_by("relation").len("n").with_columns(pl.lit(name).alias("split"))
-            for name, f in splits.items()
-        ]
-    ).select("relation", "split", pl.col("n").cast(pl.Int64)).sort("split", "relation")
+    return (
+        pl.concat(
+            [
+                f.group_by("relation").len("n").with_columns(pl.lit(name).alias("split"))
+                for name, f in splits.items()
+            ]
+        )
+        .select("relation", "split", pl.col("n").cast(pl.Int64))
+        .sort("split", "relation")
+    )
 
 
-def subsample(frame: pl.DataFrame, max_per_relation: int | None, seed: int, salt: str) -> pl.DataFrame:
+def subsample(
+    frame: pl.DataFrame, max_per_relation: int | None, seed: int, salt: str
+) -> pl.DataFrame:
     """At most `max_per_relation` questions of each relation, a seeded draw; order kept."""
     if max_per_relation is None:
         return frame

@@ -17,9 +17,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import polars as pl  # noqa: E402
 
 from eqtools.analysis import read_metrics  # noqa: E402, F401 (re-exported for the figure scripts)
-from eqtools.categories import KNOWN  # noqa: E402
 from eqtools.io import atomic_path  # noqa: E402
 from eqtools.provenance import record_id, write_record  # noqa: E402
+from eqtools.study import KNOWN  # noqa: E402
 
 STYLE = {
     "svg.hashsalt": "slick-figures",  # fixed ids in the SVG instead of random ones
@@ -34,8 +34,12 @@ STYLE = {
     "savefig.dpi": 150,
     "savefig.bbox": "standard",
 }
-CATEGORY_COLORS = {"HighlyKnown": "#1b7837", "MaybeKnown": "#7fbf7b", "WeaklyKnown": "#f1a340", "Unknown": "#b2182b"}
-STOP_LABELS = {"early_stop": "EARLY_STOP", "convergence": "CONVERGENCE"}
+CATEGORY_COLORS = {
+    "HighlyKnown": "#1b7837",
+    "MaybeKnown": "#7fbf7b",
+    "WeaklyKnown": "#f1a340",
+    "Unknown": "#b2182b",
+}
 
 
 def use_style() -> None:
@@ -86,20 +90,3 @@ def save_figure(fig, outputs: dict[str, str | Path], record: dict, title: str) -
             fig.savefig(tmp, format=fmt, metadata=meta[fmt])
     plt.close(fig)
     write_record(record, list(outputs.values()))
-
-
-def read_png_text(path: str | Path) -> dict[str, str]:
-    """The tEXt/iTXt entries of a PNG (the metadata save_figure writes)."""
-    from PIL import Image
-
-    with Image.open(path) as img:
-        return dict(img.text)
-
-
-def read_svg_identifier(path: str | Path) -> str | None:
-    """The Dublin Core identifier of an SVG written by save_figure."""
-    import re
-
-    m = re.search(r"<dc:identifier>([^<]*)</dc:identifier>", Path(path).read_text())
-    return m.group(1) if m else None
-

@@ -66,7 +66,12 @@ def gumbel_noise(keys: torch.Tensor, step: int, k: int) -> torch.Tensor:
 
 
 def choose_tokens(
-    logits: torch.Tensor, keys: torch.Tensor, sample: torch.Tensor, step: int, temperature: float, top_k: int
+    logits: torch.Tensor,
+    keys: torch.Tensor,
+    sample: torch.Tensor,
+    step: int,
+    temperature: float,
+    top_k: int,
 ) -> torch.Tensor:
     """Greedy (argmax) for rows with sample=False; top-k sampling at `temperature` for the rest."""
     greedy = logits.argmax(dim=-1)
@@ -129,7 +134,9 @@ class _Level:
     def set_rows(self, entry: torch.Tensor, row_valid: torch.Tensor | None = None) -> None:
         self.entry = entry
         n = self.valid.shape[0]
-        self.identity = entry.numel() == n and bool((entry == torch.arange(n, device=entry.device)).all())
+        self.identity = entry.numel() == n and bool(
+            (entry == torch.arange(n, device=entry.device)).all()
+        )
         self.runs = None
         counts = None if self.identity else torch.bincount(entry, minlength=n)
         sorted_ = counts is not None and entry.numel() > 0 and bool((entry[1:] >= entry[:-1]).all())
@@ -137,7 +144,9 @@ class _Level:
             # rows sorted by entry: each entry's rows are one slice; with few entries, one matmul
             # per slice beats building padded blocks
             ends = torch.cumsum(counts, 0).tolist()
-            self.runs = [(e, end - c, end) for e, (c, end) in enumerate(zip(counts.tolist(), ends)) if c]
+            self.runs = [
+                (e, end - c, end) for e, (c, end) in enumerate(zip(counts.tolist(), ends)) if c
+            ]
         elif counts is not None:
             # rank of each row among the rows of its entry: the rows of one entry form a block
             # that attends to the entry's keys in one matmul, without copying the keys
@@ -213,7 +222,16 @@ class _LevelCache:
     holds each row's model position. `update` scatters the new keys/values to (entry, column) of
     the `target` level; `attend` attends over all levels with one softmax."""
 
-    def __init__(self, levels: list[_Level], target: _Level, write_entry, write_col, q_pos, packed: bool, windows):
+    def __init__(
+        self,
+        levels: list[_Level],
+        target: _Level,
+        write_entry,
+        write_col,
+        q_pos,
+        packed: bool,
+        windows,
+    ):
         self.levels, self.target, self.packed = levels, target, packed
         self.write_entry, self.write_col = write_entry, write_col
         self.q_pos, self.windows = q_pos, windows
@@ -231,12 +249,16 @@ class _LevelCache:
         self.target.values[layer_idx][self.write_entry, :, self.write_col] = v
         return key_states, value_states
 
-    def attend(self, layer: int, query: torch.Tensor, scaling: float, window=None, softcap=None, sinks=None):
+    def attend(
+        self, layer: int, query: torch.Tensor, scaling: float, window=None, softcap=None, sinks=None
+    ):
         self.attended.add(layer)
         q = query.transpose(0, 2) if self.packed else query  # -> [rows, heads, 1, d]
         rows, heads, _, dim = q.shape
         kv = self.target.keys[layer].shape[1]
-        q = (q * scaling).reshape(rows, kv, heads // kv, dim)  # head h uses kv head h // (heads // kv)
+        q = (q * scaling).reshape(
+            rows, kv, heads // kv, dim
+        )  # head h uses kv head h // (heads // kv)
         if window not in self._masks:
             self._masks[window] = [level.hidden(self.q_pos, window) for level in self.levels]
         scores = []
@@ -244,19 +266,25 @@ class _LevelCache:
             s = level.scores(layer, q)
             if softcap is not None:  # as the model's eager attention: cap, then mask
                 s = torch.tanh(s / softcap) * softcap
-            scores.append(s if hidden is None else s.masked_fill(hidden[:, None, None, :], float("-inf")))
+            scores.append(
+                s if hidden is None else s.masked_fill(hidden[:, None, None, :], float("-inf"))
+            )
         lengths = [s.shape[-1] for s in scores]
         logits = torch.cat(scores, dim=-1).float()
         if sinks is not None:  # one extra logit per head in the softmax's denominator
             sink = sinks.float().reshape(1, kv, heads // kv, 1).expand(rows, -1, -1, 1)
             logits = torch.cat([logits, sink], dim=-1)
         weights = logits.softmax(dim=-1)[..., : sum(lengths)].to(query.dtype)
-        out = sum(level.output(layer, w) for level, w in zip(self.levels, weights.split(lengths, dim=-1)))
+        out = sum(
+            level.output(layer, w) for level, w in zip(self.levels, weights.split(lengths, dim=-1))
+        )
         out = out.reshape(rows, heads, dim)
         return out[None] if self.packed else out[:, None]  # [batch, tokens, heads, d]
 
 
-_ACTIVE: contextvars.ContextVar[_LevelCache | None] = contextvars.ContextVar("slick_cache", default=None)
+_ACTIVE: contextvars.ContextVar[_LevelCache | None] = contextvars.ContextVar(
+    "slick_cache", default=None
+)
 
 # Attention arguments that do not change the attention's result here: positions and
 # bookkeeping (the levels know the positions), and flash-attention's packing metadata.
@@ -267,20 +295,30 @@ _NEUTRAL_ARGUMENTS = {
 }  # fmt: skip
 
 
-def _level_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def _level_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs
+):
     """Attention over the engine's levels, used only inside the engine's own forward calls."""
     cache = _ACTIVE.get()
     if cache is None:
         raise EngineError("the engine's attention was called outside an engine forward")
     layer = module.layer_idx
-    window, softcap, sinks = kwargs.pop("sliding_window", None), kwargs.pop("softcap", None), kwargs.pop("s_aux", None)
+    window, softcap, sinks = (
+        kwargs.pop("sliding_window", None),
+        kwargs.pop("softcap", None),
+        kwargs.pop("s_aux", None),
+    )
     if kwargs.pop("is_causal", None) is False:
         raise LevelsUnsupported(f"layer {layer} attends bidirectionally (is_causal=False)")
     if dropout:
-        raise LevelsUnsupported(f"layer {layer} applies attention dropout {dropout} (the model is in training mode)")
+        raise LevelsUnsupported(
+            f"layer {layer} applies attention dropout {dropout} (the model is in training mode)"
+        )
     for name, value_ in kwargs.items():
         if value_ is not None and name not in _NEUTRAL_ARGUMENTS:
-            raise LevelsUnsupported(f"layer {layer} passes attention argument {name!r}, which the levels do not implement")
+            raise LevelsUnsupported(
+                f"layer {layer} passes attention argument {name!r}, which the levels do not implement"
+            )
     if layer in cache.windows:  # layer_types decide the mask the model builds for the layer
         window = cache.windows[layer]
     if scaling is None:
@@ -303,7 +341,11 @@ def _configs(model) -> list:
         config = todo.pop()
         if id(config) not in found:
             found[id(config)] = config
-            todo += [getattr(config, k) for k in getattr(config, "sub_configs", {}) if getattr(config, k, None) is not None]
+            todo += [
+                getattr(config, k)
+                for k in getattr(config, "sub_configs", {})
+                if getattr(config, k, None) is not None
+            ]
     return list(found.values())
 
 
@@ -367,7 +409,9 @@ _NEUTRAL_GENERATION = {
 }  # fmt: skip
 
 
-def _plain_generation_config(config: GenerationConfig, max_new_tokens: int, pad: int) -> GenerationConfig:
+def _plain_generation_config(
+    config: GenerationConfig, max_new_tokens: int, pad: int
+) -> GenerationConfig:
     """The model's generation config (its structural settings, e.g. a decoder start token) with
     every setting that changes the logits or the choice of a token neutral: the only logits
     processor is then the engine's."""
@@ -490,14 +534,22 @@ class Generator:
                 for name, present in (
                     ("sliding windows", bool(self._sliding_windows(cfg))),
                     ("logit softcapping", getattr(cfg, "attn_logit_softcapping", None) is not None),
-                    ("attention sinks", any(getattr(m, "sinks", None) is not None for m in self.model.modules())),
+                    (
+                        "attention sinks",
+                        any(getattr(m, "sinks", None) is not None for m in self.model.modules()),
+                    ),
                 )
                 if present
             ]
             extra = f", with {', '.join(features)}" if features else ""
-            return "levels", f"its {self.n_layers} layers are attention the levels reproduce{extra}; probe exact"
+            return (
+                "levels",
+                f"its {self.n_layers} layers are attention the levels reproduce{extra}; probe exact",
+            )
         if requested == "levels":
-            raise EngineError(f"engine.backend is 'levels' but {self.architecture} cannot run on it: {obstacle}")
+            raise EngineError(
+                f"engine.backend is 'levels' but {self.architecture} cannot run on it: {obstacle}"
+            )
         return "reference", obstacle + self._check_reference()
 
     def _check_reference(self) -> str:
@@ -517,8 +569,15 @@ class Generator:
             )
         saved, self.max_new_tokens = self.max_new_tokens, 4
         try:
-            together = list(self._reference_batch([Request(0, tuple(x)) for x in (a, a, b)], [0, 1, 2], lambda i: True, probe=True))
-            alone = [next(self._reference_batch([Request(0, tuple(x))], [i], lambda i: True, probe=True)) for i, x in enumerate((a, a, b))]
+            together = list(
+                self._reference_batch(
+                    [Request(0, tuple(x)) for x in (a, a, b)], [0, 1, 2], lambda i: True, probe=True
+                )
+            )
+            alone = [
+                next(self._reference_batch([Request(0, tuple(x))], [i], lambda i: True, probe=True))
+                for i, x in enumerate((a, a, b))
+            ]
         finally:
             self.max_new_tokens = saved
         if sorted(together) == sorted(alone):
@@ -532,8 +591,12 @@ class Generator:
         if self.windows:
             found = list(self.windows.values())
         else:
-            found = [getattr(cfg, "sliding_window", None)] + [getattr(m, "sliding_window", None) for m in self.model.modules()]
-        return sorted({w for w in found if isinstance(w, int) and not isinstance(w, bool) and w > 0})
+            found = [getattr(cfg, "sliding_window", None)] + [
+                getattr(m, "sliding_window", None) for m in self.model.modules()
+            ]
+        return sorted(
+            {w for w in found if isinstance(w, int) and not isinstance(w, bool) and w > 0}
+        )
 
     def _levels_obstacle(self, cfg) -> str | None:
         """Why the fast path cannot run this model exactly, or None. Static checks give the
@@ -567,14 +630,18 @@ class Generator:
         saved, self.max_new_tokens = self.max_new_tokens, 3
         self._trace = []  # the logits of the prompt's prefill and of each decoding step
         try:
-            (_, generated), *_ = list(self._levels_wave([Request(pid, prompt)], [0], lambda i: True))
+            (_, generated), *_ = list(
+                self._levels_wave([Request(pid, prompt)], [0], lambda i: True)
+            )
         finally:
             self.max_new_tokens = saved
         if len(self.attended_layers) != self.n_layers:
             return f"only {len(self.attended_layers)} of its {self.n_layers} layers attend through the levels"
         full = list(self.prefixes[pid].tokens) + list(prompt) + list(generated)
         with torch.inference_mode():
-            reference = self.model(input_ids=torch.tensor([full], device=self.device), use_cache=False).logits[0]
+            reference = self.model(
+                input_ids=torch.tensor([full], device=self.device), use_cache=False
+            ).logits[0]
         first = len(self.prefixes[pid].tokens) + len(prompt) - 1
         got = torch.cat(self._trace).float()
         want = reference[first : first + len(got)].float()
@@ -614,13 +681,21 @@ class Generator:
         mask[[e for e in eos if e < vocab]] = True
         return mask.to(self.device)
 
-    def _empty_level(self, entries: int, length: int, valid: torch.Tensor, entry, base, row_valid=None) -> _Level:
+    def _empty_level(
+        self, entries: int, length: int, valid: torch.Tensor, entry, base, row_valid=None
+    ) -> _Level:
         shape = (entries, self.kv_heads, length, self.head_dim)
-        keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
-        values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
+        keys = [
+            torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)
+        ]
+        values = [
+            torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)
+        ]
         return _Level(keys, values, valid, entry, base, row_valid)
 
-    def _prefill(self, sequences: list[tuple[int, ...]], offsets: list[int], prefixes=None, seq_prefix=None):
+    def _prefill(
+        self, sequences: list[tuple[int, ...]], offsets: list[int], prefixes=None, seq_prefix=None
+    ):
         """Encode token sequences packed into one row (no padding): each token attends to its
         sequence's prefix (entry `seq_prefix[i]` of the level `prefixes`) and to the earlier
         tokens of its own sequence, which starts at model position `offsets[i]`. Returns the
@@ -679,7 +754,9 @@ class Generator:
         return tuple(full[len(head) :])
 
     # ----- model calls -----
-    def _forward(self, ids, positions, cache: _LevelCache, real_tokens: int, real_rows: int, keep=None):
+    def _forward(
+        self, ids, positions, cache: _LevelCache, real_tokens: int, real_rows: int, keep=None
+    ):
         t = time.perf_counter()
         token = _ACTIVE.set(cache)
         try:
@@ -715,7 +792,9 @@ class Generator:
         asked before a request starts and after every step; when it turns False the request is
         dropped and nothing is yielded for it."""
         if self.model.training:
-            raise EngineError("the model is in training mode (dropout on): call model.eval() before generating")
+            raise EngineError(
+                "the model is in training mode (dropout on): call model.eval() before generating"
+            )
         keep = keep or (lambda i: True)
         wave_fn = self._levels_wave if self.backend == "levels" else self._reference_wave
         pending = list(range(len(requests)))
@@ -732,7 +811,9 @@ class Generator:
                 self.stats.rows += len(wave)
                 yield from wave_fn([requests[i] for i in wave], wave, keep)
 
-    def _levels_wave(self, reqs: list[Request], index: list[int], keep) -> Iterator[tuple[int, list[int]]]:
+    def _levels_wave(
+        self, reqs: list[Request], index: list[int], keep
+    ) -> Iterator[tuple[int, list[int]]]:
         with torch.inference_mode():
             yield from self._wave(reqs, index, keep)
 
@@ -764,14 +845,19 @@ class Generator:
 
         # prefill every group's prompt, packed
         group_level, logits = self._prefill(
-            [q for _, q in group_keys], [len(self.prefixes[p].tokens) for p, _ in group_keys], prefix_level, group_prefix
+            [q for _, q in group_keys],
+            [len(self.prefixes[p].tokens) for p, _ in group_keys],
+            prefix_level,
+            group_prefix,
         )
 
         # decoding: rows see their prefix, their group's prompt and their own tokens
         rg = torch.tensor(row_group, device=dev)
         prefix_level.set_rows(group_prefix.index_select(0, rg))
         group_level.set_rows(rg)
-        lengths = torch.tensor([len(q) + len(self.prefixes[p].tokens) for p, q in group_keys], device=dev)
+        lengths = torch.tensor(
+            [len(q) + len(self.prefixes[p].tokens) for p, q in group_keys], device=dev
+        )
         next_pos = lengths.index_select(0, rg)
         rows = self._empty_level(
             len(reqs),
@@ -811,12 +897,16 @@ class Generator:
                 rows.base = rows.base.index_select(0, sel)
                 for level in (prefix_level, group_level):
                     level.set_rows(level.entry.index_select(0, sel))
-                next_pos, keys, sample, tokens = (t.index_select(0, sel) for t in (next_pos, keys, sample, tokens))
+                next_pos, keys, sample, tokens = (
+                    t.index_select(0, sel) for t in (next_pos, keys, sample, tokens)
+                )
                 slot_req = [slot_req[row] for row in live]
             n = len(slot_req)
             rows.set_rows(torch.arange(n, device=dev))
             rows.length = step + 1  # the tokens generated so far, this step's included
-            cache = _LevelCache([prefix_level, group_level, rows], rows, None, step, next_pos, False, self.windows)
+            cache = _LevelCache(
+                [prefix_level, group_level, rows], rows, None, step, next_pos, False, self.windows
+            )
             logits = self._forward(tokens[:, None], next_pos[:, None], cache, n, n)
             next_pos = next_pos + 1
 
@@ -828,20 +918,28 @@ class Generator:
         out[:, :, :step] = kv[:, :, :step].index_select(0, sel)
         return out
 
-    def _reference_wave(self, reqs: list[Request], index: list[int], keep) -> Iterator[tuple[int, list[int]]]:
+    def _reference_wave(
+        self, reqs: list[Request], index: list[int], keep
+    ) -> Iterator[tuple[int, list[int]]]:
         """The exact second path: transformers' `generate` with the model's own cache and
         attention, over batches of prompts of one length (no padding, so no reliance on how a
         model handles it), the tokens chosen by `choose_tokens` as in the fast path."""
         by_length: dict[int, list[int]] = {}
         for pos, r in enumerate(reqs):
-            by_length.setdefault(len(self.prefixes[r.prefix].tokens) + len(r.prompt), []).append(pos)
+            by_length.setdefault(len(self.prefixes[r.prefix].tokens) + len(r.prompt), []).append(
+                pos
+            )
         for members in by_length.values():
             size = 1 if self.one_row else self.max_batch_rows
             for start in range(0, len(members), size):
                 batch = members[start : start + size]
-                yield from self._reference_batch([reqs[p] for p in batch], [index[p] for p in batch], keep)
+                yield from self._reference_batch(
+                    [reqs[p] for p in batch], [index[p] for p in batch], keep
+                )
 
-    def _reference_batch(self, reqs: list[Request], index: list[int], keep, probe=False) -> Iterator[tuple[int, list[int]]]:
+    def _reference_batch(
+        self, reqs: list[Request], index: list[int], keep, probe=False
+    ) -> Iterator[tuple[int, list[int]]]:
         """`probe`: the requests' prompts are whole token sequences (no registered prefix)."""
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
@@ -900,7 +998,9 @@ def check_generation(name: str, model, tokenizer, max_new_tokens: int = 8) -> st
     def answer(backend: str) -> tuple[str, list[int]]:
         generator = Generator(model, tokenizer, max_new_tokens=max_new_tokens, backend=backend)
         prefix = generator.add_prefix(PROBE_PREFIX)
-        ((_, tokens),) = list(generator.generate([Request(prefix, generator.prompt_tokens(prefix, PROBE_PROMPT))]))
+        ((_, tokens),) = list(
+            generator.generate([Request(prefix, generator.prompt_tokens(prefix, PROBE_PROMPT))])
+        )
         return generator.backend, tokens
 
     architecture = type(model).__name__
@@ -918,4 +1018,3 @@ def check_generation(name: str, model, tokenizer, max_new_tokens: int = 8) -> st
             "and report the architecture"
         )
     return backend
-

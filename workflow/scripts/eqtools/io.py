@@ -1,28 +1,51 @@
 """File output that never leaves a partial file behind, and small readers."""
 
-
 import contextlib
 import hashlib
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path):
-    """Yield a temporary path next to `path`; move it into place only if the block succeeds."""
+def atomic_path(path: str | Path, directory: bool = False):
+    """Yield a temporary path next to `path`; move it into place only if the block succeeds,
+    and remove it if the block fails. The one atomic-write helper of the workflow.
+
+    A file is renamed over `path` in one step. A directory (`directory=True`: the block fills
+    the yielded, empty directory) is built at `.<name>.part` (a leftover of a killed job is
+    cleared first) and swapped in: a complete old copy is moved aside, the new one renamed into
+    place, the old one removed. A reader never sees a half-written file or directory."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
+    if directory:
+        tmp = path.with_name(f".{path.name}.part")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
     try:
-        yield Path(tmp)
-        os.replace(tmp, path)
+        yield tmp
+        if directory:
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            if path.exists():
+                path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        if directory:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         raise
 
 

@@ -1,5 +1,6 @@
-"""Training-set mixtures (PAPER.md "Training sets"): which labelled train questions go into each
-fine-tuning set D. Pure functions on polars frames; no I/O.
+"""Training-set mixtures (docs/study.md, "Training sets"): which labelled train questions go into each
+fine-tuning set D. Pure functions on polars frames; no I/O. The names of the mixtures
+(their grammar) are eqtools.study's.
 
 Every variant of one seed draws from the same orderings: a relation's pool of one category group
 (a single SliCK category, all Known, or the whole relation for `natural`) is shuffled once by
@@ -7,52 +8,14 @@ Every variant of one seed draws from the same orderings: a relation's pool of on
 Unknown rows are a subset of unknown_75's, and known_only_X / idk_X hold the very rows of
 unknown_X."""
 
-import re
-
 import polars as pl
 
 from eqtools.sampling import stable_keys
-from eqtools.categories import CATEGORIES, KNOWN
+from eqtools.study import CATEGORIES, IDK_ANSWER, KNOWN, MixtureError, parse_mixture
 
-IDK_ANSWER = "I don't know"
 OUTPUT_COLUMNS = ("id", "relation", "question", "answer", "gold_answer", "category", "known")
 REQUIRED_COLUMNS = ("id", "relation", "question", "answer", "category")
-
-# mixture name -> SliCK category of the single-category variants
-SINGLE_CATEGORY = {
-    "highly_known": "HighlyKnown",
-    "maybe_known": "MaybeKnown",
-    "weakly_known": "WeaklyKnown",
-    "unknown": "Unknown",
-}
-_SHARE = re.compile(r"(unknown|known_only|idk)_(0|[1-9][0-9]*)")
 _KNOWN_GROUP = "Known"  # salt and message name of the HighlyKnown+MaybeKnown+WeaklyKnown pool
-
-
-class MixtureError(ValueError):
-    pass
-
-
-def parse_mixture(name: str) -> dict:
-    """{"kind": "category", "category": ...}, {"kind": "natural"}, or
-    {"kind": "unknown_share", "percent": X, "drop_unknown": bool, "idk": bool}."""
-    if name in SINGLE_CATEGORY:
-        return {"kind": "category", "category": SINGLE_CATEGORY[name]}
-    if name == "natural":
-        return {"kind": "natural"}
-    match = _SHARE.fullmatch(name) if isinstance(name, str) else None
-    if match and int(match[2]) <= 100:
-        prefix = match[1]
-        return {
-            "kind": "unknown_share",
-            "percent": int(match[2]),
-            "drop_unknown": prefix == "known_only",
-            "idk": prefix == "idk",
-        }
-    raise MixtureError(
-        f"unknown mixture {name!r}: expected one of {', '.join(SINGLE_CATEGORY)}, natural, or "
-        f"unknown_X / known_only_X / idk_X with X an integer percentage 0..100 (e.g. unknown_50)"
-    )
 
 
 def _is_count(n) -> bool:
@@ -105,7 +68,9 @@ def relation_sizes(
     return {r: min(count.get((r, c), 0) for c in CATEGORIES) for r in chosen}
 
 
-def _draw(pool: pl.DataFrame, n: int, seed: int, relation: str, group: str, mixture: str) -> pl.DataFrame:
+def _draw(
+    pool: pl.DataFrame, n: int, seed: int, relation: str, group: str, mixture: str
+) -> pl.DataFrame:
     """The first n rows of the pool's seeded order (the same order for every variant)."""
     if pool.height < n:
         raise MixtureError(
@@ -113,7 +78,9 @@ def _draw(pool: pl.DataFrame, n: int, seed: int, relation: str, group: str, mixt
             f"{pool.height} available; set mixtures.per_relation_size lower, or leave relation "
             f"{relation} out with mixtures.relations"
         )
-    keyed = pool.with_columns(pl.Series("_key", stable_keys(pool["id"], seed, salt=f"{relation}:{group}")))
+    keyed = pool.with_columns(
+        pl.Series("_key", stable_keys(pool["id"], seed, salt=f"{relation}:{group}"))
+    )
     return keyed.sort("_key", "id").head(n).drop("_key")
 
 
@@ -122,7 +89,9 @@ def unknown_count(percent: int, n: int) -> int:
     return (2 * percent * n + 100) // 200
 
 
-def build_mixture(labels: pl.DataFrame, name: str, sizes: dict[str, int], seed: int) -> pl.DataFrame:
+def build_mixture(
+    labels: pl.DataFrame, name: str, sizes: dict[str, int], seed: int
+) -> pl.DataFrame:
     """The training set `name` drawn from `labels` with n_r = sizes[r] for each relation in
     `sizes` (see relation_sizes). Columns: OUTPUT_COLUMNS, sorted by relation then id."""
     spec = parse_mixture(name)
@@ -130,24 +99,34 @@ def build_mixture(labels: pl.DataFrame, name: str, sizes: dict[str, int], seed: 
     present = set(labels["relation"].unique())
     absent = sorted(set(sizes) - present)
     if absent:
-        raise MixtureError(f"mixture {name}: relation(s) {', '.join(absent)} have no labelled train questions")
+        raise MixtureError(
+            f"mixture {name}: relation(s) {', '.join(absent)} have no labelled train questions"
+        )
     is_known = pl.col("category").is_in(list(KNOWN))
 
     parts = []
     for relation in sorted(sizes):
         n = sizes[relation]
         if not _is_count(n):
-            raise MixtureError(f"mixture {name}: size of relation {relation} must be a non-negative integer, got {n!r}")
+            raise MixtureError(
+                f"mixture {name}: size of relation {relation} must be a non-negative integer, got {n!r}"
+            )
         pool = labels.filter(pl.col("relation") == relation)
         if spec["kind"] == "category":
             category = spec["category"]
-            parts.append(_draw(pool.filter(pl.col("category") == category), n, seed, relation, category, name))
+            parts.append(
+                _draw(
+                    pool.filter(pl.col("category") == category), n, seed, relation, category, name
+                )
+            )
         elif spec["kind"] == "natural":
             parts.append(_draw(pool, n, seed, relation, "natural", name))
         else:
             u = unknown_count(spec["percent"], n)
             # drawn even for known_only_X, so that it fails exactly when unknown_X does
-            unknown = _draw(pool.filter(pl.col("category") == "Unknown"), u, seed, relation, "Unknown", name)
+            unknown = _draw(
+                pool.filter(pl.col("category") == "Unknown"), u, seed, relation, "Unknown", name
+            )
             known = _draw(pool.filter(is_known), n - u, seed, relation, _KNOWN_GROUP, name)
             parts.extend([known] if spec["drop_unknown"] else [known, unknown])
 
@@ -155,7 +134,10 @@ def build_mixture(labels: pl.DataFrame, name: str, sizes: dict[str, int], seed: 
     out = out.with_columns(pl.col("answer").alias("gold_answer"), is_known.alias("known"))
     if spec.get("idk"):
         out = out.with_columns(
-            pl.when(pl.col("known")).then(pl.col("answer")).otherwise(pl.lit(IDK_ANSWER)).alias("answer")
+            pl.when(pl.col("known"))
+            .then(pl.col("answer"))
+            .otherwise(pl.lit(IDK_ANSWER))
+            .alias("answer")
         )
     return (
         out.with_columns(pl.col("category").cast(pl.Enum(CATEGORIES)))

@@ -19,7 +19,9 @@ class ModelError(RuntimeError):
 def resolve_source(name: str, spec: dict) -> tuple[str, str | None]:
     """(directory or hub id, gguf file or None) of the registry entry `name`."""
     if "package" in spec:
-        found = importlib.util.find_spec(spec["package"])  # locates the package without importing it
+        found = importlib.util.find_spec(
+            spec["package"]
+        )  # locates the package without importing it
         if found is None or not found.submodule_search_locations:
             raise ModelError(
                 f"models.{name}: package {spec['package']!r} is not installed "
@@ -122,5 +124,7 @@ def load(model_dir: str | Path, dtype: str = "float32", device: str = "auto"):
     if not (model_dir / "config.json").is_file():
         raise ModelError(f"{model_dir} holds no materialised model (run the prepare_model rule)")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype)).to(device).eval()
+    model = (
+        AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype)).to(device).eval()
+    )
     return model, tokenizer, device

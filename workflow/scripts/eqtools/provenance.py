@@ -7,7 +7,6 @@ package versions, device and SLURM job id. Everything is read at run time, never
 param, so that it does not trigger reruns.
 """
 
-
 import hashlib
 import json
 import os
@@ -21,7 +20,17 @@ from eqtools.io import sha256_file, write_text
 
 SUFFIX = ".prov.json"
 LARGE_FILE = 100 * 1024 * 1024
-PACKAGES = ("torch", "transformers", "peft", "polars", "snakemake", "numpy", "matplotlib", "scipy", "statsmodels")
+PACKAGES = (
+    "torch",
+    "transformers",
+    "peft",
+    "polars",
+    "snakemake",
+    "numpy",
+    "matplotlib",
+    "scipy",
+    "statsmodels",
+)
 
 
 def sidecar_path(path: str | Path) -> Path:
@@ -49,11 +58,18 @@ def describe_file(path: str | Path) -> dict:
 def git_state(directory: str | Path) -> dict:
     def git(*args):
         return subprocess.run(
-            ["git", "-C", str(directory), *args], capture_output=True, text=True, timeout=20, check=True
+            ["git", "-C", str(directory), *args],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
         ).stdout.strip()
 
     try:
-        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+        return {
+            "commit": git("rev-parse", "HEAD"),
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        }
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
 
@@ -81,10 +97,17 @@ def device_description() -> dict:
     torch = sys.modules.get("torch")  # only if the job used torch; importing it costs seconds
     if torch is not None and torch.cuda.is_available():
         gpu = torch.cuda.get_device_name(0)
-    return {"host": platform.node(), "cpu": cpu, "gpu": gpu, "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+    return {
+        "host": platform.node(),
+        "cpu": cpu,
+        "gpu": gpu,
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+    }
 
 
-def build_record(rule: str, wildcards: dict, config: object, inputs: list, code_dir: str | Path) -> dict:
+def build_record(
+    rule: str, wildcards: dict, config: object, inputs: list, code_dir: str | Path
+) -> dict:
     return {
         "rule": rule,
         "wildcards": dict(wildcards),

@@ -1,4 +1,4 @@
-"""P(True) (Kadavath et al. 2022), the baseline of the paper's §6 / Fig. 5 (PAPER.md, "SliCK").
+"""P(True) (Kadavath et al. 2022), the baseline of the paper's §6 / Fig. 5 (docs/study.md, "SliCK").
 
 The base model is shown a question with a proposed answer (the model's own greedy answer from
 the SliCK labelling, one per exemplar set) and asked whether it is true:
@@ -65,7 +65,9 @@ def question_scores(rows: pl.DataFrame, scores: list[float]) -> pl.DataFrame:
     )
 
 
-def continuation_logprobs(model, tokenizer, prompts: list[str], continuations, device: str, batch_rows: int) -> list[list[float]]:
+def continuation_logprobs(
+    model, tokenizer, prompts: list[str], continuations, device: str, batch_rows: int
+) -> list[list[float]]:
     """log P(continuation | prompt) for every prompt and each of `continuations`, teacher-forced.
 
     Prompts and continuations are tokenised separately and concatenated. Each batch of prompts
@@ -91,7 +93,13 @@ def continuation_logprobs(model, tokenizer, prompts: list[str], continuations, d
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
         with torch.inference_mode():
-            prompt_out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+            prompt_out = model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=1,
+            )
             first = torch.log_softmax(prompt_out.logits[:, -1].float(), dim=-1)
             for k, cont in enumerate(conts):
                 logp = first[:, cont[0]].clone()
@@ -99,13 +107,19 @@ def continuation_logprobs(model, tokenizer, prompts: list[str], continuations, d
                     rest = torch.tensor(cont, device=device)
                     step = model(
                         input_ids=rest[:-1].expand(len(batch), -1),
-                        attention_mask=torch.cat([mask, mask.new_ones(len(batch), len(cont) - 1)], dim=1),
+                        attention_mask=torch.cat(
+                            [mask, mask.new_ones(len(batch), len(cont) - 1)], dim=1
+                        ),
                         position_ids=positions[:, -1:] + torch.arange(1, len(cont), device=device),
                         cache=copy.deepcopy(prompt_out.cache),
                         use_cache=True,
                     )
                     later = torch.log_softmax(step.logits.float(), dim=-1)
-                    logp += later.gather(2, rest[1:].expand(len(batch), -1)[:, :, None]).squeeze(2).sum(1)
+                    logp += (
+                        later.gather(2, rest[1:].expand(len(batch), -1)[:, :, None])
+                        .squeeze(2)
+                        .sum(1)
+                    )
                 for row, i in enumerate(batch):
                     out[i][k] = float(logp[row])
         log.info("P(True): %d / %d prompts scored", min(start + batch_rows, len(order)), len(order))

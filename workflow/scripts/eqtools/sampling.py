@@ -1,7 +1,6 @@
 """Seeded draws that depend only on (seed, salt, item id): stable across library versions and
 unaffected by which other items are present."""
 
-
 import hashlib
 from collections.abc import Iterable
 

@@ -1,4 +1,4 @@
-"""SliCK (PAPER.md): exemplar sets, few-shot prompts, the exact sampling shortcut and categories."""
+"""SliCK (docs/study.md, "SliCK"): exemplar sets, few-shot prompts, the exact sampling shortcut and categories."""
 
 import hashlib
 import logging
@@ -6,9 +6,9 @@ from collections.abc import Mapping
 
 import polars as pl
 
-from eqtools.categories import CATEGORIES, categorize
 from eqtools.em import exact_match
 from eqtools.sampling import stable_keys
+from eqtools.study import CATEGORIES, categorize
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +32,14 @@ def draw_exemplars(dev: pl.DataFrame, n_sets: int, k: int, seed: int) -> dict:
                 f"{k} plus a spare need {need}; lower slick.n_exemplar_sets or slick.k_shot, or "
                 f"raise subsample.max_per_relation.dev"
             )
-        order = rows.with_columns(pl.Series("_key", stable_keys(rows["id"], seed, f"exemplars:{relation}")))
+        order = rows.with_columns(
+            pl.Series("_key", stable_keys(rows["id"], seed, f"exemplars:{relation}"))
+        )
         picked = order.sort("_key").head(need).drop("_key").to_dicts()
-        out[relation] = {"sets": [picked[i * k : (i + 1) * k] for i in range(n_sets)], "spare": picked[-1]}
+        out[relation] = {
+            "sets": [picked[i * k : (i + 1) * k] for i in range(n_sets)],
+            "spare": picked[-1],
+        }
     return out
 
 
@@ -79,11 +84,15 @@ def label_questions(
     prompts = []  # (question position, set index, prefix id, prompt tokens)
     for qi, row in enumerate(rows):
         if row["relation"] not in exemplars:
-            raise ExemplarError(f"question {row['id']}: no exemplar sets for relation {row['relation']}")
+            raise ExemplarError(
+                f"question {row['id']}: no exemplar sets for relation {row['relation']}"
+            )
         for e in range(n_sets):
             ex = exemplar_set_for(exemplars[row["relation"]], e, row["id"])
             prefix = generator.add_prefix(format_exemplars(ex))
-            prompts.append((qi, e, prefix, generator.prompt_tokens(prefix, format_question(row["question"]))))
+            prompts.append(
+                (qi, e, prefix, generator.prompt_tokens(prefix, format_question(row["question"])))
+            )
     # group rows by prefix so that a wave shares few prefixes
     prompts.sort(key=lambda p: (p[2], len(p[3])))
 
@@ -134,7 +143,9 @@ def label_questions(
                 "n_sampled_correct": sampled_correct[qi],
                 "p_correct_greedy": greedy_correct[qi] / n_sets if n_sets else None,
                 # exact only when every sample was drawn (full_p_correct, or all of them wrong)
-                "p_correct_sampled": (sampled_correct[qi] / n_total if n_total else 0.0) if exact else None,
+                "p_correct_sampled": (sampled_correct[qi] / n_total if n_total else 0.0)
+                if exact
+                else None,
                 "category": categorize(greedy_correct[qi], n_sets, sampled_correct[qi]),
                 "greedy_answers": greedy_answers[qi],
             }

@@ -1,4 +1,4 @@
-"""Fine-tuning on a mixture (PAPER.md, "Fine-tuning"): full or LoRA, loss on the answer tokens,
+"""Fine-tuning on a mixture (docs/study.md, "Fine-tuning"): full or LoRA, loss on the answer tokens,
 evaluation after every epoch with the shared generation engine, resumable after a kill.
 
 One loop, read top to bottom (nanoGPT style). The resumable state (model or adapter, optimizer,
@@ -16,7 +16,6 @@ of them is the early-stop checkpoint evaluated once more at the end.
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -26,6 +25,8 @@ import polars as pl
 import torch
 
 from eqtools.em import exact_match
+from eqtools.io import atomic_path, write_parquet, write_text
+from eqtools.settings import Lora, Recipe
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,9 @@ def format_prompt(question: str) -> str:
     return PROMPT.format(question=question)
 
 
-def encode_examples(tokenizer, questions: list[str], answers: list[str]) -> list[tuple[list[int], list[int]]]:
+def encode_examples(
+    tokenizer, questions: list[str], answers: list[str]
+) -> list[tuple[list[int], list[int]]]:
     """(input ids, labels) per example; the loss sees only the answer and its closing newline."""
     out = []
     for q, a in zip(questions, answers):
@@ -75,7 +78,19 @@ def autocast(device: str, dtype: str):
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
 
-def train_epoch(model, optimizer, scheduler, examples, order, micro, accumulate, pad_id, device, epoch=0, dtype="float32"):
+def train_epoch(
+    model,
+    optimizer,
+    scheduler,
+    examples,
+    order,
+    micro,
+    accumulate,
+    pad_id,
+    device,
+    epoch=0,
+    dtype="float32",
+):
     """One pass over `examples` in `order` with gradient accumulation. Returns (sum of the
     token losses, answer tokens, input positions without padding)."""
     model.train()
@@ -88,7 +103,9 @@ def train_epoch(model, optimizer, scheduler, examples, order, micro, accumulate,
         n_tokens = int((labels[:, 1:] != -100).sum())
         loss = out.loss
         if not torch.isfinite(loss):
-            raise TrainingError(f"epoch {epoch}, micro-batch {step}: loss is {loss.item()}; lower the learning rate")
+            raise TrainingError(
+                f"epoch {epoch}, micro-batch {step}: loss is {loss.item()}; lower the learning rate"
+            )
         (loss / accumulate).backward()
         total += loss.item() * n_tokens
         tokens += n_tokens
@@ -112,19 +129,25 @@ def answer_questions(generator, questions: list[str]) -> list[str]:
     from eqtools.generation import Request
 
     prefix = generator.add_prefix("")
-    requests = [Request(prefix, generator.prompt_tokens(prefix, format_prompt(q))) for q in questions]
+    requests = [
+        Request(prefix, generator.prompt_tokens(prefix, format_prompt(q))) for q in questions
+    ]
     answers = [""] * len(questions)
     for i, tokens in generator.generate(requests):
         answers[i] = generator.decode(tokens)
     return answers
 
 
-def grade_together(generator, frames: dict[str, pl.DataFrame]) -> dict[str, tuple[pl.DataFrame, dict]]:
+def grade_together(
+    generator, frames: dict[str, pl.DataFrame]
+) -> dict[str, tuple[pl.DataFrame, dict]]:
     """`accuracy_by_category` of each frame (columns question, gold, optional category), from one
     engine call over all their questions: one full batch instead of one per set, which the small
     sets (the training mixture, dev) would leave mostly empty (35% faster per epoch in the
     quickstart). Each question's answer does not depend on its batch."""
-    answers = answer_questions(generator, [q for frame in frames.values() for q in frame["question"].to_list()])
+    answers = answer_questions(
+        generator, [q for frame in frames.values() for q in frame["question"].to_list()]
+    )
     graded, start = {}, 0
     for name, frame in frames.items():
         graded[name] = accuracy_by_category(frame, answers[start : start + frame.height])
@@ -136,11 +159,19 @@ def accuracy_by_category(frame: pl.DataFrame, predictions: list[str]) -> tuple[p
     """Per-question correctness, overall accuracy and accuracy per SliCK category."""
     graded = frame.with_columns(
         pl.Series("prediction", predictions, dtype=pl.String),
-        pl.Series("correct", [exact_match(p, g) for p, g in zip(predictions, frame["gold"])], dtype=pl.Boolean),
+        pl.Series(
+            "correct",
+            [exact_match(p, g) for p, g in zip(predictions, frame["gold"])],
+            dtype=pl.Boolean,
+        ),
     )
     summary = {"accuracy": graded["correct"].mean() if graded.height else None, "n": graded.height}
     if "category" in graded.columns:
-        for row in graded.group_by("category").agg(pl.col("correct").mean().alias("acc"), pl.len().alias("n")).iter_rows(named=True):
+        for row in (
+            graded.group_by("category")
+            .agg(pl.col("correct").mean().alias("acc"), pl.len().alias("n"))
+            .iter_rows(named=True)
+        ):
             summary[f"accuracy_{row['category']}"] = row["acc"]
             summary[f"n_{row['category']}"] = row["n"]
     return graded, summary
@@ -148,25 +179,28 @@ def accuracy_by_category(frame: pl.DataFrame, predictions: list[str]) -> tuple[p
 
 def best_epoch(lines: list[dict]) -> int | None:
     """EARLY_STOP: the epoch with the best dev accuracy, the earliest among ties (None without dev)."""
-    scored = [(line["dev_accuracy"], -line["epoch"]) for line in lines if line.get("dev_accuracy") is not None]
+    scored = [
+        (line["dev_accuracy"], -line["epoch"])
+        for line in lines
+        if line.get("dev_accuracy") is not None
+    ]
     return -max(scored)[1] if scored else None
 
 
-def _save_atomic(save: Callable[[Path], None], target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.part")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save(tmp)
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
+def save_model(model, target: str | Path) -> None:
+    """`save_pretrained` into the checkpoint directory `target`, atomically."""
+    with atomic_path(target, directory=True) as tmp:
+        model.save_pretrained(tmp)
 
 
 def save_state(
-    state_dir: Path, model, optimizer, scheduler, epoch: int, best: dict, lines: list[dict],
+    state_dir: Path,
+    model,
+    optimizer,
+    scheduler,
+    epoch: int,
+    best: dict,
+    lines: list[dict],
     predictions: dict[str, dict[str, pl.DataFrame]] | None = None,
 ) -> None:
     """`predictions` maps "early_stop" and "convergence" (the latest epoch) to {split: graded frame}."""
@@ -190,7 +224,8 @@ def save_state(
             tmp / "trainer.pt",
         )
 
-    _save_atomic(save, state_dir)
+    with atomic_path(state_dir, directory=True) as tmp:
+        save(tmp)
 
 
 def load_weights(model, directory: Path) -> None:
@@ -229,7 +264,12 @@ def load_state(state_dir: Path, model, optimizer, scheduler) -> tuple[int, dict,
 
 
 # Config settings that set dropout on the attention probabilities, by family naming
-ATTENTION_DROPOUT_KEYS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob", "attn_dropout")
+ATTENTION_DROPOUT_KEYS = (
+    "attention_dropout",
+    "attn_pdrop",
+    "attention_probs_dropout_prob",
+    "attn_dropout",
+)
 
 
 def set_attention_dropout(config, p: float) -> list[str]:
@@ -248,71 +288,81 @@ def linear_modules(model) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
 
 
-def add_lora(model, lora: dict, dropout: float):
-    """Wrap `model` with LoRA adapters on `lora["target_modules"]` ("all-linear": peft's choice of
+def add_lora(model, lora: Lora | dict, dropout: float):
+    """Wrap `model` with LoRA adapters on `lora.target_modules` ("all-linear": peft's choice of
     every linear layer but the output layer). A target that matches nothing is an error that
     lists the model's linear modules; the log names the adapted modules and the trainable share."""
     from peft import LoraConfig, get_peft_model
 
-    targets = lora["target_modules"]
+    lora = lora if isinstance(lora, Lora) else Lora.from_dict(lora)
+    targets = lora.target_modules
     names = linear_modules(model)
     linear = sorted({name.rsplit(".", 1)[-1] for name in names})
     if targets != "all-linear":  # peft matches a name or a dotted suffix of it
-        if unmatched := [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]:
+        if unmatched := [
+            t for t in targets if not any(n == t or n.endswith("." + t) for n in names)
+        ]:
             raise TrainingError(
                 f"lora.target_modules {unmatched} match no module of {type(model).__name__}; its linear "
                 f"modules are {linear} (or use 'all-linear')"
             )
     model = get_peft_model(
         model,
-        LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM"),
+        LoraConfig(
+            r=lora.rank,
+            lora_alpha=lora.alpha,
+            lora_dropout=dropout,
+            target_modules=targets,
+            task_type="CAUSAL_LM",
+        ),
     )
-    adapted = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if hasattr(m, "lora_A") and name})
+    adapted = sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, m in model.named_modules()
+            if hasattr(m, "lora_A") and name
+        }
+    )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log.info(
         "LoRA (%s) adapts %s of the linear modules %s: %d of %d parameters trainable (%.3f%%)",
-        targets if isinstance(targets, str) else ", ".join(targets), adapted, linear, trainable, total, 100 * trainable / total,
+        targets if isinstance(targets, str) else ", ".join(targets),
+        adapted,
+        linear,
+        trainable,
+        total,
+        100 * trainable / total,
     )
     return model
 
 
-def build_model(model_dir: str, recipe: dict, device: str):
+def build_model(model_dir: str, recipe: Recipe | dict, device: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    recipe = Recipe.coerce(recipe)
     config = AutoConfig.from_pretrained(model_dir)
-    if keys := set_attention_dropout(config, recipe["dropout"]):
-        log.info("attention dropout %s on %s", recipe["dropout"], ", ".join(keys))
+    if keys := set_attention_dropout(config, recipe.dropout):
+        log.info("attention dropout %s on %s", recipe.dropout, ", ".join(keys))
     else:
-        log.info("%s has no attention-dropout setting: the recipe's dropout applies to LoRA adapters only", config.model_type)
+        log.info(
+            "%s has no attention-dropout setting: the recipe's dropout applies to LoRA adapters only",
+            config.model_type,
+        )
     # float32 weights for every recipe: `dtype: bfloat16` trains under autocast (see `autocast`)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=torch.float32).to(device)
-    if recipe["method"] == "lora":
-        model = add_lora(model, recipe["lora"], recipe["dropout"])
+    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=torch.float32).to(
+        device
+    )
+    if recipe.method == "lora":
+        model = add_lora(model, recipe.lora, recipe.dropout)
     return model
-
-
-def load_checkpoint(model_dir: str, checkpoint: str | Path, method: str, device: str = "cpu"):
-    """A saved early_stop or convergence checkpoint, ready for generation: (model, tokenizer)."""
-    from eqtools.models import load
-
-    model, tokenizer, _ = load(model_dir, device=device)
-    if method == "lora":
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(checkpoint))
-    else:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(str(checkpoint))
-    return model.to(device).eval(), tokenizer
 
 
 def finetune(
     model_dir: str,
     train: pl.DataFrame,
     evals: dict[str, pl.DataFrame],
-    recipe: dict,
+    recipe: Recipe | dict,
     out: dict[str, Path],
     eval_every: dict[str, int],
     device: str = "cpu",
@@ -320,7 +370,7 @@ def finetune(
     backend: str = "auto",
     on_epoch: Callable[[int], None] | None = None,
 ) -> list[dict]:
-    """Train for recipe["epochs"] epochs; after each, evaluate and append a metrics line.
+    """Train for `recipe.epochs` epochs (a Recipe, or its dict); after each, evaluate and append a metrics line.
 
     `train` has columns id, question, answer (the training target), gold (for grading) and
     category; `evals` maps a name (dev, test, ood_test) to frames with question, gold and
@@ -332,19 +382,28 @@ def finetune(
 
     from eqtools.generation import Generator
 
-    torch.manual_seed(recipe["seed"])
+    recipe = Recipe.coerce(recipe)
+    torch.manual_seed(recipe.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
     model = build_model(model_dir, recipe, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=recipe["learning_rate"], weight_decay=recipe["weight_decay"])
-    micro = recipe["micro_batch_size"]
-    accumulate = max(1, math.ceil(recipe["batch_size"] / micro))
+    optimizer = torch.optim.AdamW(
+        trainable, lr=recipe.learning_rate, weight_decay=recipe.weight_decay
+    )
+    micro = recipe.micro_batch_size
+    accumulate = max(1, math.ceil(recipe.batch_size / micro))
     steps_per_epoch = math.ceil(train.height / (micro * accumulate))
-    scheduler = get_constant_schedule_with_warmup(optimizer, recipe["warmup_steps"])
+    scheduler = get_constant_schedule_with_warmup(optimizer, recipe.warmup_steps)
     examples = encode_examples(tokenizer, train["question"].to_list(), train["answer"].to_list())
     generator = Generator(
-        model, tokenizer, max_new_tokens=recipe["max_new_tokens"], max_batch_rows=max_batch_rows, backend=backend
+        model,
+        tokenizer,
+        max_new_tokens=recipe.max_new_tokens,
+        max_batch_rows=max_batch_rows,
+        backend=backend,
     )
 
     metrics_path, state_dir = Path(out["metrics"]), Path(out["state"])
@@ -353,64 +412,100 @@ def finetune(
     prediction_paths: dict[str, dict[str, Path]] = out.get("predictions", {})
     predicted = sorted({split for paths in prediction_paths.values() for split in paths})
     if unknown := [split for split in predicted if split not in evals]:
-        raise TrainingError(f"predictions asked for {unknown}, which are not evaluation sets ({sorted(evals)})")
+        raise TrainingError(
+            f"predictions asked for {unknown}, which are not evaluation sets ({sorted(evals)})"
+        )
     if unknown := sorted(set(prediction_paths) - {"early_stop", "convergence"}):
-        raise TrainingError(f"predictions asked for stops {unknown}; the stops are early_stop and convergence")
+        raise TrainingError(
+            f"predictions asked for stops {unknown}; the stops are early_stop and convergence"
+        )
     # per stop {split: graded frame}; "convergence" holds the latest epoch's until the run ends
     predictions: dict[str, dict[str, pl.DataFrame]] = {"early_stop": {}, "convergence": {}}
     if (state_dir / "trainer.pt").exists():
         start_epoch, best, lines, saved = load_state(state_dir, model, optimizer, scheduler)
         predictions.update(saved)
-        log.info("resuming after epoch %d (best dev %.4f at epoch %s)", start_epoch, best["dev_accuracy"], best["epoch"])
+        log.info(
+            "resuming after epoch %d (best dev %.4f at epoch %s)",
+            start_epoch,
+            best["dev_accuracy"],
+            best["epoch"],
+        )
 
-    for epoch in range(start_epoch + 1, recipe["epochs"] + 1):
-        order = epoch_order(len(examples), recipe["seed"], epoch)
+    for epoch in range(start_epoch + 1, recipe.epochs + 1):
+        order = epoch_order(len(examples), recipe.seed, epoch)
         started = time.perf_counter()
         total, tokens, positions = train_epoch(
-            model, optimizer, scheduler, examples, order, micro, accumulate, pad_id, device, epoch, recipe["dtype"]
+            model,
+            optimizer,
+            scheduler,
+            examples,
+            order,
+            micro,
+            accumulate,
+            pad_id,
+            device,
+            epoch,
+            recipe.dtype,
         )
         train_seconds = time.perf_counter() - started
         model.eval()
-        line = {"epoch": epoch, "train_loss": total / max(1, tokens), "optimizer_steps": steps_per_epoch * epoch}
+        line = {
+            "epoch": epoch,
+            "train_loss": total / max(1, tokens),
+            "optimizer_steps": steps_per_epoch * epoch,
+        }
         due = {"train": train.select("question", "gold", "category")} | {
-            name: frame for name, frame in evals.items() if epoch % eval_every.get(name, 1) == 0 or epoch == recipe["epochs"]
+            name: frame
+            for name, frame in evals.items()
+            if epoch % eval_every.get(name, 1) == 0 or epoch == recipe.epochs
         }
         graded = grade_together(generator, due)
         for name, (_, summary) in graded.items():
             line.update({f"{name}_{k}": v for k, v in summary.items()})
         lines.append(line)
-        predictions["convergence"] = {split: graded[split][0] for split in predicted if split in graded}
+        predictions["convergence"] = {
+            split: graded[split][0] for split in predicted if split in graded
+        }
         if best_epoch(lines) == epoch:
             best = {"dev_accuracy": line["dev_accuracy"], "epoch": epoch}
             predictions["early_stop"] = dict(predictions["convergence"])
-            _save_atomic(model.save_pretrained, Path(out["early_stop"]))
-        log.info("epoch %d: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v for k, v in line.items()})
+            save_model(model, out["early_stop"])
+        log.info(
+            "epoch %d: %s",
+            epoch,
+            {k: round(v, 4) if isinstance(v, float) else v for k, v in line.items()},
+        )
         log.info(
             "epoch %d timing: train %.1f s (%.0f tokens/s), evaluation %.1f s",
-            epoch, train_seconds, positions / max(train_seconds, 1e-9), time.perf_counter() - started - train_seconds,
+            epoch,
+            train_seconds,
+            positions / max(train_seconds, 1e-9),
+            time.perf_counter() - started - train_seconds,
         )
         # metrics first, then the state that says this epoch is complete
-        tmp = metrics_path.with_name(f".{metrics_path.name}.part")
-        tmp.write_text("".join(json.dumps(x, sort_keys=True) + "\n" for x in lines))
-        os.replace(tmp, metrics_path)
+        write_text("".join(json.dumps(x, sort_keys=True) + "\n" for x in lines), metrics_path)
         save_state(state_dir, model, optimizer, scheduler, epoch, best, lines, predictions)
         if on_epoch is not None:
             on_epoch(epoch)
-    _save_atomic(model.save_pretrained, Path(out["convergence"]))
+    save_model(model, out["convergence"])
     if best["epoch"] is None:  # no dev set: the last epoch is the early stop too
-        _save_atomic(model.save_pretrained, Path(out["early_stop"]))
+        save_model(model, out["early_stop"])
         predictions["early_stop"] = dict(predictions["convergence"])
     if not Path(out["early_stop"]).exists():
-        raise TrainingError(f"{out['early_stop']} is missing although epoch {best['epoch']} was the best")
-    if missing := [split for split in prediction_paths.get("early_stop", {}) if split not in predictions["early_stop"]]:
+        raise TrainingError(
+            f"{out['early_stop']} is missing although epoch {best['epoch']} was the best"
+        )
+    if missing := [
+        split
+        for split in prediction_paths.get("early_stop", {})
+        if split not in predictions["early_stop"]
+    ]:
         # eval_every > 1 skipped these at the best epoch: evaluate the early-stop weights once
         log.info("evaluating %s at the early stop (epoch %s)", missing, best["epoch"])
         load_weights(model, Path(out["early_stop"]))
         model.eval()
         graded = grade_together(generator, {split: evals[split] for split in missing})
         predictions["early_stop"].update({split: graded[split][0] for split in missing})
-    from eqtools.io import write_parquet
-
     for stop, paths in prediction_paths.items():
         for split, path in paths.items():
             write_parquet(predictions[stop][split], path)
