@@ -151,7 +151,8 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     qs, ans = frame["question"].to_list(), frame["answer"].to_list()
     print(
-        f"{args.threads} threads, torch {torch.__version__}, {args.device}, training {args.dtype}; questions from {sorted(set(frame['relation']))}",
+        f"{args.threads} threads, torch {torch.__version__}, {args.device}, training "
+        f"{args.dtype}; questions from {sorted(set(frame['relation']))}",
         flush=True,
     )
 
@@ -169,9 +170,10 @@ def main() -> None:
         )
         results["training"].append(r)
         print(
-            f"training {method}: {r['tokens_per_s']:.0f} tokens/s ({r['answer_tokens_per_s']:.0f} answer tokens/s, "
-            f"{r['examples_per_s']:.1f} examples/s; {r['examples']} examples in {r['seconds']:.1f} s; "
-            f"{r['trainable_parameters']:,} trainable parameters)",
+            f"training {method}: {r['tokens_per_s']:.0f} tokens/s "
+            f"({r['answer_tokens_per_s']:.0f} answer tokens/s, "
+            f"{r['examples_per_s']:.1f} examples/s; {r['examples']} examples in "
+            f"{r['seconds']:.1f} s; {r['trainable_parameters']:,} trainable parameters)",
             flush=True,
         )
 
@@ -186,7 +188,7 @@ def main() -> None:
     start = time.perf_counter()
     ref = reference_answers(model, tokenizer, eval_qs, args.device)
     ref_s = time.perf_counter() - start
-    differ = sum(a != b for a, b in zip(engine, ref))
+    differ = sum(a != b for a, b in zip(engine, ref, strict=True))
     m = len(eval_qs)
     results["evaluation"] = {
         "questions": m,

@@ -78,7 +78,7 @@ def matmul_peak(dtype: torch.dtype, device: str = "cpu", seconds: float = 1.0) -
             torch.randn(k, n, dtype=dtype, device=device),
         )
         w = b.t().contiguous()
-        for op in (lambda: a @ b, lambda: torch.nn.functional.linear(a, w)):
+        for op in (lambda a=a, b=b: a @ b, lambda a=a, w=w: torch.nn.functional.linear(a, w)):
             t = time.perf_counter()
             op()
             sync(device)
@@ -206,7 +206,8 @@ def parse_common_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
     torch.set_num_threads(args.threads)
     if not Path(args.archive).is_file():
         sys.exit(
-            f"{args.archive}: no such archive; run the data stage first (make quickstart) or pass --archive"
+            f"{args.archive}: no such archive; "
+            "run the data stage first (make quickstart) or pass --archive"
         )
     if not (Path(args.model_dir) / "config.json").is_file():
         print(f"materialising the embedded model into {args.model_dir}", flush=True)
@@ -240,8 +241,9 @@ def main() -> None:
     n = questions.height
     peak32 = matmul_peak(torch.float32, args.device)
     print(
-        f"engine fp32: {eng_s / n:.3f} s/question ({eng_s:.1f} s for {n}); {stats.tokens} tokens in "
-        f"{stats.forward_calls} forwards, {stats.waves} waves; padding {stats.padded_tokens / stats.tokens - 1:.1%}; "
+        f"engine fp32: {eng_s / n:.3f} s/question ({eng_s:.1f} s for {n}); {stats.tokens} tokens "
+        f"in {stats.forward_calls} forwards, {stats.waves} waves; "
+        f"padding {stats.padded_tokens / stats.tokens - 1:.1%}; "
         f"categories {dict(labels['category'].value_counts().iter_rows())}",
         flush=True,
     )
@@ -249,7 +251,11 @@ def main() -> None:
     m = args.reference_questions
     ref_s, ref_greedy = reference(model, tokenizer, questions.head(m), exemplars, args.device)
     print(f"reference fp32: {ref_s / m:.3f} s/question ({ref_s:.1f} s for {m})", flush=True)
-    shared = [(a, b) for q in range(m) for a, b in zip(labels["greedy_answers"][q], ref_greedy[q])]
+    shared = [
+        (a, b)
+        for q in range(m)
+        for a, b in zip(labels["greedy_answers"][q], ref_greedy[q], strict=True)
+    ]
     differ = sum(a != b for a, b in shared)
     print(
         f"greedy agreement on the shared {m} questions: {len(shared) - differ}/{len(shared)} "
@@ -260,7 +266,8 @@ def main() -> None:
         exact_match(a, questions["answer"][q]) for q in range(m) for a in ref_greedy[q]
     )
     print(
-        f"reference greedy correct: {correct_ref}/{len(shared)}; engine: {int(labels['n_greedy_correct'][:m].sum())}/{len(shared)}"
+        f"reference greedy correct: {correct_ref}/{len(shared)}; engine: "
+        f"{int(labels['n_greedy_correct'][:m].sum())}/{len(shared)}"
     )
 
     del model
@@ -277,13 +284,14 @@ def main() -> None:
     path_pairs = [
         (a, b)
         for q in range(r)
-        for a, b in zip(labels["greedy_answers"][q], labels_ref["greedy_answers"][q])
+        for a, b in zip(labels["greedy_answers"][q], labels_ref["greedy_answers"][q], strict=True)
     ]
     path_differ = sum(a != b for a, b in path_pairs)
     same_category = int((labels["category"][:r] == labels_ref["category"]).sum())
     print(
-        f"engine fp32, reference path: {path_s / r:.3f} s/question ({path_s:.1f} s for {r}); greedy answers equal "
-        f"to the fast path's {len(path_pairs) - path_differ}/{len(path_pairs)}, categories {same_category}/{r}",
+        f"engine fp32, reference path: {path_s / r:.3f} s/question ({path_s:.1f} s for {r}); "
+        "greedy answers equal to the fast path's "
+        f"{len(path_pairs) - path_differ}/{len(path_pairs)}, categories {same_category}/{r}",
         flush=True,
     )
 
@@ -307,13 +315,14 @@ def main() -> None:
     share32 = eng_flops / forward32 / peak32
     share16 = b16_flops / forward16 / peak16
     print(
-        f"matmul peak: fp32 {peak32 / 1e9:.1f} GFLOP/s, bf16 {peak16 / 1e9:.1f} GFLOP/s; engine achieved "
-        f"fp32 {eng_flops / forward32 / 1e9:.1f} GFLOP/s in forwards ({eng_flops / eng_s / 1e9:.1f} overall), "
-        f"bf16 {b16_flops / forward16 / 1e9:.1f} GFLOP/s"
+        f"matmul peak: fp32 {peak32 / 1e9:.1f} GFLOP/s, bf16 {peak16 / 1e9:.1f} GFLOP/s; "
+        f"engine achieved fp32 {eng_flops / forward32 / 1e9:.1f} GFLOP/s in forwards "
+        f"({eng_flops / eng_s / 1e9:.1f} overall), bf16 {b16_flops / forward16 / 1e9:.1f} GFLOP/s"
     )
     print(
-        f"FLOP-limit share: fp32 {share32:.0%} (forward time), {eng_flops / eng_s / peak32:.0%} overall incl. "
-        f"host work; bf16 {share16:.0%} (forward time)"
+        f"FLOP-limit share: fp32 {share32:.0%} (forward time), "
+        f"{eng_flops / eng_s / peak32:.0%} overall incl. host work; "
+        f"bf16 {share16:.0%} (forward time)"
     )
     if args.json:
         Path(args.json).write_text(
@@ -351,11 +360,13 @@ def main() -> None:
         status = 1
     if path_differ > 0.02 * len(path_pairs):
         print(
-            f"FAIL: {path_differ} of {len(path_pairs)} greedy answers of the reference path differ from the fast path's"
+            f"FAIL: {path_differ} of {len(path_pairs)} greedy answers of the reference path "
+            "differ from the fast path's"
         )
         status = 1
     print(
-        f"speedup fp32: {speedup32:.1f}x; bf16 vs fp32 reference: {speedup16:.1f}x; FLOP-limit share: {share32:.0%}"
+        f"speedup fp32: {speedup32:.1f}x; bf16 vs fp32 reference: {speedup16:.1f}x; "
+        f"FLOP-limit share: {share32:.0%}"
     )
     sys.exit(status)
 

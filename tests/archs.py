@@ -105,7 +105,6 @@ _GENERIC: dict[str, object] = {
     "n_inner": FFN,
     "d_ff": FFN,
     "ffn_hidden_size": FFN,
-    "encoder_ffn_dim": FFN,
     "moe_intermediate_size": EXPERT_FFN,
     "shared_expert_intermediate_size": EXPERT_FFN,
     "expert_ffn_hidden_size": EXPERT_FFN,
@@ -149,9 +148,10 @@ _GENERIC: dict[str, object] = {
     "o_lora_rank": 16,
     "o_groups": 2,
     # sparse-attention indexers (DeepSeek V3.2 style): small, but keeping every key up to
-    # max_position_embeddings. A budget below the prompt length would exercise the selection, but the
-    # ReLU index scores of a random model tie (at 0) a lot, and top-k then breaks ties differently for
-    # different shapes (prefill vs decode), so the outputs would depend on how a prompt is fed.
+    # max_position_embeddings. A budget below the prompt length would exercise the selection, but
+    # the ReLU index scores of a random model tie (at 0) a lot, and top-k then breaks ties
+    # differently for different shapes (prefill vs decode), so the outputs would depend on how a
+    # prompt is fed.
     "index_n_heads": 4,
     "index_head_dim": 16,
     "index_topk": 512,
@@ -246,7 +246,8 @@ _NO_SWA_LAYERS = {"minimax"}
 
 @functools.cache
 def _settable(cls) -> frozenset[str]:
-    """Names config class `cls` takes as kwargs: its fields, and attributes its __post_init__ sets."""
+    """Names config class `cls` takes as kwargs: its fields, and attributes its __post_init__
+    sets."""
     return frozenset({f.name for f in dataclasses.fields(cls)} | set(cls().__dict__))
 
 
@@ -322,7 +323,8 @@ _OVERRIDES: dict[str, dict] = {
         "attn_layer_offset": 1,
         "layers_block_type": None,
     },
-    # zamba: [mamba, mamba, hybrid] + [mamba, hybrid]; the shared transformer needs two hybrid layers
+    # zamba: [mamba, mamba, hybrid] + [mamba, hybrid]; the shared transformer needs two hybrid
+    # layers
     "big_bird": {"attention_type": "original_full"},  # block-sparse attention has no causal mode
     "xlm": {"causal": True},  # XLM's causal-LM mode
     "reformer": {
@@ -431,7 +433,8 @@ def _reformer(kw, cfg, window):
 # Things to do to a built model before use.
 _POST_BUILD: dict[str, object] = {
     "xmod": lambda m: m.set_default_language("en_XX"),  # adapters are per language
-    # the delay pattern is filled with decoder_start_token_id (the pad token in the real checkpoints)
+    # the delay pattern is filled with decoder_start_token_id (the pad token in the real
+    # checkpoints)
     # (and MusicgenForCausalLM.generate expands by num_return_sequences, which defaults to None)
     "musicgen": lambda m: m.generation_config.update(
         decoder_start_token_id=m.config.pad_token_id, num_return_sequences=1
@@ -555,9 +558,9 @@ def _tiny_kwargs(
 ) -> dict:
     """Constructor kwargs that shrink config `cfg` (recursively for its sub-configs).
 
-    Order: generic overrides, sub-configs, the family's overrides and fixups, then the per-layer lists
-    the family did not set are rebuilt for the depth (the family's, or the smallest prefix of the
-    default pattern holding every kind of layer).
+    Order: generic overrides, sub-configs, the family's overrides and fixups, then the per-layer
+    lists the family did not set are rebuilt for the depth (the family's, or the smallest prefix of
+    the default pattern holding every kind of layer).
     """
     cls = type(cfg)
     kw = _generic_kwargs(cfg, vocab_size, window)
@@ -601,8 +604,8 @@ def _tiny_kwargs(
             and "sliding_attention" not in lt
             and not _NO_SWA_LAYERS.intersection(families)
         ):
-            # the default pattern never uses its window: make the last full-attention layer a sliding
-            # one so that the window is exercised
+            # the default pattern never uses its window: make the last full-attention layer a
+            # sliding one so that the window is exercised
             i = len(lt) - 1 - lt[::-1].index("full_attention")
             kw["layer_types"] = lt = lt[:i] + ["sliding_attention"] + lt[i + 1 :]
         if lt and _resolve(cls, "max_window_layers") and "sliding_attention" in lt:

@@ -38,3 +38,11 @@ def build_tiny_model(directory: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tmp_path_factory, tiny_model_dir):
+    """The whole workflow run once with a tiny random model (tests/tiny_study.py)."""
+    import tiny_study
+
+    return tiny_study.build(tmp_path_factory.mktemp("study"), tiny_model_dir)

@@ -115,7 +115,8 @@ def test_big_files_are_checked_by_size_and_mtime(chain, monkeypatch):
     write_provenance("results/data/derived.csv", job("derive", ["results/data/train.parquet"]))
     with open("results/data/derived.csv", "w") as f:
         f.write("x")
-    entry = json.load(open("results/data/derived.csv.prov.json"))["inputs"][0]
+    with open("results/data/derived.csv.prov.json") as f:
+        entry = json.load(f)["inputs"][0]
     assert entry["sha256"] is None and LARGE_FILE > 3
     assert audit.audit("results/data/derived.csv").problems == []
     st = os.stat("results/data/train.parquet")

@@ -12,6 +12,7 @@ attention, or batched rows), so where the two best tokens of the reference are w
 answers are compared up to the tie, counted, and bounded; any other difference fails.
 """
 
+import contextlib
 import copy
 import logging
 
@@ -67,10 +68,9 @@ def build(model_type: str, tok):
         reference.generation_config, MAX_NEW, tok.pad_token_id
     )
     model = copy.deepcopy(reference)
-    try:  # the engine's model carries the workflow's default attention where the model has it
+    # the engine's model carries the workflow's default attention where the model has it
+    with contextlib.suppress(ValueError, ImportError):
         model.set_attn_implementation("sdpa")
-    except (ValueError, ImportError):
-        pass
     return model, reference
 
 
@@ -104,7 +104,8 @@ def reference_greedy(model, tok, text: str) -> tuple[list[int], list[torch.Tenso
 def compare_greedy(
     got: list[int], want: list[int], logits: list[torch.Tensor], stop: torch.Tensor
 ) -> str:
-    """ "equal", "tie" (the first difference is a near-tie in the reference's logits) or "differ"."""
+    """ "equal", "tie" (the first difference is a near-tie in the reference's logits) or
+    "differ"."""
     cut = next((j for j, t in enumerate(want) if stop[t]), len(want))
     want = want[:cut]
     if got == want:

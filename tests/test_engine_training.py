@@ -23,7 +23,8 @@ from eqtools.training import (
 # attn_pdrop), Mistral with a short window, and two hybrids on the reference path
 ARCHS = ["gemma2", "gpt_oss", "phi3", "gpt2", "mistral", "jamba", "lfm2"]
 RECIPE = {
-    "learning_rate": 1e-3, "dropout": 0.0, "weight_decay": 0.0, "warmup_steps": 0, "dtype": "float32",
+    "learning_rate": 1e-3, "dropout": 0.0, "weight_decay": 0.0, "warmup_steps": 0,
+    "dtype": "float32",
     "lora": {"rank": 2, "alpha": 4, "target_modules": "all-linear"},
 }  # fmt: skip
 

@@ -287,9 +287,9 @@ def test_combine_and_question_scores():
 
 
 def test_prompt_is_the_papers():
-    assert (
-        ptrue.format_prompt("Q?", "A1")
-        == "Question: Q?\nProposed Answer: A1\nIs the proposed answer:\n(A) True\n(B) False\nThe proposed answer is:"
+    assert ptrue.format_prompt("Q?", "A1") == (
+        "Question: Q?\nProposed Answer: A1\nIs the proposed answer:\n"
+        "(A) True\n(B) False\nThe proposed answer is:"
     )
 
 
@@ -306,8 +306,8 @@ def test_batched_scores_equal_one_sequence_at_a_time(tiny_model_dir):
     ]
     conts = ptrue.TRUE + ptrue.FALSE
     batched = ptrue.continuation_logprobs(model, tokenizer, prompts, conts, device, batch_rows=64)
-    for prompt, got_row in zip(prompts, batched):
-        for cont, got in zip(conts, got_row):
+    for prompt, got_row in zip(prompts, batched, strict=True):
+        for cont, got in zip(conts, got_row, strict=True):
             p_ids = tokenizer(prompt, add_special_tokens=True).input_ids
             c_ids = tokenizer(cont, add_special_tokens=False).input_ids
             with torch.inference_mode():

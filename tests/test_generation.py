@@ -188,15 +188,13 @@ def test_building_the_engine_leaves_training_as_it_was(tiny_model_dir, backend):
     attention dropout on): the probes run without dropout, draw nothing from the global random
     streams and leave every module's training flag as it was, so the training's dropout masks do
     not change."""
+    from test_training import RECIPE
     from transformers import AutoTokenizer
 
     from eqtools.training import build_model
 
-    recipe = {
-        "method": "lora",
-        "dropout": 0.1,
-        "lora": {"rank": 2, "alpha": 4, "target_modules": "all-linear"},
-    }
+    lora = {"rank": 2, "alpha": 4, "target_modules": "all-linear"}
+    recipe = dict(RECIPE, method="lora", dropout=0.1, lora=lora)
     m = build_model(str(tiny_model_dir), recipe, "cpu")
     m.train()
     state = torch.get_rng_state()

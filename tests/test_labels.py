@@ -1,4 +1,5 @@
-"""SliCK labelling on a tiny random model: the exact shortcut gives the categories of full sampling."""
+"""SliCK labelling on a tiny random model: the exact shortcut gives the categories of full
+sampling."""
 
 import polars as pl
 import pytest

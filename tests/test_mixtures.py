@@ -33,7 +33,7 @@ def make_labels(counts=COUNTS, enum=True) -> pl.DataFrame:
     rows = []
     for relation, per_category in counts.items():
         i = 0
-        for category, n in zip(CATEGORIES, per_category):
+        for category, n in zip(CATEGORIES, per_category, strict=True):
             for _ in range(n):
                 rows.append(
                     {
@@ -224,7 +224,7 @@ def test_unknown_0_has_no_unknown_and_unknown_100_only_unknown(labels):
 
 def test_unknown_share_draws_are_nested_across_shares(labels):
     draws = {x: build_mixture(labels, f"unknown_{x}", MIN_SIZES, seed=3) for x in SHARES}
-    for low, high in zip(SHARES, SHARES[1:]):
+    for low, high in zip(SHARES, SHARES[1:], strict=False):
         unknown_low = set(draws[low].filter(~pl.col("known"))["id"])
         unknown_high = set(draws[high].filter(~pl.col("known"))["id"])
         known_low = set(draws[low].filter(pl.col("known"))["id"])
@@ -241,7 +241,7 @@ def test_natural_keeps_relation_shares_and_draws_from_every_category(labels):
     everything = build_mixture(labels, "natural", whole, seed=0)
     assert sorted(everything["id"]) == sorted(labels["id"])
     assert per_relation_category(everything) == {
-        (r, c): n for r, per in COUNTS.items() for c, n in zip(CATEGORIES, per) if n
+        (r, c): n for r, per in COUNTS.items() for c, n in zip(CATEGORIES, per, strict=True) if n
     }
 
 
@@ -249,7 +249,7 @@ def test_natural_follows_the_pool_distribution_on_a_large_pool():
     big = make_labels({"P17": (500, 300, 150, 50)})
     mixture = build_mixture(big, "natural", {"P17": 400}, seed=0)
     shares = {c: n / 400 for (_, c), n in per_relation_category(mixture).items()}
-    for category, expected in zip(CATEGORIES, (0.5, 0.3, 0.15, 0.05)):
+    for category, expected in zip(CATEGORIES, (0.5, 0.3, 0.15, 0.05), strict=True):
         assert abs(shares[category] - expected) < 0.06, (category, shares)
 
 

@@ -27,7 +27,10 @@ def test_an_encoder_decoder_is_refused_by_name(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(
         ModelError,
-        match=r"models\.tiny-t5: T5ForConditionalGeneration \(model_type 't5'\) is not a causal language model",
+        match=(
+            r"models\.tiny-t5: T5ForConditionalGeneration \(model_type 't5'\) is not a causal "
+            r"language model"
+        ),
     ):
         materialise("tiny-t5", {"path": str(source)}, out, check=check_generation)
     assert not out.exists()
@@ -42,7 +45,10 @@ def test_a_model_the_engine_cannot_run_is_refused_by_name(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(
         EngineError,
-        match=r"models\.tiny-reformer: the generation engine cannot run ReformerModelWithLMHead: .*give different logits",
+        match=(
+            r"models\.tiny-reformer: the generation engine cannot run ReformerModelWithLMHead: "
+            r".*give different logits"
+        ),
     ):
         materialise("tiny-reformer", {"path": str(source)}, out, check=check_generation)
     assert not out.exists()

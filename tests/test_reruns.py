@@ -1,11 +1,9 @@
 """Incremental reruns: after one change, exactly the affected jobs rerun.
 
-The tiny workflow runs once per module, in a temporary copy of the workflow (Snakefile,
-workflow/, envs/, plus README.md and a test file to edit), so code edits never touch the
-repository. That run is interrupted on purpose (SIGKILL of the snakemake process group while
-jobs are running) and completed with `--rerun-incomplete`; the finished state it leaves is the
-start of every other test. Each change is checked with a dry run (`--summary`: one line per
-output file with "update pending" or "no update") and undone before the next test.
+They run on the session's tiny study (tests/tiny_study.py): its labelling stage was killed on
+purpose and completed with `--rerun-incomplete`, and the finished state it leaves is the start
+of every test here. Each change is checked with a dry run (`--summary`: one line per output file
+with "update pending" or "no update") and undone before the next test.
 
 The expected set of a change is computed, not listed by hand: the outputs of the jobs the
 change touches directly, plus everything downstream of them, following the input files each
@@ -13,20 +11,17 @@ output was made from (`--detailed-summary`, from .snakemake/metadata). Tables an
 rules added later are covered without editing this file.
 """
 
-import base64
+import copy
 import os
 import re
-import shutil
-import signal
-import subprocess
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from tiny_study import ADDED_MODULE, file_times
 
 from eqtools.codehash import code_modules
-from helpers import ROOT, snakemake, snakemake_command, tiny_config, workflow_rules, write_config
+from helpers import ROOT, snakemake, workflow_rules, write_config
 
 pytestmark = pytest.mark.workflow
 
@@ -36,20 +31,6 @@ UPSTREAM_OF_LABELS = {
     "prepare_model",
     "select_exemplars",
 }
-
-
-def rerun_config(model_dir: Path) -> dict:
-    """Two recipes and two mixtures (so that "only this one" means something), three relations."""
-    config = tiny_config(
-        relations={"in_distribution": ["P17", "P36"], "out_of_distribution": ["P50"]},
-        subsample={"max_per_relation": {"train": 6, "test": 3, "ood_test": 2}},
-        slick={"max_new_tokens": 3},
-        mixtures={"names": ["natural", "unknown"]},
-        finetune={"recipes": ["lora", "lora_b"]},
-    )
-    config["recipes"]["lora_b"] = dict(config["recipes"]["lora"], learning_rate=5.0e-4)
-    config["models"] = {"tiny": {"path": str(model_dir)}}
-    return config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,7 +45,7 @@ def summary(work: Path, config: dict, *extra: str, detailed: bool = False) -> li
     lines = [x for x in out.splitlines() if "\t" in x]
     header = lines[0].split("\t")
     assert header[0] == "output_file" and header[-1] == "plan", out
-    return [dict(zip(header, x.split("\t"))) for x in lines[1:]]
+    return [dict(zip(header, x.split("\t"), strict=True)) for x in lines[1:]]
 
 
 def pending(work: Path, config: dict) -> dict[str, str]:
@@ -123,102 +104,28 @@ def rules_hashing(module: str, root: Path = ROOT) -> set[str]:
     }
 
 
-# A module the `state` fixture adds to its copy of the workflow, imported by eqtools.mixtures
-# only: no rule lists it anywhere, so only the derived code hashes can know who depends on it.
-ADDED_MODULE = "added_dependency"
-
-
 # ---------------------------------------------------------------------------------------------
-# The finished state: one interrupted and resumed run
-
-
-def incomplete_outputs(work: Path) -> set[str]:
-    """The outputs snakemake has marked incomplete (.snakemake/incomplete/<urlsafe b64 path>,
-    long names split into directories whose names start with '@')."""
-    base = work / ".snakemake/incomplete"
-    found = set()
-    for path in base.rglob("*"):
-        if path.is_file() and path.name != "migration_underway":
-            parts = [p.removeprefix("@") for p in path.relative_to(base).parts]
-            found.add(base64.urlsafe_b64decode("".join(parts)).decode())
-    return found
-
-
-def file_times(work: Path) -> dict[str, int]:
-    return {
-        p.relative_to(work).as_posix(): p.stat().st_mtime_ns
-        for top in ("results", "resources")
-        if (work / top).exists()
-        for p in (work / top).rglob("*")
-        if p.is_file()
-    }
+# The finished state: the tiny study
 
 
 @pytest.fixture(scope="module")
-def state(tmp_path_factory, tiny_model_dir):
-    work = tmp_path_factory.mktemp("reruns")
-    ignore = shutil.ignore_patterns("__pycache__")
-    shutil.copy2(ROOT / "Snakefile", work / "Snakefile")
-    for d in ("workflow", "envs"):
-        shutil.copytree(ROOT / d, work / d, ignore=ignore)
-    shutil.copy2(ROOT / "README.md", work / "README.md")
-    (work / "tests").mkdir()
-    shutil.copy2(ROOT / "tests/test_mixtures.py", work / "tests/test_mixtures.py")
-    eqtools = work / "workflow/scripts/eqtools"
-    (eqtools / f"{ADDED_MODULE}.py").write_text("VALUE = 1\n")
-    mixtures = eqtools / "mixtures.py"
-    mixtures.write_text(
-        mixtures.read_text() + f"\nfrom eqtools import {ADDED_MODULE}  # noqa: E402, F401\n"
-    )
-    config = rerun_config(tiny_model_dir)
-    cfg = write_config(work, config)
-
-    # Run until some labelling jobs have finished while others are still running, then kill
-    # snakemake and its jobs at once.
-    with open(work / "interrupted.log", "w") as log:
-        proc = subprocess.Popen(
-            snakemake_command(configfile=cfg, snakefile=work / "Snakefile"),
-            cwd=work,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        chunks = work / "results/labels/tiny/chunks"
-        deadline = time.monotonic() + 600
-        try:
-            while True:
-                assert proc.poll() is None, (work / "interrupted.log").read_text()
-                assert time.monotonic() < deadline, "no labelling job finished in 600 s"
-                done = (
-                    {p.relative_to(work).as_posix() for p in chunks.rglob("*.parquet")}
-                    if chunks.exists()
-                    else set()
-                )
-                if len(done - incomplete_outputs(work)) >= 2 and incomplete_outputs(work):
-                    break
-                time.sleep(0.05)
-        finally:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    killed = {"incomplete": incomplete_outputs(work), "times": file_times(work)}
-
-    # The lock of the killed run stays behind: --unlock, then --rerun-incomplete.
-    snakemake(work, "--unlock", configfile=cfg, snakefile=work / "Snakefile")
-    resumed = snakemake(work, "--rerun-incomplete", configfile=cfg, snakefile=work / "Snakefile")
-
-    rows = summary(work, config, detailed=True)
-    graph = {r["output_file"]: set(r["input-file(s)"].split(",")) - {"-"} for r in rows}
-    rules = {r["output_file"]: r["rule"] for r in rows}
+def state(tiny_study):
+    rows = summary(tiny_study.work, tiny_study.config, detailed=True)
     assert {r["plan"] for r in rows} == {"no update"}, rows
     return {
-        "work": work,
-        "config": config,
-        "cfg": cfg,
-        "graph": graph,
-        "rules": rules,
-        "killed": killed,
-        "resumed": resumed.stdout + resumed.stderr,
+        "work": tiny_study.work,
+        "config": tiny_study.config,
+        "cfg": tiny_study.cfg,
+        "graph": {r["output_file"]: set(r["input-file(s)"].split(",")) - {"-"} for r in rows},
+        "rules": {r["output_file"]: r["rule"] for r in rows},
+        "killed": tiny_study.killed,
+        "resumed": tiny_study.resumed,
     }
+
+
+def changed(state) -> dict:
+    """A copy of the study's config to change."""
+    return copy.deepcopy(state["config"])
 
 
 def expect(state, seeds: set[str]) -> dict[str, str]:
@@ -275,7 +182,7 @@ def test_second_run_with_nothing_changed_does_nothing(state):
 
 
 def test_recipe_learning_rate_reruns_that_recipes_finetunes_and_downstream(state):
-    config = rerun_config(Path(state["config"]["models"]["tiny"]["path"]))
+    config = changed(state)
     config["recipes"]["lora"]["learning_rate"] = 2.0e-3
     plan = pending(state["work"], config)
     lora = outputs_of(state, "finetune", lambda f: "/tiny/lora/" in f)
@@ -286,24 +193,25 @@ def test_recipe_learning_rate_reruns_that_recipes_finetunes_and_downstream(state
 
 
 def test_mixture_definition_reruns_only_that_mixtures_jobs_and_downstream(state):
-    # A mixture is defined by its name (unknown_X: X% Unknown): replacing `unknown` by
-    # `unknown_50` builds and fine-tunes the new mixture and redoes what aggregates mixtures.
-    config = rerun_config(Path(state["config"]["models"]["tiny"]["path"]))
-    config["mixtures"]["names"] = ["natural", "unknown_50"]
+    # A mixture is defined by its name: replacing `unknown` (D_Unknown) by `highly_known`
+    # builds and fine-tunes the new mixture and redoes what aggregates both.
+    config = changed(state)
+    names = config["mixtures"]["names"]
+    config["mixtures"]["names"] = [("highly_known" if m == "unknown" else m) for m in names]
     plan = pending(state["work"], config)
     new = {f: r for f, r in plan.items() if f not in state["rules"]}
     redone = {f: r for f, r in plan.items() if f in state["rules"]}
     for path in (
-        "results/mixtures/tiny/unknown_50.parquet",
-        "results/finetune/tiny/lora/unknown_50/metrics.jsonl",
-        "results/finetune/tiny/lora_b/unknown_50/metrics.jsonl",
-        "results/eval/tiny/lora/unknown_50/early_stop/test.parquet",
-        "results/eval/tiny/lora_b/unknown_50/convergence/ood_test.parquet",
+        "results/mixtures/tiny/highly_known.parquet",
+        "results/finetune/tiny/lora/highly_known/metrics.jsonl",
+        "results/finetune/tiny/lora_b/highly_known/metrics.jsonl",
+        "results/eval/tiny/lora/highly_known/early_stop/test.parquet",
+        "results/eval/tiny/lora_b/highly_known/convergence/ood_test.parquet",
     ):
         assert path in new
     per_mixture = {"build_mixture", "finetune"}
     for f, rule in new.items():
-        assert "unknown_50" in f or rule not in per_mixture, f
+        assert "highly_known" in f or rule not in per_mixture, f
     # Existing outputs redone: only aggregates over mixtures that read the replaced one.
     replaced = outputs_of(state, "build_mixture", lambda f: f.endswith("/unknown.parquet"))
     assert set(redone) <= downstream(state["graph"], replaced)
@@ -313,7 +221,7 @@ def test_mixture_definition_reruns_only_that_mixtures_jobs_and_downstream(state)
 
 
 def test_labelling_parameter_reruns_labels_and_downstream_nothing_upstream(state):
-    config = rerun_config(Path(state["config"]["models"]["tiny"]["path"]))
+    config = changed(state)
     config["slick"]["n_samples"] = 2
     plan = pending(state["work"], config)
     assert plan == expect(state, outputs_of(state, "label_questions"))
@@ -363,3 +271,12 @@ def test_editing_docs_tests_or_bookkeeping_reruns_nothing(state, path):
     (state["work"] / path).touch()
     with edited(state["work"] / path, "\n# edited\n"):
         assert pending(state["work"], state["config"]) == {}
+
+
+def test_scheduling_settings_rerun_nothing(state):
+    """After a time-out or an out-of-memory kill a user raises runtime or mem_mb: nothing that
+    finished reruns. The engine's settings only schedule work too."""
+    config = changed(state)
+    config["recipes"]["lora"].update(mem_mb=64000, runtime=999)
+    config["engine"] = {"threads": 2, "max_batch_rows": 3, "backend": "reference"}
+    assert pending(state["work"], config) == {}

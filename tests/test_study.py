@@ -101,10 +101,13 @@ def test_mixture_grammar_matches_the_config_schema():
 @pytest.mark.parametrize("path", ["config/config.yaml", "tests/data/config.tiny.yaml"])
 def test_settings_round_trip_through_their_param(path):
     s = Study.from_config(validated(path))
-    objects = [s.data, s.slick, s.slick.exemplars(), s.mixtures, s.labelling(next(iter(s.models))),
-               s.ptrue_scoring(next(iter(s.models))), s.finetuning(s.finetune_recipes[0], ""),
-               s.finetuning(s.finetune_recipes[0], "-seed7"), s.table("table2", "test"), s.table("table1"),
-               s.figure("fig4", "t")]  # fmt: skip
+    model, recipe = next(iter(s.models)), s.finetune_recipes[0]
+    objects = [
+        s.data, s.slick, s.slick.exemplars(), s.mixtures, s.labelling(model),
+        s.ptrue_scoring(model),
+        s.finetuning(recipe, ""), s.finetuning(recipe, "-seed7"), s.table("table2", "test"),
+        s.table("table1"), s.figure("fig4", "t"),
+    ]  # fmt: skip
     for obj in objects:
         assert type(obj).from_param(obj.param()) == obj
         assert obj.param() == type(obj).from_param(obj.param()).param()

@@ -62,7 +62,7 @@ def test_loss_only_on_the_answer(tiny_model_dir):
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     ((ids, labels),) = encode_examples(tok, ["What is the capital of France?"], ["Paris"])
-    answer = [t for t, lab in zip(ids, labels) if lab != -100]
+    answer = [t for t, lab in zip(ids, labels, strict=True) if lab != -100]
     assert tok.decode(answer) == "Paris\n"
     assert (
         tok.decode(ids[: labels.index(answer[0])])
@@ -208,8 +208,12 @@ train, evals = frames()
 from pathlib import Path
 from test_training import outputs
 out = outputs(Path({out!r}))
-torch.use_deterministic_algorithms({device!r} == "cuda")  # the exact comparison needs deterministic kernels
-finetune({model!r}, train, evals, {{**RECIPE, "dtype": {dtype!r}}}, out, eval_every={{}}, device={device!r})
+# the exact comparison needs deterministic kernels
+torch.use_deterministic_algorithms({device!r} == "cuda")
+finetune(
+    {model!r}, train, evals, {{**RECIPE, "dtype": {dtype!r}}}, out, eval_every={{}},
+    device={device!r},
+)
 """
 
 

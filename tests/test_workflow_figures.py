@@ -27,40 +27,12 @@ FIGURE_RULES = [
 ]
 
 
-def give_the_model_some_knowledge(path):
-    """A random model knows nothing: every question is Unknown, and no mixture with Known
-    examples can be drawn. Relabel every other train question of each relation HighlyKnown
-    (the mechanics of figures and provenance are under test here, not SliCK)."""
-    labels = pl.read_parquet(path)
-    rank = pl.int_range(pl.len()).over("relation")
-    relabelled = labels.with_columns(
-        pl.when(rank % 2 == 0)
-        .then(pl.lit("HighlyKnown"))
-        .otherwise(pl.col("category").cast(pl.String))
-        .cast(labels.schema["category"])
-        .alias("category")
-    )
-    relabelled.write_parquet(path)
-
-
-def test_figures_report_and_provenance_with_tiny_model(tmp_path, tiny_model_dir):
-    config = tiny_config(
-        subsample={"max_per_relation": {"train": 6, "test": 3, "ood_test": 2}},
-        slick={"max_new_tokens": 3},
-        mixtures={
-            "names": ["unknown_0", "unknown_50", "known_only_50", "natural"],
-            "per_relation_size": 2,
-        },
-    )
-    config["models"] = {"tiny": {"path": str(tiny_model_dir)}}
-    cfg = write_config(tmp_path, config)
-    snakemake(tmp_path, "results/labels/tiny/train.parquet", configfile=cfg)
-    give_the_model_some_knowledge(tmp_path / "results/labels/tiny/train.parquet")
-
+def test_figures_report_and_provenance_with_tiny_model(tiny_study):
+    tmp_path, config = tiny_study.work, tiny_study.config
+    assert tiny_study.relabelled > 0  # the study gave the random model Known train examples
     figures = [
         f"results/figures/tiny/lora/{name}.{ext}" for name in FIGURES for ext in ("png", "svg")
     ]
-    snakemake(tmp_path, *figures, configfile=cfg)
     base = tmp_path / "results"
     for f in figures:
         assert (tmp_path / f).stat().st_size > 1000 and (tmp_path / f"{f}.prov.json").exists()
@@ -86,15 +58,16 @@ def test_figures_report_and_provenance_with_tiny_model(tmp_path, tiny_model_dir)
         "results/labels/tiny/ptrue_test.parquet",
     }
 
-    # rule all requests exactly these figures (the mixtures allow every one but the comparison)
-    dry = snakemake(tmp_path, "-n", "--summary", configfile=cfg).stdout
+    # rule all requests exactly these figures for each recipe (the mixtures allow every one but
+    # the comparison)
+    dry = tiny_study.run("-n", "--summary").stdout
     assert {
         line.split("\t")[0] for line in dry.splitlines() if line.startswith("results/figures/")
-    } == set(figures)
+    } == {f.replace("/lora/", f"/{run}/") for f in figures for run in ("lora", "lora_b")}
     # nothing reruns; the report holds every figure
-    dry = snakemake(tmp_path, "-n", *figures, configfile=cfg)
+    dry = tiny_study.run("-n", *figures)
     assert "Nothing to be done" in dry.stdout + dry.stderr
-    report = snakemake(tmp_path, "--report", "results/report.html", *figures, configfile=cfg)
+    report = tiny_study.run("--report", "results/report.html", *figures)
     assert "ERROR/" not in report.stderr, report.stderr  # docutils errors in a caption
     html = (base / "report.html").read_text()
     for name in FIGURES:
@@ -103,7 +76,7 @@ def test_figures_report_and_provenance_with_tiny_model(tmp_path, tiny_model_dir)
 
     # re-rendering the same inputs gives the same bytes
     before = {f: (tmp_path / f).read_bytes() for f in figures}
-    snakemake(tmp_path, *figures, "--forcerun", *FIGURE_RULES, configfile=cfg)
+    tiny_study.run(*figures, "--forcerun", *FIGURE_RULES)
     for f in figures:
         assert (tmp_path / f).read_bytes() == before[f], f
 

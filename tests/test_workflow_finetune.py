@@ -1,5 +1,7 @@
-"""Mixtures, fine-tuning and the test predictions at both stops through snakemake with a tiny random model."""
+"""Mixtures, fine-tuning and the test predictions at both stops through snakemake, on the
+tiny study (tests/tiny_study.py)."""
 
+import copy
 import json
 
 import polars as pl
@@ -10,45 +12,35 @@ from helpers import snakemake, tiny_config, write_config
 pytestmark = pytest.mark.workflow
 
 
-def test_finetune_end_to_end_with_tiny_model(tmp_path, tiny_model_dir):
-    config = tiny_config(
-        subsample={"max_per_relation": {"train": 6, "test": 3, "ood_test": 2}},
-        slick={"max_new_tokens": 3},
-        mixtures={"names": ["unknown", "idk_100"]},
-    )
-    config["models"] = {"tiny": {"path": str(tiny_model_dir)}}
-    cfg = write_config(tmp_path, config)
-    snakemake(tmp_path, configfile=cfg)
-    base = tmp_path / "results"
-    mixture = pl.read_parquet(base / "mixtures/tiny/idk_100.parquet")
-    assert (mixture["answer"] == "I don't know").all() and mixture[
-        "gold_answer"
-    ].is_not_null().all()
-    assert mixture.height == 4  # per_relation_size 1 x 4 relations
-    for name in ("unknown", "idk_100"):
-        run = base / f"finetune/tiny/lora/{name}"
-        lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-        assert [x["epoch"] for x in lines] == [1, 2]
-        assert {
-            "train_loss",
-            "dev_accuracy",
-            "train_accuracy",
-            "test_accuracy",
-            "ood_test_accuracy",
-        } <= set(lines[0])
-        assert (run / "early_stop/adapter_config.json").exists() and (
-            run / "convergence/adapter_config.json"
-        ).exists()
-        assert not (run / "state").exists()
-        for stop in ("early_stop", "convergence"):
-            for split in ("test", "ood_test"):
-                preds = pl.read_parquet(base / f"eval/tiny/lora/{name}/{stop}/{split}.parquet")
-                assert {"id", "prediction", "correct", "category"} <= set(preds.columns)
-                assert preds.height == pl.read_parquet(base / f"data/{split}.parquet").height
+def test_finetune_end_to_end_with_tiny_model(tiny_study):
+    base = tiny_study.work / "results"
+    mixture = pl.read_parquet(base / "mixtures/tiny/idk_50.parquet")
+    assert mixture.height == 4  # per_relation_size 2 x 2 relations
+    unknown = mixture.filter(~pl.col("known"))
+    assert unknown.height == 2 and (unknown["answer"] == "I don't know").all()
+    assert (mixture.filter(pl.col("known"))["answer"] != "I don't know").all()
+    assert mixture["gold_answer"].is_not_null().all()
+    for recipe in ("lora", "lora_b"):
+        for name in tiny_study.config["mixtures"]["names"]:
+            run = base / f"finetune/tiny/{recipe}/{name}"
+            lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+            assert [x["epoch"] for x in lines] == [1, 2]
+            keys = {"train_loss", "dev_accuracy", "train_accuracy", "test_accuracy"}
+            assert keys | {"ood_test_accuracy"} <= set(lines[0])
+            assert (run / "early_stop/adapter_config.json").exists()
+            assert (run / "convergence/adapter_config.json").exists()
+            assert not (run / "state").exists()
+            for stop in ("early_stop", "convergence"):
+                for split in ("test", "ood_test"):
+                    preds = pl.read_parquet(
+                        base / f"eval/tiny/{recipe}/{name}/{stop}/{split}.parquet"
+                    )
+                    assert {"id", "prediction", "correct", "category"} <= set(preds.columns)
+                    assert preds.height == pl.read_parquet(base / f"data/{split}.parquet").height
     # changing one recipe value reruns the fine-tunes and what follows, nothing upstream
+    config = copy.deepcopy(tiny_study.config)
     config["recipes"]["lora"]["learning_rate"] = 2e-3
-    cfg = write_config(tmp_path, config)
-    dry = snakemake(tmp_path, "-n", configfile=cfg).stdout
+    dry = tiny_study.run("-n", config=config).stdout
     assert "rule finetune:" in dry
     for upstream in ("label_questions", "build_mixture", "prepare_splits", "prepare_model"):
         assert f"rule {upstream}:" not in dry

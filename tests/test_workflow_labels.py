@@ -1,6 +1,7 @@
 """SliCK labelling through snakemake on the fixture: a tiny random model for the mechanics, and
 the real embedded model on a few questions."""
 
+import copy
 import json
 
 import polars as pl
@@ -42,36 +43,24 @@ def check_labels(workdir, model):
     )
 
 
-def test_labels_with_tiny_random_model(tmp_path, tiny_model_dir):
-    config = tiny_config(
-        subsample={"max_per_relation": {"train": 3, "test": 3, "ood_test": 2}},
-        slick={"max_new_tokens": 3},
-    )
-    config["models"] = {"tiny": {"path": str(tiny_model_dir)}}
-    cfg = write_config(tmp_path, config)
-    snakemake(tmp_path, *label_targets("tiny"), configfile=cfg)
-    check_labels(tmp_path, "tiny")
-    # one chunk per (split, relation)
-    chunks = sorted(
-        p.relative_to(tmp_path / "results/labels/tiny/chunks").as_posix()
-        for p in (tmp_path / "results/labels/tiny/chunks").rglob("*.parquet")
-    )
-    assert (
-        "ood_test/P50.parquet" in chunks
-        and "train/P17.parquet" in chunks
-        and len(chunks) == 3 * 4 + 2
-    )
-    # a rerun is a no-op; the engine's batch size and path are runtime settings and rerun nothing
-    again = snakemake(tmp_path, "-n", *label_targets("tiny"), configfile=cfg)
+def test_labels_with_tiny_random_model(tiny_study):
+    work = tiny_study.work
+    check_labels(work, "tiny")
+    # one chunk per (split, relation): 2 relations x train, dev, test; 1 OOD relation x ood_test
+    base = work / "results/labels/tiny/chunks"
+    chunks = sorted(p.relative_to(base).as_posix() for p in base.rglob("*.parquet"))
+    assert "ood_test/P50.parquet" in chunks and "train/P17.parquet" in chunks
+    assert len(chunks) == 2 * 3 + 1
+    # a rerun is a no-op; the engine's batch size and path are runtime settings, rerun nothing
+    again = tiny_study.run("-n", *label_targets("tiny"))
     assert "Nothing to be done" in again.stdout + again.stderr
+    config = copy.deepcopy(tiny_study.config)
     config["engine"] = {"max_batch_rows": 7, "backend": "reference"}
-    cfg = write_config(tmp_path, config)
-    again = snakemake(tmp_path, "-n", *label_targets("tiny"), configfile=cfg)
+    again = tiny_study.run("-n", *label_targets("tiny"), config=config)
     assert "Nothing to be done" in again.stdout + again.stderr
     # a labelling parameter reruns the labels, not the data
     config["slick"]["n_samples"] = 2
-    cfg = write_config(tmp_path, config)
-    dry = snakemake(tmp_path, "-n", *label_targets("tiny"), configfile=cfg).stdout
+    dry = tiny_study.run("-n", *label_targets("tiny"), config=config).stdout
     assert "label_questions" in dry and "prepare_splits" not in dry and "prepare_model" not in dry
 
 

@@ -23,19 +23,18 @@ HERE = Path(__file__).parent
 def main(archive: str) -> None:
     templates = json.loads((HERE / "fixture_templates.json").read_text())
     src = zipfile.ZipFile(archive)
-    read = lambda rel, split: json.loads(src.read(f"dataset/{split}/{rel}.{split}.json"))  # noqa: E731
-    subject = lambda rel, q: q[
-        len(templates[rel].split("[X]")[0]) : len(q) - len(templates[rel].split("[X]")[1])
-    ]  # noqa: E731
+
+    def read(rel, split):
+        return json.loads(src.read(f"dataset/{split}/{rel}.{split}.json"))
+
+    def subject(rel, q):
+        return q[len(templates[rel].split("[X]")[0]) : len(q) - len(templates[rel].split("[X]")[1])]
 
     out = {}
     for rel in IN_DIST + OOD + FILTER_ONLY:
         test = read(rel, "test")
         multi = [q for q in test if len(q["answers"]) > 1][:1]
         out[rel, "test"] = test[: N["test"]] + multi
-    test_subjects = {
-        subject(rel, q["question"]): (rel, q) for (rel, _), qs in out.items() for q in qs
-    }
     all_test = {rel: read(rel, "test") for rel in IN_DIST + OOD + FILTER_ONLY}
     for rel in IN_DIST:
         train = read(rel, "train")

@@ -72,7 +72,7 @@ def slurm_jobs(output):
         rule = re.search(r"/rule_(\w+)/", log).group(1)
         ids.setdefault(rule, []).append(jobid)
     assert calls.keys() == ids.keys() and all(len(calls[r]) == len(ids[r]) for r in calls), output
-    return {rule: list(zip(ids[rule], calls[rule])) for rule in calls}
+    return {rule: list(zip(ids[rule], calls[rule], strict=True)) for rule in calls}
 
 
 def scontrol_job(jobid):
@@ -255,7 +255,8 @@ def test_workflow_gpu_rules_request_one_gpu(workflow_run):
             assert job["Partition"] == "gpu" and job["TresPerJob"] == "gres:gpu:1", job
     assert set(jobs) >= GPU_RULES
     print(
-        f"\nGPU rules ({', '.join(sorted(GPU_RULES))}): every job -p gpu --gpus=1, TresPerJob=gres:gpu:1"
+        f"\nGPU rules ({', '.join(sorted(GPU_RULES))}): every job -p gpu --gpus=1, "
+        "TresPerJob=gres:gpu:1"
     )
 
 

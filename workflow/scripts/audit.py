@@ -43,7 +43,8 @@ def check_entry(entry: dict, base: Path) -> list[str]:
         st = path.stat()
         if st.st_size != entry.get("size") or st.st_mtime != entry.get("mtime"):
             return [
-                f"{entry['path']}: size/mtime changed (recorded {entry.get('size')} bytes, mtime {entry.get('mtime')})"
+                f"{entry['path']}: size/mtime changed (recorded {entry.get('size')} bytes, mtime "
+                f"{entry.get('mtime')})"
             ]
         return []
     if sha256_file(path) != entry["sha256"]:
@@ -71,7 +72,10 @@ def embedded_id(path: Path) -> str | None:
 def describe(record: dict) -> str:
     git = record.get("git") or {}
     commit = (git.get("commit") or "?")[:10] + ("-dirty" if git.get("dirty") else "")
-    return f"rule {record.get('rule')}, commit {commit}, id {record.get('record_id') or record_id(record)}"
+    return (
+        f"rule {record.get('rule')}, commit {commit}, id "
+        f"{record.get('record_id') or record_id(record)}"
+    )
 
 
 class Audit:
@@ -146,7 +150,8 @@ class Audit:
             sidecar = entry.get("provenance")
             if sidecar is None:
                 self.lines.append(
-                    f"{prefix}{branch}{entry['path']}  {status}  {self.fail(entry['path'] + ': no sidecar recorded')}"
+                    f"{prefix}{branch}{entry['path']}  {status}  "
+                    f"{self.fail(entry['path'] + ': no sidecar recorded')}"
                 )
                 continue
             if sidecar in self.seen:
@@ -182,7 +187,8 @@ def main(argv=None) -> int:
     print("\n".join(result.lines))
     print()
     print(
-        f"{len(result.seen)} sidecars read; lineage roots: {', '.join(sorted(result.roots)) or 'none'}"
+        f"{len(result.seen)} sidecars read; lineage roots: "
+        f"{', '.join(sorted(result.roots)) or 'none'}"
     )
     if result.problems:
         print(f"{len(result.problems)} problem(s):")

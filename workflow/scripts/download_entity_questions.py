@@ -62,7 +62,8 @@ def check_archive(
     digest = sha256_file(path)
     if expected_sha256 and digest != expected_sha256:
         raise DownloadError(
-            f"dataset.source {source!r}: sha256 {digest} differs from dataset.sha256 {expected_sha256}"
+            f"dataset.source {source!r}: sha256 {digest} differs from dataset.sha256 "
+            f"{expected_sha256}"
         )
     if not zipfile.is_zipfile(path):
         raise DownloadError(f"dataset.source {source!r} is not a zip archive")
@@ -81,8 +82,8 @@ def check_archive(
     missing = [m for r in relations if (m := member_name(r, "test")) not in names]
     if missing:
         raise DownloadError(
-            f"dataset.source {source!r} is not the EntityQuestions archive: missing {', '.join(missing[:3])}"
-            f"{' and more' if len(missing) > 3 else ''}"
+            f"dataset.source {source!r} is not the EntityQuestions archive: "
+            f"missing {', '.join(missing[:3])}{' and more' if len(missing) > 3 else ''}"
         )
     return digest
 

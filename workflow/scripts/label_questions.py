@@ -21,7 +21,8 @@ def main(smk) -> None:
     torch.set_num_threads(smk.threads)
     relation = smk.wildcards.relation
     questions = pl.read_parquet(smk.input.questions).filter(pl.col("relation") == relation)
-    exemplars = json.loads(open(smk.input.exemplars).read())
+    with open(smk.input.exemplars) as f:
+        exemplars = json.loads(f.read())
     model, tokenizer, device = load(
         smk.input.model, dtype=model_spec.dtype, device=model_spec.device
     )

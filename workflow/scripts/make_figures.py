@@ -223,7 +223,7 @@ def plot_accuracy_vs_share(
     )
     line_values = list(dict.fromkeys(data[line_key].to_list()))
     dashes = ["-", "--", "-.", ":"]
-    for ax, split in zip(axes[0], splits):
+    for ax, split in zip(axes[0], splits, strict=False):
         sub = data.filter(pl.col("split") == split)
         for i, value in enumerate(line_values):
             lines = sub.filter(pl.col(line_key) == value)
@@ -267,7 +267,7 @@ def plot_category_fitting(data: pl.DataFrame, title: str):
     fig, axes = plt.subplots(
         1, max(1, len(panels)), figsize=(5.5 * max(1, len(panels)), 4), squeeze=False
     )
-    for ax, (name, frame) in zip(axes[0], panels):
+    for ax, (name, frame) in zip(axes[0], panels, strict=False):
         for cat in CATEGORIES:
             part = frame.filter(pl.col("category") == cat).sort("epoch")
             if part.height:
@@ -336,7 +336,8 @@ def plot_slick_vs_ptrue(
     _percent_axis(ax, "x")
     _percent_axis(ax)
     ax.set_title(
-        f"{title}: SliCK vs P(True) as detectors of Unknown questions (Fig. 5)\naccuracy of the model fine-tuned on {run}",
+        f"{title}: SliCK vs P(True) as detectors of Unknown questions (Fig. 5)\n"
+        f"accuracy of the model fine-tuned on {run}",
         fontsize=10,
     )
     ax.legend(loc="best", fontsize=8)

@@ -75,7 +75,10 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 def table2_markdown(table: pl.DataFrame, title: str, n_chunks: int) -> str:
     if table.is_empty():
-        return f"# {title}\n\nNo fine-tune of D_HighlyKnown ... D_Unknown or D_Natural is configured.\n"
+        return (
+            f"# {title}\n\nNo fine-tune of D_HighlyKnown ... D_Unknown or D_Natural is "
+            "configured.\n"
+        )
     sizes = dict(table.select("subset", "n_questions").unique().iter_rows())
     header = ["Stop", "Variant"] + [f"{s} (n={sizes.get(s, 0)})" for s in analysis.SUBSETS]
     rows = []
@@ -90,10 +93,11 @@ def table2_markdown(table: pl.DataFrame, title: str, n_chunks: int) -> str:
             row.append(text + r["significance"].replace("*", "\\*"))
         rows.append(row)
     legend = (
-        "Accuracy (%) of the fine-tuned model on the test questions of each SliCK category of the base "
-        "model (n = questions). **Bold**: the best of the column at that stop. \\* / \\*\\*: significantly "
-        f"below the best (App. I: the column's questions shuffled (seeded) and cut into min({n_chunks}, n) "
-        "chunks, paired t-test of per-chunk accuracies; p < 0.05 / p < 0.01). "
+        "Accuracy (%) of the fine-tuned model on the test questions of each SliCK category of the "
+        "base model (n = questions). **Bold**: the best of the column at that stop. \\* / \\*\\*: "
+        "significantly below the best (App. I: the column's questions shuffled (seeded) and cut "
+        f"into min({n_chunks}, n) chunks, paired t-test of per-chunk accuracies; "
+        "p < 0.05 / p < 0.01). "
         f"{DASH}: no test question in that category."
     )
     return f"# {title}\n\n" + markdown_table(header, rows) + "\n" + legend + "\n"
@@ -127,10 +131,11 @@ def table1_markdown(fits: list[dict], points: pl.DataFrame, mixtures: list[str],
     text = (
         f"# {title}\n\n"
         + markdown_table(header, rows)
-        + "\nOLS fit of Accuracy (%) = b0 + b_kn * N_kn/|D| + b_unk * N_unk/|D|, one point per epoch of each "
-        "fine-tune with that test split evaluated. N_kn, N_unk: the Known (HighlyKnown + MaybeKnown + "
-        "WeaklyKnown) and Unknown training examples the model answers correctly after that epoch; "
-        f"|D| = {d_size} (the largest training set). Variants: {', '.join(variant_name(m) for m in mixtures)} "
+        + "\nOLS fit of Accuracy (%) = b0 + b_kn * N_kn/|D| + b_unk * N_unk/|D|, one point per "
+        "epoch of each fine-tune with that test split evaluated. N_kn, N_unk: the Known "
+        "(HighlyKnown + MaybeKnown + WeaklyKnown) and Unknown training examples the model answers "
+        f"correctly after that epoch; |D| = {d_size} (the largest training set). "
+        f"Variants: {', '.join(variant_name(m) for m in mixtures)} "
         '(D_IDK runs are left out: their Unknown examples are trained on "I don\'t know"). '
         "Paper (PaLM 2-M): ID 36.9 / 7.3 / -8.3, R^2 0.86; OOD 36.2 / 3.2 / -3.0, R^2 0.95.\n"
     )
@@ -164,9 +169,10 @@ def table8_markdown(table: pl.DataFrame, title: str) -> str:
             row += [pct(r["accuracy_answered_pct"]), pct(r["answered_pct"])] if r else [DASH, DASH]
         rows.append(row)
     legend = (
-        'Accuracy (%) among the questions the model answers (a prediction that is not "I don\'t know" '
-        "after the exact match's normalisation; an empty prediction counts as an answer) and the share "
-        "of questions answered (%). Paper (PaLM 2-M, 50% Unknown): D 43.0 / 38.8 at EARLY_STOP / "
+        "Accuracy (%) among the questions the model answers (a prediction that is not "
+        "\"I don't know\" after the exact match's normalisation; an empty prediction counts as an "
+        "answer) and the share of questions answered (%). Paper (PaLM 2-M, 50% Unknown): "
+        "D 43.0 / 38.8 at EARLY_STOP / "
         "CONVERGENCE (100% answered); D_IDK 61.8 (58.7% answered) / 61.8 (55.6% answered).\n"
     )
     return f"# {title}\n\n" + markdown_table(header, rows) + "\n" + legend
@@ -203,7 +209,10 @@ def distribution_markdown(table: pl.DataFrame, title: str) -> str:
         + [f"{r[f'n_{c}']} ({pct(r[f'pct_{c}'])}%)" for c in CATEGORIES]
         for r in table.iter_rows(named=True)
     ]
-    legend = "Questions per SliCK category of the base model: count (share of the relation's questions).\n"
+    legend = (
+        "Questions per SliCK category of the base model: count (share of the relation's "
+        "questions).\n"
+    )
     return f"# {title}\n\n" + markdown_table(header, rows) + "\n" + legend
 
 

@@ -61,7 +61,7 @@ def markdown(summary: pl.DataFrame) -> str:
 def main(smk) -> None:
     setup_logging(smk.log[0])
     splits = Summary.from_param(smk.params.spec).splits
-    labels = {s: pl.read_parquet(p) for s, p in zip(splits, smk.input)}
+    labels = {s: pl.read_parquet(p) for s, p in zip(splits, smk.input, strict=True)}
     summary = summarize(labels)
     write_csv(summary, smk.output.csv)
     write_text(markdown(summary), smk.output.md)

@@ -11,7 +11,8 @@ Table 2 (accuracy per SliCK category of the test questions, with App. I's signif
     chunk_accuracies(correct, n_chunks, seed), paired_p_value(best, other), stars(p)
 
 Table 1 (linear model of test accuracy on the Known / Unknown training examples fitted):
-    fitted_counts(line), fit_points(metrics), fit_linear_model(points, split), linear_model_frame(fits)
+    fitted_counts(line), fit_points(metrics), fit_linear_model(points, split),
+    linear_model_frame(fits)
 
 Table 8 (training on "I don't know" for the Unknown examples):
     is_idk(prediction), answered_accuracy(preds)

@@ -31,7 +31,10 @@ def _key(path) -> str:
 
 def _describe(error: jsonschema.ValidationError) -> str:
     if error.validator == "additionalProperties":
-        return f"config key '{_key(error.path)}': {error.message} (not a known key; check the spelling)"
+        return (
+            f"config key '{_key(error.path)}': {error.message} "
+            "(not a known key; check the spelling)"
+        )
     if error.validator == "oneOf" and error.path and error.path[0] == "models":
         return (
             f"config key '{_key(error.path)}': give exactly one of 'path' (a local directory "
@@ -84,7 +87,8 @@ def _semantic_problems(config: dict) -> list[str]:
     for name in finetune["recipes"]:
         if name not in recipes:
             problems.append(
-                f"config key 'finetune.recipes': {name!r} is not a key of 'recipes' ({', '.join(recipes)})"
+                f"config key 'finetune.recipes': {name!r} is not a key of 'recipes' "
+                f"({', '.join(recipes)})"
             )
     for rel in config["mixtures"]["relations"] or []:
         if rel not in rels["in_distribution"]:

@@ -63,7 +63,8 @@ def parse_relation_file(
         )
         if not ok:
             raise DataError(
-                f"{where}: item {i} is not {{'question': str, 'answers': [str, ...]}}: {str(item)[:200]}"
+                f"{where}: item {i} is not {{'question': str, 'answers': [str, ...]}}: "
+                f"{str(item)[:200]}"
             )
     prefix, suffix = split_template(template)
     frame = pl.DataFrame(

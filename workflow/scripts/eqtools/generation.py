@@ -145,7 +145,9 @@ class _Level:
             # per slice beats building padded blocks
             ends = torch.cumsum(counts, 0).tolist()
             self.runs = [
-                (e, end - c, end) for e, (c, end) in enumerate(zip(counts.tolist(), ends)) if c
+                (e, end - c, end)
+                for e, (c, end) in enumerate(zip(counts.tolist(), ends, strict=True))
+                if c
             ]
         elif counts is not None:
             # rank of each row among the rows of its entry: the rows of one entry form a block
@@ -160,7 +162,8 @@ class _Level:
         self.row_valid = row_valid
 
     def _blocks(self, x: torch.Tensor) -> torch.Tensor:
-        """[rows, kv, m, d] -> [entries, kv, max_rows * m, d], zeros where an entry has fewer rows."""
+        """[rows, kv, m, d] -> [entries, kv, max_rows * m, d], zeros where an entry has fewer
+        rows."""
         rows, kv, m, d = x.shape
         blocks = x.new_zeros(self.valid.shape[0], kv, self.max_rows, m, d)
         blocks[self.entry, :, self.pos] = x
@@ -262,7 +265,7 @@ class _LevelCache:
         if window not in self._masks:
             self._masks[window] = [level.hidden(self.q_pos, window) for level in self.levels]
         scores = []
-        for level, hidden in zip(self.levels, self._masks[window]):
+        for level, hidden in zip(self.levels, self._masks[window], strict=True):
             s = level.scores(layer, q)
             if softcap is not None:  # as the model's eager attention: cap, then mask
                 s = torch.tanh(s / softcap) * softcap
@@ -276,7 +279,8 @@ class _LevelCache:
             logits = torch.cat([logits, sink], dim=-1)
         weights = logits.softmax(dim=-1)[..., : sum(lengths)].to(query.dtype)
         out = sum(
-            level.output(layer, w) for level, w in zip(self.levels, weights.split(lengths, dim=-1))
+            level.output(layer, w)
+            for level, w in zip(self.levels, weights.split(lengths, dim=-1), strict=True)
         )
         out = out.reshape(rows, heads, dim)
         return out[None] if self.packed else out[:, None]  # [batch, tokens, heads, d]
@@ -317,7 +321,8 @@ def _level_attention(
     for name, value_ in kwargs.items():
         if value_ is not None and name not in _NEUTRAL_ARGUMENTS:
             raise LevelsUnsupported(
-                f"layer {layer} passes attention argument {name!r}, which the levels do not implement"
+                f"layer {layer} passes attention argument {name!r}, "
+                "which the levels do not implement"
             )
     if layer in cache.windows:  # layer_types decide the mask the model builds for the layer
         window = cache.windows[layer]
@@ -358,7 +363,7 @@ def _attention(configs: list, implementation: str):
     try:
         yield
     finally:
-        for c, before in zip(configs, saved):
+        for c, before in zip(configs, saved, strict=True):
             c._attn_implementation_internal = before
 
 
@@ -544,7 +549,8 @@ class Generator:
             extra = f", with {', '.join(features)}" if features else ""
             return (
                 "levels",
-                f"its {self.n_layers} layers are attention the levels reproduce{extra}; probe exact",
+                f"its {self.n_layers} layers are attention the levels reproduce{extra}; "
+                "probe exact",
             )
         if requested == "levels":
             raise EngineError(
@@ -564,8 +570,8 @@ class Generator:
         # beyond the kernels' own run-to-run noise (atomics on a GPU): e.g. random LSH rotations
         if float((first - second).abs().max()) > self._tolerance(second):
             raise EngineError(
-                f"{self.architecture}: two forward passes over the same tokens give different logits, "
-                "so no answer would be reproducible"
+                f"{self.architecture}: two forward passes over the same tokens give different "
+                "logits, so no answer would be reproducible"
             )
         saved, self.max_new_tokens = self.max_new_tokens, 4
         try:
@@ -583,7 +589,10 @@ class Generator:
         if sorted(together) == sorted(alone):
             return ""
         self.one_row = True
-        return "; its batched decoding differs from one prompt at a time, so it decodes one row per call"
+        return (
+            "; its batched decoding differs from one prompt at a time, "
+            "so it decodes one row per call"
+        )
 
     def _sliding_windows(self, cfg) -> list[int]:
         """The window sizes the model uses: per layer type where the config has layer types,
@@ -621,7 +630,8 @@ class Generator:
     def _probe(self, cfg) -> str | None:
         """Run the levels on a probe (a prefix, a prompt, up to three decoded tokens) and compare
         their logits with the model's own forward over the same tokens. Longer than the smallest
-        sliding window when that is at most 1024 (Gemma 3, gpt-oss), so the windows are exercised too."""
+        sliding window when that is at most 1024 (Gemma 3, gpt-oss), so the windows are exercised
+        too."""
         length = max(48, min(min(self._sliding_windows(cfg), default=0) + 16, 1040))
         tokens = self._probe_tokens(length)
         head = self.tokenizer("", add_special_tokens=True).input_ids
@@ -636,7 +646,10 @@ class Generator:
         finally:
             self.max_new_tokens = saved
         if len(self.attended_layers) != self.n_layers:
-            return f"only {len(self.attended_layers)} of its {self.n_layers} layers attend through the levels"
+            return (
+                f"only {len(self.attended_layers)} of its {self.n_layers} layers attend through "
+                "the levels"
+            )
         full = list(self.prefixes[pid].tokens) + list(prompt) + list(generated)
         with torch.inference_mode():
             reference = self.model(
@@ -647,7 +660,10 @@ class Generator:
         want = reference[first : first + len(got)].float()
         diff, tolerance = float((got - want).abs().max()), self._tolerance(want)
         if not diff <= tolerance:  # also catches NaN
-            return f"the probe's logits differ from the model's own forward by {diff:.3g} (tolerance {tolerance:.3g})"
+            return (
+                f"the probe's logits differ from the model's own forward by {diff:.3g} "
+                f"(tolerance {tolerance:.3g})"
+            )
         return None
 
     def _probe_tokens(self, length: int) -> list[int]:
@@ -666,8 +682,8 @@ class Generator:
         head = self.model.get_output_embeddings()
         if not isinstance(getattr(head, "weight", None), torch.Tensor) or head.weight.dim() != 2:
             raise EngineError(
-                f"{self.architecture} has no single output layer over the vocabulary ({type(head).__name__}): "
-                "the engine needs one next-token distribution per step"
+                f"{self.architecture} has no single output layer over the vocabulary "
+                f"({type(head).__name__}): the engine needs one next-token distribution per step"
             )
         vocab = head.weight.shape[0]
         n = min(vocab, len(self.tokenizer))
@@ -764,7 +780,8 @@ class Generator:
                 out = self.model(
                     input_ids=ids,
                     position_ids=positions,
-                    attention_mask=self._no_mask,  # a 4D mask is passed through; attention masks itself
+                    # a 4D mask is passed through; attention masks itself
+                    attention_mask=self._no_mask,
                     cache=cache,
                     use_cache=True,
                     logits_to_keep=1 if keep is None else keep,
@@ -1009,12 +1026,13 @@ def check_generation(name: str, model, tokenizer, max_new_tokens: int = 8) -> st
         reference = answer("reference")[1] if backend == "levels" else tokens
     except Exception as e:  # a crash inside transformers is reported as what it means here
         raise EngineError(
-            f"models.{name}: the generation engine cannot run {architecture}: {type(e).__name__}: {e}"
+            f"models.{name}: the generation engine cannot run {architecture}: "
+            f"{type(e).__name__}: {e}"
         ) from e
     if tokens != reference:
         raise EngineError(
             f"models.{name}: the engine's fast path answers the probe question with {tokens} for "
-            f"{architecture}, transformers' generate with {reference}; set engine.backend: reference "
-            "and report the architecture"
+            f"{architecture}, transformers' generate with {reference}; set engine.backend: "
+            "reference and report the architecture"
         )
     return backend

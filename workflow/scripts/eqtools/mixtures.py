@@ -1,5 +1,5 @@
-"""Training-set mixtures (docs/study.md, "Training sets"): which labelled train questions go into each
-fine-tuning set D. Pure functions on polars frames; no I/O. The names of the mixtures
+"""Training-set mixtures (docs/study.md, "Training sets"): which labelled train questions go into
+each fine-tuning set D. Pure functions on polars frames; no I/O. The names of the mixtures
 (their grammar) are eqtools.study's.
 
 Every variant of one seed draws from the same orderings: a relation's pool of one category group
@@ -60,7 +60,8 @@ def relation_sizes(
     if per_relation_size is not None:
         if not _is_count(per_relation_size):
             raise MixtureError(
-                f"mixtures.per_relation_size must be a non-negative integer, got {per_relation_size!r}"
+                "mixtures.per_relation_size must be a non-negative integer, "
+                f"got {per_relation_size!r}"
             )
         return {r: per_relation_size for r in chosen}
     counts = labels.group_by("relation", "category").len()
@@ -109,7 +110,8 @@ def build_mixture(
         n = sizes[relation]
         if not _is_count(n):
             raise MixtureError(
-                f"mixture {name}: size of relation {relation} must be a non-negative integer, got {n!r}"
+                f"mixture {name}: size of relation {relation} "
+                f"must be a non-negative integer, got {n!r}"
             )
         pool = labels.filter(pl.col("relation") == relation)
         if spec["kind"] == "category":

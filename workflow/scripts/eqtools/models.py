@@ -77,9 +77,9 @@ def materialise(name: str, spec: dict, out_dir: str | Path, check=None) -> dict:
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise ModelError(
             f"models.{name}: {', '.join(config.architectures or [config.model_type])} (model_type "
-            f"{config.model_type!r}) is not a causal language model: AutoModelForCausalLM has no class "
-            "for it (the workflow needs a decoder that generates text; encoder-only and encoder-decoder "
-            "models are not supported)"
+            f"{config.model_type!r}) is not a causal language model: AutoModelForCausalLM has no "
+            "class for it (the workflow needs a decoder that generates text; encoder-only and "
+            "encoder-decoder models are not supported)"
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)

@@ -24,7 +24,10 @@ import polars as pl
 
 log = logging.getLogger(__name__)
 
-PROMPT = "Question: {question}\nProposed Answer: {answer}\nIs the proposed answer:\n(A) True\n(B) False\nThe proposed answer is:"
+PROMPT = (
+    "Question: {question}\nProposed Answer: {answer}\nIs the proposed answer:\n"
+    "(A) True\n(B) False\nThe proposed answer is:"
+)
 TRUE = (" (A)", " A")
 FALSE = (" (B)", " B")
 
@@ -49,7 +52,7 @@ def proposals(labels: pl.DataFrame, which: str = "all") -> pl.DataFrame:
 def combine(p_true: list[float], p_false: list[float]) -> list[float]:
     """Normalised P(True) from the summed continuation probabilities of each prompt."""
     out = []
-    for t, f in zip(p_true, p_false):
+    for t, f in zip(p_true, p_false, strict=True):
         out.append(t / (t + f) if t + f > 0 else 0.5)
     return out
 
@@ -128,11 +131,11 @@ def continuation_logprobs(
 
 def score_p_true(model, tokenizer, rows: pl.DataFrame, device: str, batch_rows: int) -> list[float]:
     """P(True) of each (question, answer) row, one score per row."""
-    prompts = [format_prompt(q, a) for q, a in zip(rows["question"], rows["answer"])]
+    prompts = [format_prompt(q, a) for q, a in zip(rows["question"], rows["answer"], strict=True)]
     unique = list(dict.fromkeys(prompts))  # equal greedy answers share one score
     logps = continuation_logprobs(model, tokenizer, unique, TRUE + FALSE, device, batch_rows)
     by_prompt = {}
-    for prompt, lps in zip(unique, logps):
+    for prompt, lps in zip(unique, logps, strict=True):
         probs = [math.exp(x) for x in lps]
         by_prompt[prompt] = combine([sum(probs[: len(TRUE)])], [sum(probs[len(TRUE) :])])[0]
     return [by_prompt[p] for p in prompts]

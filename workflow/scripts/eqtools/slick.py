@@ -1,4 +1,5 @@
-"""SliCK (docs/study.md, "SliCK"): exemplar sets, few-shot prompts, the exact sampling shortcut and categories."""
+"""SliCK (docs/study.md, "SliCK"): exemplar sets, few-shot prompts, the exact sampling shortcut
+and categories."""
 
 import hashlib
 import logging

@@ -46,7 +46,7 @@ def encode_examples(
 ) -> list[tuple[list[int], list[int]]]:
     """(input ids, labels) per example; the loss sees only the answer and its closing newline."""
     out = []
-    for q, a in zip(questions, answers):
+    for q, a in zip(questions, answers, strict=True):
         prompt = tokenizer(format_prompt(q), add_special_tokens=True).input_ids
         full = tokenizer(format_prompt(q) + a + "\n", add_special_tokens=True).input_ids
         if full[: len(prompt)] != prompt:
@@ -161,7 +161,7 @@ def accuracy_by_category(frame: pl.DataFrame, predictions: list[str]) -> tuple[p
         pl.Series("prediction", predictions, dtype=pl.String),
         pl.Series(
             "correct",
-            [exact_match(p, g) for p, g in zip(predictions, frame["gold"])],
+            [exact_match(p, g) for p, g in zip(predictions, frame["gold"], strict=True)],
             dtype=pl.Boolean,
         ),
     )
@@ -178,7 +178,8 @@ def accuracy_by_category(frame: pl.DataFrame, predictions: list[str]) -> tuple[p
 
 
 def best_epoch(lines: list[dict]) -> int | None:
-    """EARLY_STOP: the epoch with the best dev accuracy, the earliest among ties (None without dev)."""
+    """EARLY_STOP: the epoch with the best dev accuracy, the earliest among ties (None without
+    dev)."""
     scored = [
         (line["dev_accuracy"], -line["epoch"])
         for line in lines
@@ -203,7 +204,8 @@ def save_state(
     lines: list[dict],
     predictions: dict[str, dict[str, pl.DataFrame]] | None = None,
 ) -> None:
-    """`predictions` maps "early_stop" and "convergence" (the latest epoch) to {split: graded frame}."""
+    """`predictions` maps "early_stop" and "convergence" (the latest epoch) to {split: graded
+    frame}."""
 
     def save(tmp: Path) -> None:
         model.save_pretrained(tmp / "model")
@@ -298,14 +300,14 @@ def add_lora(model, lora: Lora | dict, dropout: float):
     targets = lora.target_modules
     names = linear_modules(model)
     linear = sorted({name.rsplit(".", 1)[-1] for name in names})
-    if targets != "all-linear":  # peft matches a name or a dotted suffix of it
-        if unmatched := [
-            t for t in targets if not any(n == t or n.endswith("." + t) for n in names)
-        ]:
-            raise TrainingError(
-                f"lora.target_modules {unmatched} match no module of {type(model).__name__}; its linear "
-                f"modules are {linear} (or use 'all-linear')"
-            )
+    # peft matches a name or a dotted suffix of it
+    if targets != "all-linear" and (
+        unmatched := [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    ):
+        raise TrainingError(
+            f"lora.target_modules {unmatched} match no module of {type(model).__name__}; its "
+            f"linear modules are {linear} (or use 'all-linear')"
+        )
     model = get_peft_model(
         model,
         LoraConfig(
@@ -346,7 +348,8 @@ def build_model(model_dir: str, recipe: Recipe | dict, device: str):
         log.info("attention dropout %s on %s", recipe.dropout, ", ".join(keys))
     else:
         log.info(
-            "%s has no attention-dropout setting: the recipe's dropout applies to LoRA adapters only",
+            "%s has no attention-dropout setting: "
+            "the recipe's dropout applies to LoRA adapters only",
             config.model_type,
         )
     # float32 weights for every recipe: `dtype: bfloat16` trains under autocast (see `autocast`)
@@ -370,7 +373,8 @@ def finetune(
     backend: str = "auto",
     on_epoch: Callable[[int], None] | None = None,
 ) -> list[dict]:
-    """Train for `recipe.epochs` epochs (a Recipe, or its dict); after each, evaluate and append a metrics line.
+    """Train for `recipe.epochs` epochs (a Recipe, or its dict); after each, evaluate and append a
+    metrics line.
 
     `train` has columns id, question, answer (the training target), gold (for grading) and
     category; `evals` maps a name (dev, test, ood_test) to frames with question, gold and
