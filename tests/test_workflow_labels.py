@@ -65,10 +65,12 @@ def test_labels_with_tiny_random_model(tiny_study):
 
 
 def test_labels_with_embedded_model(tmp_path):
+    # one relation of each kind: the real model through every labelling rule, 4 chunks
     config = tiny_config(
+        relations={"in_distribution": ["P17"], "out_of_distribution": ["P50"]},
         subsample={
             "max_per_relation": {"train": 2, "dev": 6, "test": 2, "ood_test": 1, "ood_dev": 6}
-        }
+        },
     )
     cfg = write_config(tmp_path, config)
     snakemake(tmp_path, *label_targets("smollm2-135m"), configfile=cfg)
