@@ -178,3 +178,23 @@ def test_every_rule_hashes_what_its_script_reaches():
         assert rule.params["code"] == code_hash(rule.script), rule.name
     modules = code_modules(ROOT / "workflow/scripts/make_tables.py")
     assert {"analysis", "study", "settings", "em"} <= set(modules) and "provenance" not in modules
+
+
+@pytest.mark.workflow
+def test_a_code_param_naming_another_script_stops_the_workflow(tmp_path):
+    import shutil
+
+    from helpers import snakemake, tiny_config, write_config
+
+    shutil.copy2(ROOT / "Snakefile", tmp_path / "Snakefile")
+    for d in ("workflow", "envs"):
+        shutil.copytree(ROOT / d, tmp_path / d, ignore=shutil.ignore_patterns("__pycache__"))
+    rules = tmp_path / "workflow/rules/labels.smk"
+    text = rules.read_text()
+    rules.write_text(text.replace('script_code("merge_labels")', 'script_code("build_mixture")'))
+    cfg = write_config(tmp_path, tiny_config())
+    proc = snakemake(tmp_path, "-n", configfile=cfg, snakefile=tmp_path / "Snakefile", check=False)
+    assert proc.returncode != 0
+    assert "params.code of rule merge_labels must be script_code('merge_labels')" in (
+        proc.stdout + proc.stderr
+    )

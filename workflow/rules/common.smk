@@ -27,22 +27,22 @@ LABELLED_SPLITS = list(study.LABELLED_SPLITS)
 
 
 def script_code(name):
-    """The code param of the rule whose script is workflow/scripts/<name>.py: the content hash
-    of the eqtools modules it imports, directly or not (eqtools/codehash.py). Snakemake tracks
-    the script file itself, not what it imports."""
+    """The code param for the script workflow/scripts/<name>.py, the content hash of the
+    eqtools modules it imports, directly or not (eqtools/codehash.py). Snakemake tracks the
+    script file itself, not what it imports."""
     return code_hash(SCRIPTS / f"{name}.py")
 
 
 def check_code_params(rules):
-    """Every script rule passes script_code(<its own script>): a copy-pasted code param that
-    names another script would leave the rule blind to its imports."""
+    """Every script rule passes script_code(<its own script>), since a copy-pasted code param
+    that names another script would leave the rule blind to its imports."""
     for r in rules:
         if r.script is None or r.name == "download_entity_questions":
             continue
         expected = script_code(Path(r.script).stem)
         if r.params.get("code") != expected:
             raise WorkflowError(
-                f"rule {r.name}: params.code must be script_code({Path(r.script).stem!r})"
+                f"params.code of rule {r.name} must be script_code({Path(r.script).stem!r})"
             )
 
 
