@@ -88,6 +88,8 @@ class RuleInfo:
     script: Path | None
     conda: str | None  # file name under envs/
     params: dict
+    resources: dict  # as declared: values or the functions that compute them
+    local: bool  # a localrule (runs on the submitting node)
 
 
 @functools.cache
@@ -117,6 +119,9 @@ def workflow_rules() -> dict[str, RuleInfo]:
                 (base / rule.script).resolve() if rule.script else None,
                 Path(rule.conda_env).name if rule.conda_env else None,
                 dict(rule.params.items()),
+                # Snakemake 9 wraps each declared value (or function) in a Resource
+                {k: getattr(v, "_value", v) for k, v in rule.resources.items()},
+                rule.name in workflow._localrules,  # is_local() is True for every rule here
             )
     return rules
 

@@ -6,16 +6,11 @@ from pathlib import Path
 
 import yaml
 
-from helpers import RULE_FILES, workflow_rules
+from helpers import workflow_rules
 
 ROOT = Path(__file__).resolve().parents[2]
 PROFILE_FILE = ROOT / "profiles/slurm/config.yaml"
 PROFILE = yaml.safe_load(PROFILE_FILE.read_text())
-RULE_TEXT = "\n".join(p.read_text() for p in RULE_FILES)
-
-
-def rule_blocks() -> dict[str, str]:
-    return {name: rule.text for name, rule in workflow_rules().items()}
 
 
 def gpu_rules_of_profile() -> set[str]:
@@ -40,19 +35,21 @@ def test_cluster_settings():
 
 
 def test_every_gpu_rule_asks_for_one_gpu_on_the_gpu_partition():
-    declared = {rule for rule, block in rule_blocks().items() if re.search(r"\n\s+gpu=1,", block)}
+    rules = workflow_rules()
+    declared = {name for name, rule in rules.items() if rule.resources.get("gpu") == 1}
     assert {"label_questions", "finetune", "ptrue"} <= declared
     assert gpu_rules_of_profile() == declared
     for rule in declared:
         res = PROFILE["set-resources"][rule]
         assert res == {"slurm_partition": "'gpu'", "gpu": 1, "tasks_per_gpu": 0}, rule
         # Memory grows with the attempt in the rule itself (set-resources does not set it).
-        mem = re.search(r"\n\s+mem_mb=([^\n]+),", rule_blocks()[rule]).group(1)
-        assert mem.startswith(("retry_mem_mb(", "recipe_mem_mb")), f"{rule}: mem_mb={mem}"
+        mem = rules[rule].resources["mem_mb"]
+        assert callable(mem), f"{rule}: mem_mb={mem}"
+        assert mem.__qualname__.startswith(("retry_mem_mb.", "recipe_mem_mb")), rule
 
 
 def test_downloads_are_local_rules():
-    local = set(re.findall(r"localrules:\s*\n\s+(\w+),", RULE_TEXT))
+    local = {name for name, rule in workflow_rules().items() if rule.local}
     assert {"download_entity_questions", "prepare_model"} <= local
 
 
