@@ -73,6 +73,14 @@ def label_chunks(wildcards):
     )
 
 
+def labelled_inputs(wildcards):
+    """{"labels:<split>": path} of the model's labelled splits, in LABELLED_SPLITS order."""
+    return {
+        study.input_name("labels", split): study.path("labels", model=wildcards.model, split=split)
+        for split in LABELLED_SPLITS
+    }
+
+
 def seed_suffixes():
     """Values of the {seed} wildcard: "" (the recipe's own seed) and "-seed{N}" per extra seed."""
     return STUDY.seed_suffixes()

@@ -80,7 +80,7 @@ rule merge_labels:
 
 rule summarize_labels:
     input:
-        expand("results/labels/{{model}}/{split}.parquet", split=LABELLED_SPLITS),
+        unpack(labelled_inputs),
     output:
         csv="results/labels/{model}/category_summary.csv",
         md="results/labels/{model}/category_summary.md",

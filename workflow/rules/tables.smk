@@ -85,7 +85,7 @@ rule table_idk:
 
 rule table_category_distribution:
     input:
-        unpack(distribution_inputs),
+        unpack(labelled_inputs),
     output:
         csv=report(
             "results/tables/{model}/category_distribution.csv",

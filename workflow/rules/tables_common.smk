@@ -49,13 +49,6 @@ def table8_inputs(wildcards):
     return eval_inputs(wildcards, STUDY.table("table8").mixtures, study.TEST_SPLITS)
 
 
-def distribution_inputs(wildcards):
-    return {
-        study.input_name("labels", split): study.path("labels", model=wildcards.model, split=split)
-        for split in LABELLED_SPLITS
-    }
-
-
 def tables_targets():
     runs = dict(model=config["models"], recipe=STUDY.finetune_recipes, seed=seed_suffixes())
     run_dir = "results/tables/{model}/{recipe}{seed}/"

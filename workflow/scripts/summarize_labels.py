@@ -5,7 +5,7 @@ import polars as pl
 from eqtools.io import setup_logging, write_csv, write_text
 from eqtools.provenance import write_provenance
 from eqtools.settings import Summary
-from eqtools.study import CATEGORIES
+from eqtools.study import CATEGORIES, input_name
 
 
 def summarize(labels: dict[str, pl.DataFrame]) -> pl.DataFrame:
@@ -61,7 +61,7 @@ def markdown(summary: pl.DataFrame) -> str:
 def main(smk) -> None:
     setup_logging(smk.log[0])
     splits = Summary.from_param(smk.params.spec).splits
-    labels = {s: pl.read_parquet(p) for s, p in zip(splits, smk.input, strict=True)}
+    labels = {s: pl.read_parquet(smk.input[input_name("labels", s)]) for s in splits}
     summary = summarize(labels)
     write_csv(summary, smk.output.csv)
     write_text(markdown(summary), smk.output.md)
