@@ -1,4 +1,5 @@
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,21 @@ def tiny_study(tmp_path_factory, tiny_model_dir):
     import tiny_study
 
     return tiny_study.build(tmp_path_factory.mktemp("study"), tiny_model_dir)
+
+
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist (make test), every test of the tiny study runs in one worker, which
+    builds the study once (`--dist loadgroup`)."""
+    for item in items:
+        if "tiny_study" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("tiny_study"))
+
+
+def pytest_configure(config):
+    """A worker of several shares the cores: torch's intra-op threads split them, instead of
+    every worker starting one thread per core."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))

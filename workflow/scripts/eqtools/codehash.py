@@ -12,6 +12,7 @@ Each sidecar records the commit of the code that actually wrote it.
 """
 
 import ast
+import functools
 import hashlib
 from pathlib import Path
 
@@ -23,22 +24,31 @@ ROOT = Path(__file__).resolve().parent
 def imported_modules(path: str | Path, package: Path = ROOT) -> set[str]:
     """The eqtools modules `path` imports (`from eqtools import x`, `from eqtools.x import y`,
     `import eqtools.x`), anywhere in the file."""
-    found = set()
-    for node in ast.walk(ast.parse(Path(path).read_text(), filename=str(path))):
+    st = Path(path).stat()  # the parse is cached per file version: every rule asks again
+    modules, names = _parsed_imports(str(path), st.st_mtime_ns, st.st_size)
+    # from eqtools import x: x is a module of the package, or a name its __init__ defines
+    return set(modules) | {n for n in names if (Path(package) / f"{n}.py").exists()}
+
+
+@functools.lru_cache(maxsize=1024)
+def _parsed_imports(path: str, mtime_ns: int, size: int) -> tuple[frozenset, frozenset]:
+    """(modules named as eqtools.<x>, names of `from eqtools import ...`) of one file version."""
+    found, names = set(), set()
+    for node in ast.walk(ast.parse(Path(path).read_text(), filename=path)):
         if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             parts = node.module.split(".")
             if parts[0] != PACKAGE:
                 continue
             if len(parts) > 1:
                 found.add(parts[1])
-            else:  # from eqtools import x: x is a module of the package
-                found.update(a.name for a in node.names if (package / f"{a.name}.py").exists())
+            else:
+                names.update(a.name for a in node.names)
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 parts = alias.name.split(".")
                 if parts[0] == PACKAGE and len(parts) > 1:
                     found.add(parts[1])
-    return found
+    return frozenset(found), frozenset(names)
 
 
 def reached_modules(script: str | Path, package: Path = ROOT) -> set[str]:
