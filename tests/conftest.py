@@ -49,6 +49,7 @@ def tiny_study(tmp_path_factory, tiny_model_dir):
     return tiny_study.build(tmp_path_factory.mktemp("study"), tiny_model_dir)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items):
     """Under pytest-xdist (make test), every test of the tiny study runs in one worker, which
     builds the study once (`--dist loadgroup`)."""

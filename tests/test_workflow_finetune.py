@@ -15,9 +15,9 @@ pytestmark = pytest.mark.workflow
 def test_finetune_end_to_end_with_tiny_model(tiny_study):
     base = tiny_study.work / "results"
     mixture = pl.read_parquet(base / "mixtures/tiny/idk_50.parquet")
-    assert mixture.height == 4  # per_relation_size 2 x 2 relations
+    assert mixture.height == 2  # per_relation_size 2 x 1 relation
     unknown = mixture.filter(~pl.col("known"))
-    assert unknown.height == 2 and (unknown["answer"] == "I don't know").all()
+    assert unknown.height == 1 and (unknown["answer"] == "I don't know").all()
     assert (mixture.filter(pl.col("known"))["answer"] != "I don't know").all()
     assert mixture["gold_answer"].is_not_null().all()
     for recipe in ("lora", "lora_b"):

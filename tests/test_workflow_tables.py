@@ -45,15 +45,15 @@ def test_tables_end_to_end_with_tiny_model(tiny_study):
         preds = pl.read_parquet(
             base / f"eval/tiny/lora/{row['variant']}/{row['stop']}/test.parquet"
         )
-        assert row["n_questions"] == preds.height == 6  # 3 per relation x 2 relations
+        assert row["n_questions"] == preds.height == 3  # 3 per relation x 1 relation
         assert row["accuracy_pct"] == pytest.approx(100 * preds["correct"].mean())
-        assert row["n_chunks"] == 6  # fewer questions than 100 chunks: one per chunk
+        assert row["n_chunks"] == 3  # fewer questions than 100 chunks: one per chunk
     best = table2.group_by("stop", "subset").agg(
         pl.col("is_best").any(), pl.col("n_questions").first()
     )
     assert (best["is_best"] == (best["n_questions"] > 0)).all()  # a best per non-empty column
     md = (tmp_path / f"{RUN}/table2_accuracy_by_category_test.md").read_text()
-    assert "D_Unknown" in md and "D_Natural" in md and "EARLY_STOP" in md and "Full (n=6)" in md
+    assert "D_Unknown" in md and "D_Natural" in md and "EARLY_STOP" in md and "Full (n=3)" in md
 
     # Table 1: one point per (mixture but idk_X, epoch); an undefined fit is NaN with a note
     table1 = pl.read_csv(tmp_path / f"{RUN}/table1_linear_model.csv")
@@ -91,7 +91,7 @@ def test_tables_end_to_end_with_tiny_model(tiny_study):
     test_total = dist.filter((pl.col("split") == "test") & (pl.col("relation") == "all")).row(
         0, named=True
     )
-    assert test_total["n_total"] == 6 and test_total["n_Unknown"] + test_total["n_HighlyKnown"] <= 6
+    assert test_total["n_total"] == 3 and test_total["n_Unknown"] + test_total["n_HighlyKnown"] <= 3
 
     # a table setting reruns Table 2 only; nothing upstream, not the other tables
     config = copy.deepcopy(tiny_study.config)
