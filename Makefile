@@ -39,12 +39,12 @@ format: setup
 	$(BIN)/ruff check --fix .
 
 # Tests in parallel processes, one per core up to 4 (pytest-xdist); the tests of the shared tiny
-# study (tests/tiny_study.py) stay together in one process, which builds the study once.
-# One process: make test PYTEST_WORKERS=0
+# study (tests/tiny_study.py) stay together in one process, which builds the study once (the
+# scheduler is in tests/conftest.py). One process: make test PYTEST_WORKERS=0
 PYTEST_WORKERS ?= auto --maxprocesses 4
 
 test: setup
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS)
 	$(MAKE) --no-print-directory lint
 
 # The slurm profile against a real single-node SLURM cluster on localhost (tests/slurm/README.md):

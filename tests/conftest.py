@@ -49,13 +49,40 @@ def tiny_study(tmp_path_factory, tiny_model_dir):
     return tiny_study.build(tmp_path_factory.mktemp("study"), tiny_model_dir)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+# The test files that use the tiny study: under pytest-xdist (make test) they all run in one
+# worker, which builds the study once. (xdist's own `--dist loadgroup` cannot be used: with
+# pytest 9 it leaves the groups unapplied.) A test elsewhere that uses the study is an error.
+STUDY_FILES = {
+    "tests/test_reruns.py",
+    "tests/test_workflow_labels.py",
+    "tests/test_workflow_finetune.py",
+    "tests/test_workflow_tables.py",
+    "tests/test_workflow_figures.py",
+}
+
+
 def pytest_collection_modifyitems(items):
-    """Under pytest-xdist (make test), every test of the tiny study runs in one worker, which
-    builds the study once (`--dist loadgroup`)."""
-    for item in items:
-        if "tiny_study" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("tiny_study"))
+    outside = [
+        item.nodeid
+        for item in items
+        if "tiny_study" in getattr(item, "fixturenames", ())
+        and item.nodeid.split("::")[0] not in STUDY_FILES
+    ]
+    if outside:
+        raise pytest.UsageError(
+            f"tests use tiny_study outside STUDY_FILES (conftest.py): {outside}"
+        )
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadscope`, with one scope for STUDY_FILES and one per test elsewhere."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class StudyScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "tiny_study" if nodeid.split("::")[0] in STUDY_FILES else nodeid
+
+    return StudyScheduling(config, log)
 
 
 def pytest_configure(config):
