@@ -181,6 +181,20 @@ def test_predictions_at_both_stops_equal_an_evaluation_of_the_checkpoints(
         assert pl.read_parquet(out["predictions"][stop]["test"]).equals(expected), stop
 
 
+def test_a_lora_checkpoint_lists_its_target_modules_sorted(tiny_model_dir, tmp_path):
+    """peft saves `target_modules` in set order, which differs between processes; the checkpoint
+    holds them sorted, so that reruns write the same bytes (14 module names here: they would
+    come out sorted by chance about once in 10^10 runs)."""
+    from eqtools.training import build_model, save_model
+
+    lora = {"rank": 2, "alpha": 4, "target_modules": "all-linear"}
+    model = build_model(str(tiny_model_dir), dict(RECIPE, lora=lora), "cpu")
+    save_model(model, tmp_path / "checkpoint")
+    saved = json.loads((tmp_path / "checkpoint/adapter_config.json").read_text())
+    assert saved["target_modules"] == sorted(saved["target_modules"])
+    assert len(saved["target_modules"]) >= 7
+
+
 def test_grade_together_equals_one_call_per_set(tiny_model_dir):
     from eqtools.generation import Generator
     from eqtools.training import answer_questions

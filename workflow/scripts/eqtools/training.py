@@ -189,9 +189,17 @@ def best_epoch(lines: list[dict]) -> int | None:
 
 
 def save_model(model, target: str | Path) -> None:
-    """`save_pretrained` into the checkpoint directory `target`, atomically."""
+    """`save_pretrained` into the checkpoint directory `target`, atomically. peft writes a LoRA
+    adapter's `target_modules` from a set, in an order that changes from one process to the next;
+    it is sorted here, so that equal checkpoints are equal files (and equal provenance)."""
     with atomic_path(target, directory=True) as tmp:
         model.save_pretrained(tmp)
+        config = tmp / "adapter_config.json"
+        if config.exists():
+            data = json.loads(config.read_text())
+            if isinstance(data.get("target_modules"), list):
+                data["target_modules"] = sorted(data["target_modules"])
+                config.write_text(json.dumps(data, indent=2, sort_keys=True))
 
 
 def save_state(
