@@ -38,9 +38,8 @@ def test_an_encoder_decoder_is_refused_by_name(tmp_path):
 
 def test_a_model_the_engine_cannot_run_is_refused_by_name(tmp_path):
     model = build_tiny("reformer", len(char_tokenizer()))
-    model.config.hash_seed = (
-        None  # random LSH rotations at every forward: no answer is reproducible
-    )
+    # random LSH rotations at every forward: no answer is reproducible
+    model.config.hash_seed = None
     source = save(model, tmp_path / "reformer")
     out = tmp_path / "out"
     with pytest.raises(

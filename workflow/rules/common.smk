@@ -1,5 +1,6 @@
 # Shared by the workflow files: the validated config as typed settings (eqtools.settings), the
 # study's vocabulary (eqtools.study), and each rule script's code hash, derived from its imports.
+import functools
 import sys
 from pathlib import Path
 
@@ -26,6 +27,7 @@ SPLITS = list(study.SPLITS)
 LABELLED_SPLITS = list(study.LABELLED_SPLITS)
 
 
+@functools.cache  # several rules share a script, and check_code_params asks again
 def script_code(name):
     """The code param for the script workflow/scripts/<name>.py, the content hash of the
     eqtools modules it imports, directly or not (eqtools/codehash.py). Snakemake tracks the
@@ -78,6 +80,29 @@ def labelled_inputs(wildcards):
     return {
         study.input_name("labels", split): study.path("labels", model=wildcards.model, split=split)
         for split in LABELLED_SPLITS
+    }
+
+
+def metrics_inputs(model, run, mixtures):
+    """{"metrics:<model>:<mixture>": path}: the per-epoch metrics of the fine-tunes of `run`."""
+    return {
+        study.input_name("metrics", model, mixture): study.path(
+            "metrics", model=model, run=run, mixture=mixture
+        )
+        for mixture in mixtures
+    }
+
+
+def eval_inputs(model, run, mixtures, stops=study.STOPS, splits=study.TEST_SPLITS):
+    """{"eval:<model>:<mixture>:<stop>:<split>": path}: the test predictions of the fine-tunes
+    of `run`."""
+    return {
+        study.input_name("eval", model, mixture, stop, split): study.path(
+            "eval", model=model, run=run, mixture=mixture, stop=stop, split=split
+        )
+        for mixture in mixtures
+        for stop in stops
+        for split in splits
     }
 
 

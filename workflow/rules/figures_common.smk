@@ -14,22 +14,9 @@ def figure_spec(figure):
     return spec
 
 
-def run_inputs(model, run, mixtures, stops=study.STOPS, splits=study.TEST_SPLITS):
-    """Named inputs of a figure: "metrics:<model>:<mixture>" and
-    "eval:<model>:<mixture>:<stop>:<split>" of the fine-tunes of `run` on `mixtures`."""
-    inputs = {}
-    for mixture in mixtures:
-        inputs[study.input_name("metrics", model, mixture)] = study.path(
-            "metrics", model=model, run=run, mixture=mixture
-        )
-    for mixture in mixtures:
-        for stop in stops:
-            for split in splits:
-                key = study.input_name("eval", model, mixture, stop, split)
-                inputs[key] = study.path(
-                    "eval", model=model, run=run, mixture=mixture, stop=stop, split=split
-                )
-    return inputs
+def run_inputs(model, run, mixtures):
+    """The metrics and the test predictions of the fine-tunes of `run` on `mixtures`."""
+    return metrics_inputs(model, run, mixtures) | eval_inputs(model, run, mixtures)
 
 
 def figure_inputs(figure):
@@ -37,22 +24,17 @@ def figure_inputs(figure):
         spec = STUDY.figure(figure, figure_title(wildcards))
         model, run = wildcards.model, run_name(wildcards)
         if figure == "fig1":
-            return run_inputs(model, run, [spec.mixture], stops=[], splits=[])
+            return metrics_inputs(model, run, [spec.mixture])
         if figure == "fig3a":
             return run_inputs(model, run, spec.mixtures)
         if figure == "fig3b":
             return run_inputs(model, run, spec.unknown + spec.known_only)
         if figure == "fig4":
-            return run_inputs(model, run, spec.mixtures, stops=[], splits=[])
+            return metrics_inputs(model, run, spec.mixtures)
         if figure == "fig5":
-            return {
-                study.input_name("eval", model, spec.mixture, spec.stop, "test"): study.path(
-                    "eval", model=model, run=run, mixture=spec.mixture, stop=spec.stop, split="test"
-                ),
-                study.input_name("ptrue", model, "test"): study.path(
-                    "ptrue", model=model, split="test"
-                ),
-            }
+            predictions = eval_inputs(model, run, [spec.mixture], [spec.stop], ["test"])
+            ptrue = study.path("ptrue", model=model, split="test")
+            return predictions | {study.input_name("ptrue", model, "test"): ptrue}
         raise ValueError(figure)
 
     return inputs

@@ -10,43 +10,17 @@ def table_spec(table):
     return spec
 
 
-def eval_inputs(wildcards, mixtures, splits):
-    """{"eval:<mixture>:<stop>:<split>": path} of the run's test predictions."""
-    return {
-        study.input_name("eval", mixture, stop, split): study.path(
-            "eval",
-            model=wildcards.model,
-            run=run_name(wildcards),
-            mixture=mixture,
-            stop=stop,
-            split=split,
-        )
-        for mixture in mixtures
-        for stop in study.STOPS
-        for split in splits
-    }
-
-
-def metrics_inputs(wildcards, mixtures):
-    """{"metrics:<mixture>": path} of the run's per-epoch metrics."""
-    return {
-        study.input_name("metrics", mixture): study.path(
-            "metrics", model=wildcards.model, run=run_name(wildcards), mixture=mixture
-        )
-        for mixture in mixtures
-    }
-
-
 def table2_inputs(wildcards):
-    return eval_inputs(wildcards, STUDY.table("table2").mixtures, [wildcards.split])
+    mixtures = STUDY.table("table2").mixtures
+    return eval_inputs(wildcards.model, run_name(wildcards), mixtures, splits=[wildcards.split])
 
 
 def table1_inputs(wildcards):
-    return metrics_inputs(wildcards, STUDY.table("table1").mixtures)
+    return metrics_inputs(wildcards.model, run_name(wildcards), STUDY.table("table1").mixtures)
 
 
 def table8_inputs(wildcards):
-    return eval_inputs(wildcards, STUDY.table("table8").mixtures, study.TEST_SPLITS)
+    return eval_inputs(wildcards.model, run_name(wildcards), STUDY.table("table8").mixtures)
 
 
 def tables_targets():

@@ -35,10 +35,10 @@ from eqtools.study import (
 DASH = "–"
 
 
-def predictions(inputs: dict, mixtures, splits) -> pl.DataFrame:
+def predictions(inputs: dict, model: str, mixtures, splits) -> pl.DataFrame:
     """read_predictions of the named eval inputs of `mixtures` x stops x `splits`."""
     files = {
-        (mixture, stop, split): inputs[input_name("eval", mixture, stop, split)]
+        (mixture, stop, split): inputs[input_name("eval", model, mixture, stop, split)]
         for mixture in mixtures
         for stop in STOPS
         for split in splits
@@ -104,7 +104,7 @@ def table2_markdown(table: pl.DataFrame, title: str, n_chunks: int) -> str:
 
 
 def make_table2(smk, spec: Table, title: str) -> None:
-    preds = predictions(smk.input, spec.mixtures, [spec.split])
+    preds = predictions(smk.input, smk.wildcards.model, spec.mixtures, [spec.split])
     table = analysis.accuracy_by_category(preds, spec.mixtures, spec.n_chunks, spec.seed)
     split = pl.lit(spec.split).alias("split")
     write_csv(table.with_columns(split).select("split", *table.columns), smk.output.csv)
@@ -143,7 +143,10 @@ def table1_markdown(fits: list[dict], points: pl.DataFrame, mixtures: list[str],
 
 
 def make_table1(smk, spec: Table, title: str) -> None:
-    metrics = {m: analysis.read_metrics(smk.input[input_name("metrics", m)]) for m in spec.mixtures}
+    model = smk.wildcards.model
+    metrics = {
+        m: analysis.read_metrics(smk.input[input_name("metrics", model, m)]) for m in spec.mixtures
+    }
     points = analysis.fit_points(metrics)
     fits = [analysis.fit_linear_model(points, split) for split in TEST_SPLITS]
     write_csv(analysis.linear_model_frame(fits), smk.output.csv)
@@ -179,7 +182,7 @@ def table8_markdown(table: pl.DataFrame, title: str) -> str:
 
 
 def make_table8(smk, spec: Table, title: str) -> None:
-    preds = predictions(smk.input, spec.mixtures, TEST_SPLITS)
+    preds = predictions(smk.input, smk.wildcards.model, spec.mixtures, TEST_SPLITS)
     order = {m: i for i, m in enumerate(spec.mixtures)}
     table = (
         analysis.answered_accuracy(preds)

@@ -78,6 +78,12 @@ class Settings:
     def from_param(cls, text: str):
         return cls.from_dict(json.loads(text))
 
+    @classmethod
+    def coerce(cls, value):
+        """`value` if it is already one, else built from its dict (callers and tests may pass
+        either)."""
+        return value if isinstance(value, cls) else cls.from_dict(value)
+
 
 def _plain(value):
     if isinstance(value, Settings):
@@ -220,10 +226,6 @@ class Recipe(Settings):
     dtype: str
     max_new_tokens: int
     lora: Lora
-
-    @classmethod
-    def coerce(cls, recipe: "Recipe | dict") -> "Recipe":
-        return recipe if isinstance(recipe, Recipe) else cls.from_dict(recipe)
 
 
 # keys of a recipe that only schedule the job (config `recipes.<name>`): never tracked

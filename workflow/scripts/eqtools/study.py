@@ -46,7 +46,7 @@ NATURAL = "natural"
 # the families of mixtures with X% Unknown: unknown_X, its Known part alone, its Unknown answers
 # replaced by "I don't know"
 SHARE_FAMILIES = ("unknown", "known_only", "idk")
-_SHARE = re.compile(r"(unknown|known_only|idk)_(0|[1-9][0-9]*)")
+_SHARE = re.compile(rf"({'|'.join(SHARE_FAMILIES)})_(0|[1-9][0-9]*)")
 IDK_ANSWER = "I don't know"
 
 

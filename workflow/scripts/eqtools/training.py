@@ -304,7 +304,7 @@ def add_lora(model, lora: Lora | dict, dropout: float):
     lists the model's linear modules; the log names the adapted modules and the trainable share."""
     from peft import LoraConfig, get_peft_model
 
-    lora = lora if isinstance(lora, Lora) else Lora.from_dict(lora)
+    lora = Lora.coerce(lora)
     targets = lora.target_modules
     names = linear_modules(model)
     linear = sorted({name.rsplit(".", 1)[-1] for name in names})
