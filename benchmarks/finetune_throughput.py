@@ -88,7 +88,7 @@ def train_throughput(
         examples,
         epoch_order(len(examples), 0, 0),
         micro,
-        1,
+        micro,
         pad_id,
         device,
         0,
@@ -98,7 +98,7 @@ def train_throughput(
     sync(device)
     start = time.perf_counter()
     _, answer_tokens, positions = train_epoch(
-        model, optimizer, scheduler, examples, order, micro, 1, pad_id, device, 1, dtype
+        model, optimizer, scheduler, examples, order, micro, micro, pad_id, device, 1, dtype
     )
     sync(device)
     seconds = time.perf_counter() - start

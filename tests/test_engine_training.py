@@ -24,7 +24,7 @@ from eqtools.training import (
 ARCHS = ["gemma2", "gpt_oss", "phi3", "gpt2", "mistral", "jamba", "lfm2"]
 RECIPE = {
     "learning_rate": 1e-3, "dropout": 0.0, "weight_decay": 0.0, "warmup_steps": 0,
-    "dtype": "float32", "batch_size": 1, "micro_batch_size": 1, "epochs": 1, "seed": 0,
+    "dtype": "float32", "batch_size": 1, "epochs": 1, "seed": 0,
     "max_new_tokens": 4,
     "lora": {"rank": 2, "alpha": 4, "target_modules": "all-linear"},
 }  # fmt: skip
@@ -69,7 +69,7 @@ def one_step(model, tok) -> float:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     torch.manual_seed(1)  # the same dropout masks (GPT-2 keeps its own residual dropout)
     total, tokens, _ = train_epoch(
-        model, optimizer, scheduler, examples, [0, 1], 2, 1, tok.pad_token_id, "cpu"
+        model, optimizer, scheduler, examples, [0, 1], 2, 2, tok.pad_token_id, "cpu"
     )
     return total / tokens
 

@@ -34,14 +34,22 @@ def test_cluster_settings():
     assert not {"tasks", "mpi", "gpu", "gres"} & set(defaults)
 
 
-def test_every_gpu_rule_asks_for_one_gpu_on_the_gpu_partition():
+def test_every_gpu_rule_asks_for_its_gpus_on_the_gpu_partition():
     rules = workflow_rules()
     declared = {name for name, rule in rules.items() if rule.resources.get("gpu") == 1}
-    assert {"label_questions", "finetune", "ptrue"} <= declared
+    assert {"label_questions", "ptrue"} <= declared
     assert gpu_rules_of_profile() == declared
     for rule in declared:
         res = PROFILE["set-resources"][rule]
         assert res == {"slurm_partition": "'gpu'", "gpu": 1, "tasks_per_gpu": 0}, rule
+    # the fine-tune's GPUs, nodes and tasks come from the recipe, so the profile sets none
+    assert PROFILE["set-resources"]["finetune"] == {
+        "slurm_partition": "'gpu'",
+        "tasks_per_gpu": 0,
+    }
+    for key in ("gpu", "nodes", "mpi", "tasks"):
+        assert rules["finetune"].resources[key].__qualname__.startswith("recipe_"), key
+    for rule in declared | {"finetune"}:
         # Memory grows with the attempt in the rule itself (set-resources does not set it).
         mem = rules[rule].resources["mem_mb"]
         assert callable(mem), f"{rule}: mem_mb={mem}"

@@ -133,6 +133,34 @@ def recipe_runtime(wildcards):
     return config["recipes"][wildcards.recipe]["runtime"]
 
 
+# The resources of a fine-tune follow its recipe's `distributed` block (scheduling only, so never
+# a param): engine.threads per process, one GPU per process unless finetune.device is cpu, the
+# nodes, and for several nodes an `mpi` job with one task per node (the slurm plugin then runs
+# the job without its own srun, and the script starts `srun torchrun` on every node).
+
+
+def recipe_threads(wildcards):
+    return config["engine"]["threads"] * STUDY.schedules[wildcards.recipe].nproc_per_node
+
+
+def recipe_gpus(wildcards):
+    schedule = STUDY.schedules[wildcards.recipe]
+    return 0 if STUDY.device == "cpu" else schedule.world
+
+
+def recipe_nodes(wildcards):
+    return STUDY.schedules[wildcards.recipe].nodes
+
+
+def recipe_launcher(wildcards):
+    return "srun" if STUDY.schedules[wildcards.recipe].nodes > 1 else None
+
+
+def recipe_tasks(wildcards):
+    nodes = STUDY.schedules[wildcards.recipe].nodes
+    return nodes if nodes > 1 else None
+
+
 def run_name(wildcards):
     return study.run_name(wildcards.recipe, wildcards.seed)
 

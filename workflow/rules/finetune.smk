@@ -40,9 +40,13 @@ rule finetune:
         "logs/benchmarks/finetune/{model}/{recipe}{seed}/{mixture}.tsv"
     conda:
         "../../envs/model.yaml"
-    threads: config["engine"]["threads"]
+    threads: recipe_threads
     resources:
-        gpu=1,
+        gpu=recipe_gpus,
+        nodes=recipe_nodes,
+        # several nodes: no srun around the job, which starts one torchrun per node itself
+        mpi=recipe_launcher,
+        tasks=recipe_tasks,
         mem_mb=recipe_mem_mb,
         runtime=recipe_runtime,
     params:

@@ -1,16 +1,25 @@
 """Fine-tune a model on a mixture with per-epoch evaluation (dev, the training set, ID/OOD test)
 and the per-question test predictions at both stops; resumes from its state directory after a
-kill."""
+kill.
 
+A recipe with a `distributed` strategy runs this file again under torchrun, once per rank
+(`finetune.py --job <job.json>`); the job file holds everything a rank needs."""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
 from pathlib import Path
 
 import polars as pl
 import torch
 
+from eqtools import distributed
 from eqtools.io import setup_logging
 from eqtools.models import pick_device
 from eqtools.provenance import write_provenance
-from eqtools.settings import Finetune
+from eqtools.settings import Finetune, Schedule
 from eqtools.study import STOPS, TEST_SPLITS
 from eqtools.training import finetune
 
@@ -21,46 +30,83 @@ def eval_frame(labels_path: str) -> pl.DataFrame:
     )
 
 
+def train(job: dict, ranks: distributed.Ranks, device: str) -> None:
+    """The fine-tune of `job` (see `main`), on this rank."""
+    spec = Finetune.from_param(job["spec"])
+    train = pl.read_parquet(job["mixture"]).select(
+        "id", "question", "answer", pl.col("gold_answer").alias("gold"), "category"
+    )
+    evals = {name: eval_frame(path) for name, path in job["evals"].items()}
+    finetune(
+        job["model"],
+        train,
+        evals,
+        spec.recipe,
+        job["out"],
+        eval_every=spec.eval_every,
+        schedule=Schedule.from_param(job["schedule"]),
+        device=device,
+        max_batch_rows=job["max_batch_rows"],
+        backend=job["backend"],
+        ranks=ranks,
+    )
+
+
 def main(smk) -> None:
     log = setup_logging(smk.log[0])
     spec = Finetune.from_param(smk.params.spec)
-    recipe = spec.recipe
-    torch.set_num_threads(smk.threads)
+    recipe_config = smk.config["recipes"][smk.wildcards.recipe]
+    schedule = Schedule.from_recipe(recipe_config)  # scheduling: deliberately untracked
     device = pick_device(spec.device)
-    train = pl.read_parquet(smk.input.mixture).select(
-        "id", "question", "answer", pl.col("gold_answer").alias("gold"), "category"
-    )
-    evals = {name: eval_frame(smk.input[name]) for name in ("dev", "test", "ood_test")}
-    out = {
-        "metrics": smk.output.metrics,
-        "early_stop": smk.output.early_stop,
-        "convergence": smk.output.convergence,
-        "state": str(Path(smk.output.metrics).parent / "state"),
-        "predictions": {
-            stop: {split: smk.output[f"{stop}_{split}"] for split in TEST_SPLITS} for stop in STOPS
-        },
-    }
     log.info(
-        "%s on %s: %d examples, %s, device %s",
+        "%s on %s: %s, %s, device %s",
         smk.wildcards.recipe,
         smk.wildcards.mixture,
-        train.height,
-        recipe,
+        spec.recipe,
+        schedule,
         device,
     )
-    finetune(
-        smk.input.model,
-        train,
-        evals,
-        recipe,
-        out,
-        eval_every=spec.eval_every,
-        device=device,
-        max_batch_rows=smk.config["engine"][
-            "max_batch_rows"
-        ],  # runtime settings, deliberately untracked
-        backend=smk.config["engine"]["backend"],
-    )
+    job = {
+        "model": smk.input.model,
+        "mixture": smk.input.mixture,
+        "evals": {name: smk.input[name] for name in ("dev", "test", "ood_test")},
+        "spec": smk.params.spec,
+        "schedule": schedule.param(),
+        "out": {
+            "metrics": smk.output.metrics,
+            "early_stop": smk.output.early_stop,
+            "convergence": smk.output.convergence,
+            "state": str(Path(smk.output.metrics).parent / "state"),
+            "predictions": {
+                stop: {split: smk.output[f"{stop}_{split}"] for split in TEST_SPLITS}
+                for stop in STOPS
+            },
+        },
+        # runtime settings, deliberately untracked
+        "max_batch_rows": smk.config["engine"]["max_batch_rows"],
+        "backend": smk.config["engine"]["backend"],
+    }
+    if schedule.strategy == "none":
+        torch.set_num_threads(smk.threads)
+        train(job, distributed.Ranks(), device)
+    else:
+        distributed.check_fits(smk.wildcards.recipe, schedule, device, smk.threads, os.environ)
+        run_dir = Path(smk.output.metrics).parent
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(
+            "w", dir=run_dir, prefix=".job.", suffix=".json", delete=False
+        ) as f:
+            json.dump(job | {"device": device}, f)
+        try:
+            head = distributed.head_node(os.environ) if schedule.nodes > 1 else None
+            command = distributed.launch_command(
+                schedule, Path(__file__).resolve(), Path(f.name), os.environ, head
+            )
+            distributed.launch(
+                command, max(1, smk.threads // schedule.nproc_per_node), Path(smk.log[0])
+            )
+        finally:
+            os.unlink(f.name)
     write_provenance([smk.output.metrics, smk.output.early_stop, smk.output.convergence], smk)
     for stop in STOPS:
         for split in TEST_SPLITS:
@@ -72,5 +118,22 @@ def main(smk) -> None:
             )
 
 
+@distributed.record
+def rank_main(argv: list[str]) -> None:
+    """One rank of a distributed fine-tune, started by torchrun (eqtools is on its PYTHONPATH)."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--job", required=True, type=Path)
+    args = parser.parse_args(argv)
+    job = json.loads(args.job.read_text())
+    ranks, device = distributed.start(job["device"])
+    setup_logging(None, rank=ranks.rank)
+    try:
+        train(job, ranks, device)
+    finally:
+        distributed.stop(ranks)
+
+
 if "snakemake" in globals():
     main(snakemake)  # noqa: F821
+elif __name__ == "__main__":
+    rank_main(sys.argv[1:])

@@ -90,6 +90,13 @@ def _semantic_problems(config: dict) -> list[str]:
                 f"config key 'finetune.recipes': {name!r} is not a key of 'recipes' "
                 f"({', '.join(recipes)})"
             )
+    for name, recipe in recipes.items():
+        parallel = recipe["distributed"]
+        if parallel["strategy"] == "none" and parallel["nproc_per_node"] * parallel["nodes"] > 1:
+            problems.append(
+                f"config key 'recipes.{name}.distributed': {parallel['nproc_per_node']} process(es) "
+                f"per node on {parallel['nodes']} node(s) need a strategy (ddp or fsdp), not none"
+            )
     for rel in config["mixtures"]["relations"] or []:
         if rel not in rels["in_distribution"]:
             problems.append(

@@ -10,6 +10,12 @@ import tempfile
 from pathlib import Path
 
 
+def part_path(path: Path) -> Path:
+    """Where `atomic_path(path, directory=True)` builds the directory (the other ranks of a
+    distributed job write into it too)."""
+    return path.with_name(f".{path.name}.part")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, directory: bool = False):
     """Yield a temporary path next to `path`; move it into place only if the block succeeds,
@@ -22,7 +28,7 @@ def atomic_path(path: str | Path, directory: bool = False):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if directory:
-        tmp = path.with_name(f".{path.name}.part")
+        tmp = part_path(path)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     else:
@@ -91,15 +97,20 @@ class _Tee:
         return False
 
 
-def setup_logging(log_path: str | Path | None) -> logging.Logger:
-    """Send logging and stderr (tracebacks, tqdm) to the rule's log file and to the console."""
+def setup_logging(log_path: str | Path | None, rank: int | None = None) -> logging.Logger:
+    """Send logging and stderr (tracebacks, tqdm) to the rule's log file and to the console.
+    The file is opened for appending (after emptying it), so that the processes a job starts
+    (torchrun and its ranks) can add to it. A rank of a distributed run (`rank`) logs to stderr,
+    which torchrun passes on; ranks other than 0 log warnings and errors only."""
     if log_path:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-        log_file = open(log_path, "w", buffering=1)  # noqa: SIM115 - lives as long as the job
+        Path(log_path).write_text("")
+        log_file = open(log_path, "a", buffering=1)  # noqa: SIM115 - lives as long as the job
         sys.stderr = _Tee(log_file, sys.__stderr__)
+    where = "" if rank is None else f"[rank {rank}] "
     logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if not rank else logging.WARNING,
+        format=f"%(asctime)s {where}%(levelname)s %(name)s: %(message)s",
         handlers=[logging.StreamHandler(sys.stderr)],
         force=True,
     )

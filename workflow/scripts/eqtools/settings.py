@@ -217,7 +217,6 @@ class Recipe(Settings):
     method: str
     learning_rate: float
     batch_size: int
-    micro_batch_size: int
     dropout: float
     epochs: int
     seed: int
@@ -228,8 +227,30 @@ class Recipe(Settings):
     lora: Lora
 
 
-# keys of a recipe that only schedule the job (config `recipes.<name>`): never tracked
-RECIPE_SCHEDULING = ("mem_mb", "runtime")
+# keys of a recipe that only schedule the job (config `recipes.<name>`): never tracked. The
+# micro-batch and the process count change only the floating-point summation order (and the
+# dropout masks): the loss is normalised by the answer tokens of the whole batch.
+RECIPE_SCHEDULING = ("mem_mb", "runtime", "micro_batch_size", "distributed")
+
+
+@dataclass(frozen=True)
+class Schedule(Settings):
+    """How a recipe's fine-tune is spread over processes (config `recipes.<name>`:
+    `micro_batch_size` and `distributed`); never tracked."""
+
+    micro_batch_size: int = 16
+    strategy: str = "none"
+    nproc_per_node: int = 1
+    nodes: int = 1
+    activation_checkpointing: bool = False
+
+    @classmethod
+    def from_recipe(cls, recipe: dict) -> "Schedule":
+        return cls(micro_batch_size=recipe["micro_batch_size"], **recipe["distributed"])
+
+    @property
+    def world(self) -> int:
+        return self.nproc_per_node * self.nodes
 
 
 @dataclass(frozen=True)
@@ -287,6 +308,7 @@ class Study:
     mixtures: Mixtures
     mixture_names: list[str]
     recipes: dict[str, Recipe]
+    schedules: dict[str, Schedule]
     finetune_recipes: list[str]
     seeds: list[int]
     eval_every: dict[str, int]
@@ -315,6 +337,9 @@ class Study:
             ),
             mixture_names=list(mix["names"]),
             recipes=recipes,
+            schedules={
+                name: Schedule.from_recipe(r) for name, r in config["recipes"].items()
+            },
             finetune_recipes=list(config["finetune"]["recipes"]),
             seeds=list(config["finetune"]["seeds"]),
             eval_every=dict(config["finetune"]["eval_every"]),

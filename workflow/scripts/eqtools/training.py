@@ -1,11 +1,12 @@
 """Fine-tuning on a mixture (docs/study.md, "Fine-tuning"): full or LoRA, loss on the answer tokens,
 evaluation after every epoch with the shared generation engine, resumable after a kill.
 
-One loop, read top to bottom (nanoGPT style). The resumable state (model or adapter, optimizer,
-scheduler, RNG, epoch, best dev accuracy, the test predictions of the best and the last epoch)
-is written atomically after every epoch to a state directory that Snakemake does not own, so a
-killed or preempted job resumes from its last completed epoch and ends with the metrics of an
-uninterrupted run.
+One loop, read top to bottom (nanoGPT style), for one process or several (eqtools.distributed:
+DDP or FSDP2 under torchrun; rank 0 evaluates and writes). The resumable state (trainable
+weights and optimizer, sharded with torch.distributed.checkpoint; scheduler, RNG, epoch, best dev
+accuracy, the test predictions of the best and the last epoch) is written atomically after every
+epoch to a state directory that Snakemake does not own, so a killed or preempted job resumes
+from its last completed epoch and ends with the metrics of an uninterrupted run.
 
 The per-question test predictions at both stops come from the per-epoch evaluation itself: the
 weights are those the checkpoints hold, so evaluating the checkpoints again would repeat the
@@ -24,9 +25,11 @@ from pathlib import Path
 import polars as pl
 import torch
 
+from eqtools import distributed
+from eqtools.distributed import Ranks
 from eqtools.em import exact_match
-from eqtools.io import atomic_path, write_parquet, write_text
-from eqtools.settings import Lora, Recipe
+from eqtools.io import atomic_path, part_path, write_parquet, write_text
+from eqtools.settings import Lora, Recipe, Schedule
 
 log = logging.getLogger(__name__)
 
@@ -55,19 +58,33 @@ def encode_examples(
     return out
 
 
-def batches(examples, order: list[int], batch_size: int, pad_id: int):
-    """Right-padded micro-batches in `order`."""
-    for start in range(0, len(order), batch_size):
-        chunk = [examples[i] for i in order[start : start + batch_size]]
-        width = max(len(ids) for ids, _ in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, (i, lab) in enumerate(chunk):
-            ids[row, : len(i)] = torch.tensor(i)
-            labels[row, : len(lab)] = torch.tensor(lab)
-            mask[row, : len(i)] = 1
-        yield ids, labels, mask
+def collate(chunk, pad_id: int):
+    """A right-padded micro-batch: (input ids, labels, attention mask)."""
+    width = max(len(ids) for ids, _ in chunk)
+    ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(chunk), width), dtype=torch.long)
+    for row, (i, lab) in enumerate(chunk):
+        ids[row, : len(i)] = torch.tensor(i)
+        labels[row, : len(lab)] = torch.tensor(lab)
+        mask[row, : len(i)] = 1
+    return ids, labels, mask
+
+
+def answer_tokens(example) -> int:
+    """The tokens an example's loss is taken on (labels are shifted by one in the model)."""
+    return sum(1 for label in example[1][1:] if label != -100)
+
+
+def token_loss(logits, labels):
+    """The summed cross-entropy of the answer tokens, in float32."""
+    logits = logits[:, :-1].float()
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)),
+        labels[:, 1:].reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
 
 
 def autocast(device: str, dtype: str):
@@ -84,37 +101,55 @@ def train_epoch(
     scheduler,
     examples,
     order,
+    batch_size,
     micro,
-    accumulate,
     pad_id,
     device,
     epoch=0,
     dtype="float32",
+    ranks: Ranks = Ranks(),
 ):
-    """One pass over `examples` in `order` with gradient accumulation. Returns (sum of the
-    token losses, answer tokens, input positions without padding)."""
+    """One pass over `examples` in `order`, one optimizer step per batch of `batch_size`.
+
+    Each rank takes every world-th example of a batch, in micro-batches of `micro`; the loss is
+    the sum over the answer tokens divided by the answer tokens of the whole batch (times the
+    world size, which the gradient averaging over ranks divides out). The objective is therefore
+    the same for any micro-batch size and process count. All ranks run the same number of
+    micro-batches: one whose share is empty runs a stand-in with weight 0, since every forward
+    and backward is a collective under FSDP/DDP.
+
+    Returns (sum of the token losses, answer tokens, input positions without padding), summed
+    over the ranks."""
     model.train()
     total, tokens, positions = 0.0, 0, 0
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        batch_tokens = sum(answer_tokens(examples[i]) for i in batch)
+        share = batch[ranks.rank :: ranks.world]
+        optimizer.zero_grad(set_to_none=True)
+        for step in range(math.ceil(math.ceil(len(batch) / ranks.world) / micro)):
+            chunk = share[step * micro : (step + 1) * micro]
+            ids, labels, mask = collate([examples[i] for i in chunk or batch[:1]], pad_id)
+            ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
+            with autocast(device, dtype):
+                logits = model(input_ids=ids, attention_mask=mask).logits
+            loss = token_loss(logits, labels)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"epoch {epoch}, batch {start // batch_size}: loss is {loss.item()}; lower "
+                    "the learning rate"
+                )
+            weight = ranks.world / max(1, batch_tokens) if chunk else 0.0
+            (loss * weight).backward()
+            if chunk:
+                total += loss.item()
+                tokens += int((labels[:, 1:] != -100).sum())
+                positions += int(mask.sum())
+        optimizer.step()
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    for step, (ids, labels, mask) in enumerate(batches(examples, order, micro, pad_id)):
-        ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
-        with autocast(device, dtype):
-            out = model(input_ids=ids, attention_mask=mask, labels=labels)
-        n_tokens = int((labels[:, 1:] != -100).sum())
-        loss = out.loss
-        if not torch.isfinite(loss):
-            raise TrainingError(
-                f"epoch {epoch}, micro-batch {step}: loss is {loss.item()}; lower the learning rate"
-            )
-        (loss / accumulate).backward()
-        total += loss.item() * n_tokens
-        tokens += n_tokens
-        positions += int(mask.sum())
-        if (step + 1) % accumulate == 0 or (step + 1) * micro >= len(order):
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-    return total, tokens, positions
+    total, tokens, positions = distributed.all_sum(ranks, [total, tokens, positions], device)
+    return total, int(tokens), int(positions)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -202,6 +237,16 @@ def save_model(model, target: str | Path) -> None:
                 config.write_text(json.dumps(data, indent=2, sort_keys=True))
 
 
+def _distributed_state(model, optimizer) -> tuple[dict, object]:
+    """The trainable weights and optimizer state as torch.distributed.checkpoint saves and
+    loads them (sharded under FSDP: each rank writes and reads its own shards)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(ignore_frozen_params=True, strict=False)
+    weights, moments = get_state_dict(distributed.unwrapped(model), optimizer, options=options)
+    return {"model": weights, "optim": moments}, options
+
+
 def save_state(
     state_dir: Path,
     model,
@@ -211,31 +256,48 @@ def save_state(
     best: dict,
     lines: list[dict],
     predictions: dict[str, dict[str, pl.DataFrame]] | None = None,
+    ranks: Ranks = Ranks(),
 ) -> None:
-    """`predictions` maps "early_stop" and "convergence" (the latest epoch) to {split: graded
-    frame}."""
+    """Every rank writes its shards and RNG state into the temporary directory that rank 0
+    swaps into place once all are done. `predictions` maps "early_stop" and "convergence" (the
+    latest epoch) to {split: graded frame}; rank 0 holds them, the metrics and `best`."""
+    import torch.distributed.checkpoint as dcp
 
     def save(tmp: Path) -> None:
-        model.save_pretrained(tmp / "model")
-        for stop, frames in (predictions or {}).items():
-            (tmp / "predictions" / stop).mkdir(parents=True)
-            for split, frame in frames.items():
-                frame.write_parquet(tmp / "predictions" / stop / f"{split}.parquet")
+        distributed.barrier(ranks)  # the directory exists, empty
+        state, _ = _distributed_state(model, optimizer)
+        dcp.save(state, checkpoint_id=tmp / "dcp")
         torch.save(
             {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
                 "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "epoch": epoch,
-                "best": best,
-                "metrics": lines,
+                "world": ranks.world,
             },
-            tmp / "trainer.pt",
+            tmp / f"rng{ranks.rank}.pt",
         )
+        if ranks.main:
+            for stop, frames in (predictions or {}).items():
+                (tmp / "predictions" / stop).mkdir(parents=True)
+                for split, frame in frames.items():
+                    frame.write_parquet(tmp / "predictions" / stop / f"{split}.parquet")
+            torch.save(
+                {
+                    "scheduler": scheduler.state_dict(),
+                    "epoch": epoch,
+                    "best": best,
+                    "metrics": lines,
+                    "world": ranks.world,
+                },
+                tmp / "trainer.pt",
+            )
+        distributed.barrier(ranks)  # every rank's files are written
 
-    with atomic_path(state_dir, directory=True) as tmp:
-        save(tmp)
+    if ranks.main:
+        with atomic_path(state_dir, directory=True) as tmp:
+            save(tmp)
+    else:
+        save(part_path(state_dir))
+    distributed.barrier(ranks)  # the state is in place before anyone goes on
 
 
 def load_weights(model, directory: Path) -> None:
@@ -255,17 +317,50 @@ def load_weights(model, directory: Path) -> None:
             raise TrainingError(f"{weights}: unexpected weights {unexpected[:3]}")
 
 
-def load_state(state_dir: Path, model, optimizer, scheduler) -> tuple[int, dict, list[dict], dict]:
+def resumable(state_dir: Path) -> bool:
+    """Whether `state_dir` holds a complete state of this layout; a state of the layout before
+    torch.distributed.checkpoint (model/ and trainer.pt) cannot be resumed and is removed."""
+    if not (state_dir / "trainer.pt").exists():
+        return False
+    if (state_dir / "dcp").is_dir():
+        return True
+    log.warning("%s holds a state of an older layout: training starts over", state_dir)
+    return False
+
+
+def load_state(
+    state_dir: Path, model, optimizer, scheduler, ranks: Ranks = Ranks()
+) -> tuple[int, dict, list[dict], dict]:
     """Restore a saved state into `model` (in place); returns (last completed epoch, best,
     metrics lines so far, predictions). The lines live in the state too: Snakemake deletes the
-    declared outputs of a failed job, metrics.jsonl included."""
-    load_weights(model, state_dir / "model")
+    declared outputs of a failed job, metrics.jsonl included. A state saved by another number
+    of processes resumes too (the checkpoint is resharded), with fresh dropout streams."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    state, options = _distributed_state(model, optimizer)
+    dcp.load(state, checkpoint_id=state_dir / "dcp")
+    set_state_dict(
+        distributed.unwrapped(model),
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optim"],
+        options=options,
+    )
     trainer = torch.load(state_dir / "trainer.pt", weights_only=False)
-    optimizer.load_state_dict(trainer["optimizer"])
     scheduler.load_state_dict(trainer["scheduler"])
-    torch.set_rng_state(trainer["rng"])
-    if trainer.get("cuda_rng") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(trainer["cuda_rng"])  # dropout on the GPU draws from these
+    rng = state_dir / f"rng{ranks.rank}.pt"
+    if trainer["world"] == ranks.world and rng.exists():
+        saved = torch.load(rng, weights_only=False)
+        torch.set_rng_state(saved["rng"])
+        if saved["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])  # dropout on the GPU draws from these
+    else:
+        log.warning(
+            "the state was saved by %d process(es), this run has %d: dropout draws fresh masks",
+            trainer["world"],
+            ranks.world,
+        )
     predictions = {
         stop.name: {f.stem: pl.read_parquet(f) for f in sorted(stop.glob("*.parquet"))}
         for stop in sorted((state_dir / "predictions").glob("*"))
@@ -376,10 +471,12 @@ def finetune(
     recipe: Recipe | dict,
     out: dict[str, Path],
     eval_every: dict[str, int],
+    schedule: Schedule | None = None,
     device: str = "cpu",
     max_batch_rows: int = 2048,
     backend: str = "auto",
     on_epoch: Callable[[int], None] | None = None,
+    ranks: Ranks = Ranks(),
 ) -> list[dict]:
     """Train for `recipe.epochs` epochs (a Recipe, or its dict); after each, evaluate and append a
     metrics line.
@@ -388,39 +485,16 @@ def finetune(
     category; `evals` maps a name (dev, test, ood_test) to frames with question, gold and
     optionally category. `out` holds paths: metrics (jsonl), state (resumable state dir),
     early_stop and convergence (checkpoint dirs), and optionally predictions: {stop: {split:
-    parquet path}} for the per-question predictions of `evals[split]` at each stop. Returns the
-    metrics lines."""
+    parquet path}} for the per-question predictions of `evals[split]` at each stop. `schedule`
+    sets the micro-batch and the strategy (one process when None); in a distributed run every
+    rank calls this with its `ranks` (eqtools.distributed.start). Returns the metrics lines
+    (on rank 0; the other ranks return an empty list)."""
     from transformers import AutoTokenizer, get_constant_schedule_with_warmup
 
     from eqtools.generation import Generator
 
     recipe = Recipe.coerce(recipe)
-    torch.manual_seed(recipe.seed)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    pad_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    )
-    model = build_model(model_dir, recipe, device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        trainable, lr=recipe.learning_rate, weight_decay=recipe.weight_decay
-    )
-    micro = recipe.micro_batch_size
-    accumulate = max(1, math.ceil(recipe.batch_size / micro))
-    steps_per_epoch = math.ceil(train.height / (micro * accumulate))
-    scheduler = get_constant_schedule_with_warmup(optimizer, recipe.warmup_steps)
-    examples = encode_examples(tokenizer, train["question"].to_list(), train["answer"].to_list())
-    generator = Generator(
-        model,
-        tokenizer,
-        max_new_tokens=recipe.max_new_tokens,
-        max_batch_rows=max_batch_rows,
-        backend=backend,
-    )
-
-    metrics_path, state_dir = Path(out["metrics"]), Path(out["state"])
-    start_epoch, best = 0, {"dev_accuracy": -1.0, "epoch": None}
-    lines: list[dict] = []
+    schedule = schedule or Schedule()
     prediction_paths: dict[str, dict[str, Path]] = out.get("predictions", {})
     predicted = sorted({split for paths in prediction_paths.values() for split in paths})
     if unknown := [split for split in predicted if split not in evals]:
@@ -431,10 +505,51 @@ def finetune(
         raise TrainingError(
             f"predictions asked for stops {unknown}; the stops are early_stop and convergence"
         )
+
+    # model, optimizer, data: the same initial weights on every rank (seeded alike)
+    torch.manual_seed(recipe.seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
+    model = build_model(model_dir, recipe, device)
+    evaluated = model  # rank 0 evaluates this module, with the full weights
+    if schedule.strategy == "fsdp" and ranks.main:
+        with torch.random.fork_rng(devices=[]):  # rank 0's dropout stream stays a 1-process one
+            evaluated = build_model(model_dir, recipe, device)
+    model = distributed.wrap(model, schedule, recipe.dtype, device, ranks)
+    if schedule.strategy == "ddp":
+        evaluated = model.module
+    if not ranks.main:
+        torch.manual_seed(recipe.seed * 1_000_003 + ranks.rank)  # its own dropout masks
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        trainable, lr=recipe.learning_rate, weight_decay=recipe.weight_decay
+    )
+    scheduler = get_constant_schedule_with_warmup(optimizer, recipe.warmup_steps)
+    steps_per_epoch = math.ceil(train.height / recipe.batch_size)
+    examples = encode_examples(tokenizer, train["question"].to_list(), train["answer"].to_list())
+    generator = (
+        Generator(
+            evaluated,
+            tokenizer,
+            max_new_tokens=recipe.max_new_tokens,
+            max_batch_rows=max_batch_rows,
+            backend=backend,
+        )
+        if ranks.main
+        else None
+    )
+
+    metrics_path, state_dir = Path(out["metrics"]), Path(out["state"])
+    start_epoch, best = 0, {"dev_accuracy": -1.0, "epoch": None}
+    lines: list[dict] = []
     # per stop {split: graded frame}; "convergence" holds the latest epoch's until the run ends
     predictions: dict[str, dict[str, pl.DataFrame]] = {"early_stop": {}, "convergence": {}}
-    if (state_dir / "trainer.pt").exists():
-        start_epoch, best, lines, saved = load_state(state_dir, model, optimizer, scheduler)
+    if resumable(state_dir):
+        start_epoch, best, lines, saved = load_state(
+            state_dir, model, optimizer, scheduler, ranks
+        )
         predictions.update(saved)
         log.info(
             "resuming after epoch %d (best dev %.4f at epoch %s)",
@@ -442,8 +557,17 @@ def finetune(
             best["dev_accuracy"],
             best["epoch"],
         )
+    log.info(
+        "%s: %d process(es) (%s), global batch %d, micro-batch %d per process",
+        device,
+        ranks.world,
+        schedule.strategy,
+        recipe.batch_size,
+        schedule.micro_batch_size,
+    )
 
     for epoch in range(start_epoch + 1, recipe.epochs + 1):
+        # forward, backward, update
         order = epoch_order(len(examples), recipe.seed, epoch)
         started = time.perf_counter()
         total, tokens, positions = train_epoch(
@@ -452,56 +576,69 @@ def finetune(
             scheduler,
             examples,
             order,
-            micro,
-            accumulate,
+            recipe.batch_size,
+            schedule.micro_batch_size,
             pad_id,
             device,
             epoch,
             recipe.dtype,
+            ranks,
         )
         train_seconds = time.perf_counter() - started
-        model.eval()
-        line = {
-            "epoch": epoch,
-            "train_loss": total / max(1, tokens),
-            "optimizer_steps": steps_per_epoch * epoch,
-        }
-        due = {"train": train.select("question", "gold", "category")} | {
-            name: frame
-            for name, frame in evals.items()
-            if epoch % eval_every.get(name, 1) == 0 or epoch == recipe.epochs
-        }
-        graded = grade_together(generator, due)
-        for name, (_, summary) in graded.items():
-            line.update({f"{name}_{k}": v for k, v in summary.items()})
-        lines.append(line)
-        predictions["convergence"] = {
-            split: graded[split][0] for split in predicted if split in graded
-        }
-        if best_epoch(lines) == epoch:
-            best = {"dev_accuracy": line["dev_accuracy"], "epoch": epoch}
-            predictions["early_stop"] = dict(predictions["convergence"])
-            save_model(model, out["early_stop"])
-        log.info(
-            "epoch %d: %s",
-            epoch,
-            {k: round(v, 4) if isinstance(v, float) else v for k, v in line.items()},
+        if schedule.strategy == "fsdp":
+            weights = distributed.trainable_state(model)  # a collective: every rank takes part
+            if ranks.main:
+                evaluated.load_state_dict(weights, strict=False)
+        # evaluate (rank 0; the others wait at the state's barrier)
+        if ranks.main:
+            evaluated.eval()
+            line = {
+                "epoch": epoch,
+                "train_loss": total / max(1, tokens),
+                "optimizer_steps": steps_per_epoch * epoch,
+                "world_size": ranks.world,
+            }
+            due = {"train": train.select("question", "gold", "category")} | {
+                name: frame
+                for name, frame in evals.items()
+                if epoch % eval_every.get(name, 1) == 0 or epoch == recipe.epochs
+            }
+            graded = grade_together(generator, due)
+            for name, (_, summary) in graded.items():
+                line.update({f"{name}_{k}": v for k, v in summary.items()})
+            lines.append(line)
+            predictions["convergence"] = {
+                split: graded[split][0] for split in predicted if split in graded
+            }
+            if best_epoch(lines) == epoch:
+                best = {"dev_accuracy": line["dev_accuracy"], "epoch": epoch}
+                predictions["early_stop"] = dict(predictions["convergence"])
+                save_model(evaluated, out["early_stop"])
+            log.info(
+                "epoch %d: %s",
+                epoch,
+                {k: round(v, 4) if isinstance(v, float) else v for k, v in line.items()},
+            )
+            log.info(
+                "epoch %d timing: train %.1f s (%.0f tokens/s), evaluation %.1f s",
+                epoch,
+                train_seconds,
+                positions / max(train_seconds, 1e-9),
+                time.perf_counter() - started - train_seconds,
+            )
+            # metrics first, then the state that says this epoch is complete
+            write_text("".join(json.dumps(x, sort_keys=True) + "\n" for x in lines), metrics_path)
+        # checkpoint
+        save_state(
+            state_dir, model, optimizer, scheduler, epoch, best, lines, predictions, ranks
         )
-        log.info(
-            "epoch %d timing: train %.1f s (%.0f tokens/s), evaluation %.1f s",
-            epoch,
-            train_seconds,
-            positions / max(train_seconds, 1e-9),
-            time.perf_counter() - started - train_seconds,
-        )
-        # metrics first, then the state that says this epoch is complete
-        write_text("".join(json.dumps(x, sort_keys=True) + "\n" for x in lines), metrics_path)
-        save_state(state_dir, model, optimizer, scheduler, epoch, best, lines, predictions)
         if on_epoch is not None:
             on_epoch(epoch)
-    save_model(model, out["convergence"])
+    if not ranks.main:
+        return []
+    save_model(evaluated, out["convergence"])
     if best["epoch"] is None:  # no dev set: the last epoch is the early stop too
-        save_model(model, out["early_stop"])
+        save_model(evaluated, out["early_stop"])
         predictions["early_stop"] = dict(predictions["convergence"])
     if not Path(out["early_stop"]).exists():
         raise TrainingError(
@@ -514,8 +651,8 @@ def finetune(
     ]:
         # eval_every > 1 skipped these at the best epoch: evaluate the early-stop weights once
         log.info("evaluating %s at the early stop (epoch %s)", missing, best["epoch"])
-        load_weights(model, Path(out["early_stop"]))
-        model.eval()
+        load_weights(evaluated, Path(out["early_stop"]))
+        evaluated.eval()
         graded = grade_together(generator, {split: evals[split] for split in missing})
         predictions["early_stop"].update({split: graded[split][0] for split in missing})
     for stop, paths in prediction_paths.items():

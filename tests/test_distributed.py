@@ -1,0 +1,258 @@
+"""Distributed fine-tuning (eqtools.distributed, workflow/scripts/finetune.py under torchrun) on
+CPU with the gloo backend: two processes train like one, a killed two-process run resumes to
+the metrics of an uninterrupted one, a failed rank stops the job, and a recipe that asks for
+more than the job has is refused before anything starts.
+
+The reference is always a run in one process without torch.distributed (strategy none), not
+another distributed run.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+
+from eqtools import distributed
+from eqtools.settings import Finetune, Recipe, Schedule
+from helpers import ROOT
+
+SCRIPT = ROOT / "workflow/scripts/finetune.py"
+
+# dropout 0: with dropout each rank draws its own masks, so the runs would differ by more than
+# the summation order
+RECIPE = {
+    "method": "lora",
+    "learning_rate": 5e-3,
+    "batch_size": 4,
+    "dropout": 0.0,
+    "epochs": 4,
+    "seed": 3,
+    "warmup_steps": 0,
+    "weight_decay": 0.0,
+    "dtype": "float32",
+    "max_new_tokens": 4,
+    "lora": {"rank": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]},
+}
+
+# Measured (docs/scaling.md): the largest relative difference of a per-epoch train loss between
+# one process and two was 4e-7 (fsdp and ddp, lora and full, tiny model, float32); the bound
+# leaves a factor of 25 for other CPUs' kernels.
+LOSS_RTOL = 1e-5
+
+
+def write_inputs(root: Path, n_train: int = 11) -> dict:
+    """The parquet inputs of the finetune rule: a mixture and labelled dev/test/ood_test sets.
+    11 examples in batches of 4: the last batch of 3 gives the two ranks unequal shares."""
+    qs = [f"Who founded company number {i}?" for i in range(n_train + 8)]
+    root.mkdir(parents=True, exist_ok=True)
+    pl.DataFrame(
+        {
+            "id": [str(i) for i in range(n_train)],
+            "question": qs[:n_train],
+            "answer": [f"Person {i}" for i in range(n_train)],
+            "gold_answer": [f"Person {i}" for i in range(n_train)],
+            "category": ["Unknown", "HighlyKnown"] * (n_train // 2) + ["Unknown"] * (n_train % 2),
+        }
+    ).write_parquet(root / "mixture.parquet")
+    evals = {}
+    for k, name in enumerate(("dev", "test", "ood_test")):
+        sl = qs[n_train + 2 * k : n_train + 2 * k + 4]
+        pl.DataFrame(
+            {
+                "id": [f"{name}{i}" for i in range(len(sl))],
+                "relation": ["P112"] * len(sl),
+                "question": sl,
+                "answer": ["Person 1", "x", "Person 3", "x"][: len(sl)],
+                "category": ["Unknown"] * len(sl),
+            }
+        ).write_parquet(root / f"{name}.parquet")
+        evals[name] = str(root / f"{name}.parquet")
+    return {"mixture": str(root / "mixture.parquet"), "evals": evals}
+
+
+def make_job(model_dir: Path, inputs: dict, out: Path, recipe: dict, schedule: Schedule) -> dict:
+    spec = Finetune(Recipe.from_dict(recipe), {}, "cpu")
+    return {
+        "model": str(model_dir),
+        **inputs,
+        "spec": spec.param(),
+        "schedule": schedule.param(),
+        "out": {
+            "metrics": str(out / "metrics.jsonl"),
+            "early_stop": str(out / "early_stop"),
+            "convergence": str(out / "convergence"),
+            "state": str(out / "state"),
+            "predictions": {
+                stop: {split: str(out / f"eval/{stop}/{split}.parquet") for split in ("test",)}
+                for stop in ("early_stop", "convergence")
+            },
+        },
+        "max_batch_rows": 256,
+        "backend": "auto",
+        "device": "cpu",
+    }
+
+
+def run_one_process(job: dict) -> None:
+    """The reference: the same job in one process, no torch.distributed."""
+    code = (
+        f"import sys, json; sys.path[:0] = [{str(SCRIPT.parent)!r}]\n"
+        "import torch; torch.set_num_threads(1)\n"
+        "import finetune\n"
+        "from eqtools.distributed import Ranks\n"
+        f"finetune.train(json.loads({json.dumps(job)!r}), Ranks(), 'cpu')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def start_ranks(job: dict, nproc: int, workdir: Path) -> tuple[subprocess.Popen, Path, str]:
+    """torchrun with `nproc` ranks on the job, as the finetune rule starts it."""
+    job_file = workdir / f"job{time.monotonic_ns()}.json"
+    job_file.write_text(json.dumps(job))
+    schedule = Schedule.from_param(job["schedule"])
+    command = distributed.launch_command(schedule, SCRIPT, job_file, dict(os.environ))
+    log = workdir / f"{job_file.stem}.log"
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(SCRIPT.parent),
+    }
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env=env
+        )
+    return proc, log, job_file.stem
+
+
+def run_ranks(job: dict, nproc: int, workdir: Path) -> str:
+    proc, log, _ = start_ranks(job, nproc, workdir)
+    assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
+    return log.read_text()
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict:
+    return write_inputs(tmp_path_factory.mktemp("inputs"))
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_model_dir, inputs, tmp_path_factory) -> dict:
+    """The one-process reference run of each method, computed once."""
+    runs = {}
+    for method in ("lora", "full"):
+        out = tmp_path_factory.mktemp(f"one-{method}")
+        recipe = dict(RECIPE, method=method, learning_rate=5e-3 if method == "lora" else 1e-3)
+        run_one_process(make_job(tiny_model_dir, inputs, out, recipe, Schedule(micro_batch_size=1)))
+        runs[method] = out
+    return runs
+
+
+@pytest.mark.parametrize(
+    ("strategy", "method"), [("fsdp", "full"), ("fsdp", "lora"), ("ddp", "lora")]
+)
+def test_two_processes_train_like_one(
+    strategy, method, tiny_model_dir, inputs, one_process, tmp_path
+):
+    recipe = dict(RECIPE, method=method, learning_rate=5e-3 if method == "lora" else 1e-3)
+    schedule = Schedule(micro_batch_size=1, strategy=strategy, nproc_per_node=2)
+    out = tmp_path / "two"
+    log = run_ranks(make_job(tiny_model_dir, inputs, out, recipe, schedule), 2, tmp_path)
+    assert "2 process(es)" in log
+    one, two = metrics(one_process[method]), metrics(out)
+    assert [x["world_size"] for x in two] == [2] * RECIPE["epochs"]
+    assert [x["world_size"] for x in one] == [1] * RECIPE["epochs"]
+    for a, b in zip(one, two, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=LOSS_RTOL), a["epoch"]
+        accuracies = [k for k in a if k.endswith("_accuracy")]
+        assert accuracies and {k: b[k] for k in accuracies} == {k: a[k] for k in accuracies}
+    assert one[0]["train_loss"] != one[-1]["train_loss"]  # it trained
+    for stop in ("early_stop", "convergence"):
+        a = pl.read_parquet(one_process[method] / f"eval/{stop}/test.parquet")
+        b = pl.read_parquet(out / f"eval/{stop}/test.parquet")
+        assert a.equals(b), stop
+    # the checkpoints hold the full weights, plain safetensors
+    from safetensors.torch import load_file
+
+    for stop in ("early_stop", "convergence"):
+        a = load_file(next((one_process[method] / stop).glob("*.safetensors")))
+        b = load_file(next((out / stop).glob("*.safetensors")))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+    assert not (out / "state").exists()
+
+
+def wait_for_state_epoch(state: Path, epoch: int, proc: subprocess.Popen) -> None:
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if (state / "trainer.pt").exists():
+            try:
+                if torch.load(state / "trainer.pt", weights_only=False)["epoch"] >= epoch:
+                    return
+            except (EOFError, RuntimeError):  # replaced while being read
+                pass
+        time.sleep(0.05)
+    raise AssertionError(f"no state of epoch {epoch}")
+
+
+def rank_pids(job_name: str) -> dict[int, int]:
+    """{rank: pid} of the worker processes of a job: their command line names the job file and
+    their environment holds RANK."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        env = dict(e.split(b"=", 1) for e in environ if b"=" in e)
+        if job_name.encode() in cmdline and b"LOCAL_RANK" in env:
+            found[int(env[b"RANK"])] = int(proc.name)
+    return found
+
+
+def kill_job(proc: subprocess.Popen, job_name: str) -> None:
+    """SIGKILL torchrun and every rank at once, as SLURM ends a job that runs out of time."""
+    for pid in [proc.pid, *rank_pids(job_name).values()]:
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_a_killed_two_process_run_resumes_to_the_same_metrics(tiny_model_dir, inputs, tmp_path):
+    recipe = dict(RECIPE, method="full", learning_rate=1e-3, dropout=0.1, epochs=5)
+    schedule = Schedule(micro_batch_size=1, strategy="fsdp", nproc_per_node=2)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_ranks(make_job(tiny_model_dir, inputs, straight, recipe, schedule), 2, tmp_path)
+
+    job = make_job(tiny_model_dir, inputs, killed, recipe, schedule)
+    proc, _, name = start_ranks(job, 2, tmp_path)
+    wait_for_state_epoch(killed / "state", 2, proc)
+    kill_job(proc, name)
+    time.sleep(1)
+    assert not rank_pids(name)
+    assert not (killed / "convergence").exists()
+    done = json.loads((killed / "metrics.jsonl").read_text().splitlines()[-1])["epoch"]
+    assert 2 <= done < recipe["epochs"]
+    log = run_ranks(job, 2, tmp_path)  # the same command again resumes
+    assert "resuming after epoch" in log
+    assert (killed / "metrics.jsonl").read_text() == (straight / "metrics.jsonl").read_text()
+    for stop in ("early_stop", "convergence"):
+        from safetensors.torch import load_file
+
+        a = load_file(next((straight / stop).glob("*.safetensors")))
+        b = load_file(next((killed / stop).glob("*.safetensors")))
+        assert all(torch.equal(a[k], b[k]) for k in a), stop

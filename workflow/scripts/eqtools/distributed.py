@@ -1,0 +1,239 @@
+"""Data-parallel fine-tuning over several processes (docs/scaling.md): the process group, the
+model wrapped for a strategy (DDP, or FSDP2 sharding), and the torchrun command that starts the
+ranks.
+
+A recipe's `distributed` block only schedules work: the global batch stays `batch_size` whatever
+the process count, each rank takes its share of every batch, and the loss is normalised by the
+answer tokens of the whole batch (eqtools.training.train_epoch). Runs at different process
+counts therefore differ only in floating-point summation order, and in the dropout masks each
+rank draws.
+"""
+
+import datetime
+import logging
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
+
+
+from eqtools.settings import Schedule
+
+log = logging.getLogger(__name__)
+
+__all__ = ["record"]  # wraps a rank's entry point: torchrun then reports that rank's traceback
+
+# Rank 0 evaluates every epoch with the full weights while the other ranks wait at a barrier;
+# the collectives' default timeout (10 min) would end the job during a long evaluation.
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=4)
+RDZV_PORT = 29500
+
+
+class DistributedError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the job: rank, world size, local rank (its device index)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def initialised(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+
+def start(device: str) -> tuple[Ranks, str]:
+    """Join the process group that torchrun set up (its environment variables), with NCCL on
+    GPUs and gloo on CPUs; one process without torchrun is rank 0 of 1. Returns the ranks and
+    this rank's device."""
+    if "LOCAL_RANK" not in os.environ:
+        return Ranks(), device
+    ranks = Ranks(
+        int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    )
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(ranks.local_rank)
+        device = f"cuda:{ranks.local_rank}"
+    dist.init_process_group(
+        "nccl" if device.startswith("cuda") else "gloo", timeout=COLLECTIVE_TIMEOUT
+    )
+    return ranks, device
+
+
+def stop(ranks: Ranks) -> None:
+    if ranks.initialised:
+        dist.destroy_process_group()
+
+
+def barrier(ranks: Ranks) -> None:
+    if ranks.initialised:
+        dist.barrier()
+
+
+def all_sum(ranks: Ranks, values: list[float], device: str) -> list[float]:
+    """The sum of `values` over all ranks (float64, so that token counts stay exact)."""
+    if not ranks.initialised:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The model's repeated blocks, by the class names transformers lists as never to be split
+    across devices (`_no_split_modules`): the units FSDP shards one at a time."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    layers = [m for m in base.modules() if type(m).__name__ in names]
+    if not layers:
+        raise DistributedError(
+            f"{type(base).__name__} names no decoder-layer class (_no_split_modules): FSDP has "
+            "nothing to shard layer by layer; use distributed.strategy: ddp"
+        )
+    return layers
+
+
+def wrap(model, schedule: Schedule, dtype: str, device: str, ranks: Ranks):
+    """The model to train: as it is (strategy none), in DistributedDataParallel, or sharded with
+    FSDP2 (`fully_shard` per decoder layer, then the root). For a `dtype: bfloat16` recipe FSDP
+    gathers the weights in bf16 and reduces gradients in fp32 over fp32 master weights."""
+    if schedule.activation_checkpointing:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if schedule.strategy == "none":
+        return model
+    if schedule.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        on_gpu = torch.device(device).type == "cuda"
+        return DistributedDataParallel(
+            model, device_ids=[ranks.local_rank] if on_gpu else None, find_unused_parameters=False
+        )
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32,
+        reduce_dtype=torch.float32,
+    )
+    for layer in decoder_layers(model):
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def unwrapped(model):
+    """The module inside a DDP wrapper (FSDP2 wraps in place)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def trainable_state(model) -> dict:
+    """The full (unsharded) trainable weights, gathered onto rank 0's CPU memory; empty on the
+    other ranks. Every rank must call it (it is a collective under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(
+        unwrapped(model),
+        options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True, ignore_frozen_params=True
+        ),
+    )
+
+
+def available_slots(device: str) -> int:
+    """Processes one node can run for `device`: its GPUs, or the CPU cores this job may use."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.device_count()
+    return len(os.sched_getaffinity(0))
+
+
+def check_fits(recipe: str, schedule: Schedule, device: str, threads: int, env: dict) -> None:
+    """Refuse, before anything starts, a recipe that asks for more processes than this job has:
+    GPUs (or cores given to the job) per node, and nodes in the SLURM allocation."""
+    key = f"recipes.{recipe}.distributed"
+    on_gpu = torch.device(device).type == "cuda"
+    have = available_slots(device) if on_gpu else threads
+    what = "GPUs on this node" if on_gpu else "cores given to this job (threads)"
+    if schedule.nproc_per_node > have:
+        raise DistributedError(
+            f"{key}.nproc_per_node is {schedule.nproc_per_node}, but the job has {have} {what}"
+        )
+    if schedule.nodes > 1:
+        nodes = int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", "1")))
+        if "SLURM_JOB_ID" not in env or nodes < schedule.nodes:
+            raise DistributedError(
+                f"{key}.nodes is {schedule.nodes}, but this job "
+                + (f"has {nodes} node(s)" if "SLURM_JOB_ID" in env else "runs outside SLURM")
+                + " (several nodes need `snakemake --profile slurm`)"
+            )
+
+
+def head_node(env: dict) -> str:
+    """The first host of the SLURM allocation: the rendezvous point of a multi-node run."""
+    hosts = subprocess.run(
+        ["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    return hosts[0]
+
+
+def launch_command(
+    schedule: Schedule, worker: Path, job: Path, env: dict, head: str | None = None
+) -> list[str]:
+    """The command that starts the ranks. One node: `torchrun --standalone` (c10d rendezvous on
+    localhost). Several nodes under SLURM: one torchrun per node through `srun`, meeting at the
+    allocation's first host."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--max-restarts=0"]
+    program = [str(worker), "--job", str(job)]
+    if schedule.nodes == 1:
+        return [
+            *torchrun,
+            "--standalone",
+            f"--nproc-per-node={schedule.nproc_per_node}",
+            *program,
+        ]
+    return [
+        "srun",
+        f"--nodes={schedule.nodes}",
+        "--ntasks-per-node=1",
+        "--kill-on-bad-exit=1",
+        *torchrun,
+        f"--nnodes={schedule.nodes}",
+        f"--nproc-per-node={schedule.nproc_per_node}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={head}:{RDZV_PORT}",
+        f"--rdzv-id={env['SLURM_JOB_ID']}",
+        *program,
+    ]
+
+
+def launch(command: list[str], threads_per_rank: int, log_path: Path) -> None:
+    """Run `command`, its output appended to the rule's log. torchrun stops every rank when one
+    fails and prints that rank's traceback (the worker is wrapped in `record`)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_rank)}
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(__file__).resolve().parents[1])] + env.get("PYTHONPATH", "").split(os.pathsep)
+    ).rstrip(os.pathsep)
+    log.info("launching: %s", shlex.join(command))
+    with open(log_path, "a") as out:
+        result = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    if result.returncode != 0:
+        raise DistributedError(
+            f"a rank failed (torchrun exit status {result.returncode}); its error is in "
+            f"{log_path}"
+        )
