@@ -70,6 +70,19 @@ def test_defaults_are_filled_in():
             "config key 'models': 'bad name' does not match",
         ),
         ({"templates": {"P17": "no placeholder"}}, "config key 'templates.P17'"),
+        (
+            {"recipes": {"lora": {"distributed": {"nproc_per_node": 2}}}},
+            "config key 'recipes.lora.distributed': 2 process(es) per node on 1 node(s) need a "
+            "strategy (ddp or fsdp), not none",
+        ),
+        (
+            {"recipes": {"lora": {"distributed": {"strategy": "deepspeed"}}}},
+            "config key 'recipes.lora.distributed.strategy': 'deepspeed' is not one of",
+        ),
+        (
+            {"recipes": {"lora": {"distributed": {"nodes": 0}}}},
+            "config key 'recipes.lora.distributed.nodes': 0 is less than the minimum of 1",
+        ),
     ],
 )
 def test_bad_values_name_the_key(override, message):

@@ -126,9 +126,7 @@ def start_ranks(job: dict, nproc: int, workdir: Path) -> tuple[subprocess.Popen,
         "PYTHONPATH": str(SCRIPT.parent),
     }
     with open(log, "w") as out:
-        proc = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, env=env
-        )
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     return proc, log, job_file.stem
 
 
@@ -256,3 +254,72 @@ def test_a_killed_two_process_run_resumes_to_the_same_metrics(tiny_model_dir, in
         a = load_file(next((straight / stop).glob("*.safetensors")))
         b = load_file(next((killed / stop).glob("*.safetensors")))
         assert all(torch.equal(a[k], b[k]) for k in a), stop
+
+
+def test_a_failed_rank_stops_the_job_and_leaves_no_complete_looking_checkpoint(
+    tiny_model_dir, inputs, tmp_path
+):
+    recipe = dict(RECIPE, method="full", learning_rate=1e-3, epochs=50)
+    schedule = Schedule(micro_batch_size=1, strategy="fsdp", nproc_per_node=2)
+    out = tmp_path / "run"
+    proc, log, name = start_ranks(
+        make_job(tiny_model_dir, inputs, out, recipe, schedule), 2, tmp_path
+    )
+    wait_for_state_epoch(out / "state", 1, proc)
+    os.kill(rank_pids(name)[1], signal.SIGKILL)  # rank 1 dies; rank 0 waits in a collective
+    assert proc.wait(timeout=120) != 0
+    time.sleep(1)
+    assert not rank_pids(name)  # torchrun stopped rank 0 too
+    text = log.read_text()
+    assert "rank" in text and "Signal 9 (SIGKILL)" in text and "local_rank: 1" in text, text[-3000:]
+    # the state on disk is a complete earlier epoch, never a half-written one
+    assert (out / "state/trainer.pt").exists() and (out / "state/dcp/.metadata").exists()
+    assert not (out / "convergence").exists()  # written only when the run is complete
+    if (out / "early_stop").exists():  # the best epoch so far, complete (written atomically)
+        assert (out / "early_stop/model.safetensors").exists()
+
+
+def test_a_recipe_asking_for_more_than_the_job_has_is_refused():
+    schedule = Schedule(strategy="ddp", nproc_per_node=4)
+    with pytest.raises(
+        distributed.DistributedError,
+        match=r"recipes\.big\.distributed\.nproc_per_node is 4, but the job has 2 cores",
+    ):
+        distributed.check_fits("big", schedule, "cpu", 2, {})
+    two_nodes = Schedule(strategy="fsdp", nproc_per_node=1, nodes=2)
+    with pytest.raises(
+        distributed.DistributedError,
+        match=r"recipes\.big\.distributed\.nodes is 2, but this job runs outside SLURM",
+    ):
+        distributed.check_fits("big", two_nodes, "cpu", 2, {})
+    allocation = {"SLURM_JOB_ID": "7", "SLURM_JOB_NUM_NODES": "1"}
+    with pytest.raises(distributed.DistributedError, match=r"nodes is 2, but this job has 1 node"):
+        distributed.check_fits("big", two_nodes, "cpu", 2, allocation)
+    distributed.check_fits("big", two_nodes, "cpu", 2, allocation | {"SLURM_JOB_NUM_NODES": "2"})
+
+
+def test_launch_commands():
+    job, worker = Path("/w/.job.json"), Path("/r/finetune.py")
+    one_node = distributed.launch_command(
+        Schedule(strategy="fsdp", nproc_per_node=4), worker, job, {}
+    )
+    assert one_node[1:] == [
+        "-m", "torch.distributed.run", "--max-restarts=0", "--standalone", "--nproc-per-node=4",
+        "/r/finetune.py", "--job", "/w/.job.json",
+    ]  # fmt: skip
+    two_nodes = distributed.launch_command(
+        Schedule(strategy="fsdp", nproc_per_node=4, nodes=2),
+        worker,
+        job,
+        {"SLURM_JOB_ID": "42"},
+        "gpu01",
+    )
+    assert two_nodes[:4] == ["srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    assert {
+        "--nnodes=2",
+        "--nproc-per-node=4",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=gpu01:29500",
+        "--rdzv-id=42",
+    } <= set(two_nodes)
+    assert "--standalone" not in two_nodes

@@ -276,10 +276,21 @@ def test_editing_docs_tests_or_bookkeeping_reruns_nothing(state, path):
         assert pending(state["work"], state["config"]) == {}
 
 
-def test_scheduling_settings_rerun_nothing(state):
-    """After a time-out or an out-of-memory kill a user raises runtime or mem_mb: nothing that
-    finished reruns. The engine's settings only schedule work too."""
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"mem_mb": 64000, "runtime": 999},  # after an out-of-memory kill or a time-out
+        {"micro_batch_size": 1},
+        {"distributed": {"strategy": "fsdp", "nproc_per_node": 4, "nodes": 2}},
+        {"distributed": {"strategy": "ddp", "nproc_per_node": 2, "activation_checkpointing": True}},
+    ],
+    ids=["memory-runtime", "micro-batch", "fsdp-2-nodes", "ddp-checkpointing"],
+)
+def test_scheduling_settings_rerun_nothing(state, setting):
+    """After a time-out or an out-of-memory kill a user raises runtime or mem_mb, or spreads a
+    fine-tune over more processes and nodes: nothing that finished reruns. The engine's
+    settings only schedule work too."""
     config = changed(state)
-    config["recipes"]["lora"].update(mem_mb=64000, runtime=999)
+    config["recipes"]["lora"].update(setting)
     config["engine"] = {"threads": 2, "max_batch_rows": 3, "backend": "reference"}
     assert pending(state["work"], config) == {}

@@ -46,6 +46,37 @@ def test_finetune_end_to_end_with_tiny_model(tiny_study):
         assert f"rule {upstream}:" not in dry
 
 
+def test_a_distributed_recipe_runs_its_ranks_through_the_rule(tiny_study):
+    """A recipe with `distributed` makes the finetune rule start torchrun with that many
+    processes (gloo on CPU); the outputs and their provenance are those of any fine-tune."""
+    config = copy.deepcopy(tiny_study.config)
+    config["recipes"]["lora_fsdp"] = dict(
+        config["recipes"]["lora"], distributed={"strategy": "fsdp", "nproc_per_node": 2}
+    )
+    run = "finetune/tiny/lora_fsdp/unknown"
+    targets = [f"results/{run}/metrics.jsonl"] + [
+        f"results/eval/tiny/lora_fsdp/unknown/{stop}/{split}.parquet"
+        for stop in ("early_stop", "convergence")
+        for split in ("test", "ood_test")
+    ]
+    tiny_study.run("--cores", "2", *targets, config=config)
+    lines = [
+        json.loads(x)
+        for x in (tiny_study.work / f"results/{run}/metrics.jsonl").read_text().splitlines()
+    ]
+    assert [x["world_size"] for x in lines] == [2, 2]
+    log = (tiny_study.work / "logs/finetune/tiny/lora_fsdp/unknown.log").read_text()
+    assert "torch.distributed.run" in log and "--nproc-per-node=2" in log
+    assert "2 process(es) (fsdp)" in log
+    assert (tiny_study.work / f"results/{run}/convergence/adapter_config.json").exists()
+    assert not list((tiny_study.work / f"results/{run}").glob(".job.*"))  # the job file is gone
+    assert not (tiny_study.work / f"results/{run}/state").exists()
+    from eqtools.provenance import sidecar_path
+
+    for target in targets:
+        assert sidecar_path(tiny_study.work / target).exists(), target
+
+
 def test_extra_seeds_replicate_every_finetune(tmp_path, tiny_model_dir):
     config = tiny_config(mixtures={"names": ["unknown"]}, finetune={"seeds": [7]})
     config["models"] = {"tiny": {"path": str(tiny_model_dir)}}

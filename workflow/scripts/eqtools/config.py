@@ -94,8 +94,9 @@ def _semantic_problems(config: dict) -> list[str]:
         parallel = recipe["distributed"]
         if parallel["strategy"] == "none" and parallel["nproc_per_node"] * parallel["nodes"] > 1:
             problems.append(
-                f"config key 'recipes.{name}.distributed': {parallel['nproc_per_node']} process(es) "
-                f"per node on {parallel['nodes']} node(s) need a strategy (ddp or fsdp), not none"
+                f"config key 'recipes.{name}.distributed': {parallel['nproc_per_node']} "
+                f"process(es) per node on {parallel['nodes']} node(s) need a strategy (ddp or "
+                "fsdp), not none"
             )
     for rel in config["mixtures"]["relations"] or []:
         if rel not in rels["in_distribution"]:

@@ -22,7 +22,6 @@ import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
-
 from eqtools.settings import Schedule
 
 log = logging.getLogger(__name__)
@@ -56,12 +55,15 @@ class Ranks:
         return dist.is_available() and dist.is_initialized()
 
 
+ONE_PROCESS = Ranks()
+
+
 def start(device: str) -> tuple[Ranks, str]:
     """Join the process group that torchrun set up (its environment variables), with NCCL on
     GPUs and gloo on CPUs; one process without torchrun is rank 0 of 1. Returns the ranks and
     this rank's device."""
     if "LOCAL_RANK" not in os.environ:
-        return Ranks(), device
+        return ONE_PROCESS, device
     ranks = Ranks(
         int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     )
@@ -147,9 +149,7 @@ def trainable_state(model) -> dict:
 
     return get_model_state_dict(
         unwrapped(model),
-        options=StateDictOptions(
-            full_state_dict=True, cpu_offload=True, ignore_frozen_params=True
-        ),
+        options=StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True),
     )
 
 
@@ -234,6 +234,5 @@ def launch(command: list[str], threads_per_rank: int, log_path: Path) -> None:
         result = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     if result.returncode != 0:
         raise DistributedError(
-            f"a rank failed (torchrun exit status {result.returncode}); its error is in "
-            f"{log_path}"
+            f"a rank failed (torchrun exit status {result.returncode}); its error is in {log_path}"
         )

@@ -337,9 +337,7 @@ class Study:
             ),
             mixture_names=list(mix["names"]),
             recipes=recipes,
-            schedules={
-                name: Schedule.from_recipe(r) for name, r in config["recipes"].items()
-            },
+            schedules={name: Schedule.from_recipe(r) for name, r in config["recipes"].items()},
             finetune_recipes=list(config["finetune"]["recipes"]),
             seeds=list(config["finetune"]["seeds"]),
             eval_every=dict(config["finetune"]["eval_every"]),

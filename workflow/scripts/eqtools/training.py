@@ -107,7 +107,7 @@ def train_epoch(
     device,
     epoch=0,
     dtype="float32",
-    ranks: Ranks = Ranks(),
+    ranks: Ranks = distributed.ONE_PROCESS,
 ):
     """One pass over `examples` in `order`, one optimizer step per batch of `batch_size`.
 
@@ -256,7 +256,7 @@ def save_state(
     best: dict,
     lines: list[dict],
     predictions: dict[str, dict[str, pl.DataFrame]] | None = None,
-    ranks: Ranks = Ranks(),
+    ranks: Ranks = distributed.ONE_PROCESS,
 ) -> None:
     """Every rank writes its shards and RNG state into the temporary directory that rank 0
     swaps into place once all are done. `predictions` maps "early_stop" and "convergence" (the
@@ -329,7 +329,7 @@ def resumable(state_dir: Path) -> bool:
 
 
 def load_state(
-    state_dir: Path, model, optimizer, scheduler, ranks: Ranks = Ranks()
+    state_dir: Path, model, optimizer, scheduler, ranks: Ranks = distributed.ONE_PROCESS
 ) -> tuple[int, dict, list[dict], dict]:
     """Restore a saved state into `model` (in place); returns (last completed epoch, best,
     metrics lines so far, predictions). The lines live in the state too: Snakemake deletes the
@@ -476,7 +476,7 @@ def finetune(
     max_batch_rows: int = 2048,
     backend: str = "auto",
     on_epoch: Callable[[int], None] | None = None,
-    ranks: Ranks = Ranks(),
+    ranks: Ranks = distributed.ONE_PROCESS,
 ) -> list[dict]:
     """Train for `recipe.epochs` epochs (a Recipe, or its dict); after each, evaluate and append a
     metrics line.
@@ -547,9 +547,7 @@ def finetune(
     # per stop {split: graded frame}; "convergence" holds the latest epoch's until the run ends
     predictions: dict[str, dict[str, pl.DataFrame]] = {"early_stop": {}, "convergence": {}}
     if resumable(state_dir):
-        start_epoch, best, lines, saved = load_state(
-            state_dir, model, optimizer, scheduler, ranks
-        )
+        start_epoch, best, lines, saved = load_state(state_dir, model, optimizer, scheduler, ranks)
         predictions.update(saved)
         log.info(
             "resuming after epoch %d (best dev %.4f at epoch %s)",
@@ -629,9 +627,7 @@ def finetune(
             # metrics first, then the state that says this epoch is complete
             write_text("".join(json.dumps(x, sort_keys=True) + "\n" for x in lines), metrics_path)
         # checkpoint
-        save_state(
-            state_dir, model, optimizer, scheduler, epoch, best, lines, predictions, ranks
-        )
+        save_state(state_dir, model, optimizer, scheduler, epoch, best, lines, predictions, ranks)
         if on_epoch is not None:
             on_epoch(epoch)
     if not ranks.main:
