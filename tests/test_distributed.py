@@ -323,3 +323,39 @@ def test_launch_commands():
         "--rdzv-id=42",
     } <= set(two_nodes)
     assert "--standalone" not in two_nodes
+
+
+@pytest.fixture(scope="module")
+def embedded_model_dir(tmp_path_factory) -> Path:
+    """The embedded SmolLM2-135M-Instruct, materialised as the prepare_model rule does."""
+    from conftest import embedded_gguf
+
+    from eqtools.models import materialise
+
+    out = tmp_path_factory.mktemp("smollm2") / "smollm2-135m"
+    package, gguf = embedded_gguf()
+    spec = {"path": package, "gguf_file": gguf, "dtype": "float32", "device": "cpu"}
+    materialise("smollm2-135m", spec, out)
+    return out
+
+
+def test_two_processes_train_the_embedded_model_like_one(embedded_model_dir, tmp_path):
+    """The real 135M model, LoRA on all linear layers, FSDP over 2 processes against 1."""
+    inputs = write_inputs(tmp_path / "inputs", n_train=6)
+    recipe = dict(
+        RECIPE,
+        learning_rate=1e-3,
+        epochs=2,
+        lora={"rank": 4, "alpha": 8, "target_modules": "all-linear"},
+    )
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_one_process(make_job(embedded_model_dir, inputs, one, recipe, Schedule(micro_batch_size=2)))
+    schedule = Schedule(micro_batch_size=2, strategy="fsdp", nproc_per_node=2)
+    run_ranks(make_job(embedded_model_dir, inputs, two, recipe, schedule), 2, tmp_path)
+    for a, b in zip(metrics(one), metrics(two), strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=LOSS_RTOL), a["epoch"]
+        accuracies = [k for k in a if k.endswith("_accuracy")]
+        assert {k: b[k] for k in accuracies} == {k: a[k] for k in accuracies}
+    for stop in ("early_stop", "convergence"):
+        a = pl.read_parquet(one / f"eval/{stop}/test.parquet")
+        assert a.equals(pl.read_parquet(two / f"eval/{stop}/test.parquet")), stop

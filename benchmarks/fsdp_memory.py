@@ -1,0 +1,195 @@
+"""Peak memory and step time of full fine-tuning in one process against FSDP2 sharding over
+several processes, with the code the `finetune` rule runs (eqtools.training.build_model,
+eqtools.distributed.wrap, eqtools.training.train_epoch, AdamW).
+
+    python benchmarks/fsdp_memory.py [--hidden 1536 --layers 16 --nproc 2 --steps 3]
+
+A random-init Llama built from a config (no download), saved once as safetensors in a
+temporary directory; then, side by side in one run:
+- one process, strategy none (as a recipe without `distributed`);
+- `--nproc` processes under torchrun, strategy fsdp (gloo on CPU, NCCL with --device cuda).
+Each process reports its peak resident memory (CPU: ru_maxrss; GPU: max_memory_allocated) after
+loading, after sharding and after the training steps, and the time of each optimizer step
+after the first. Full fine-tuning in fp32 holds 16 bytes per parameter (weights, gradients,
+two AdamW moments); sharding over N processes divides them by N, activations are per process.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "workflow" / "scripts"))
+
+from eqtools import distributed  # noqa: E402
+from eqtools.settings import Recipe, Schedule  # noqa: E402
+from eqtools.training import build_model, epoch_order, train_epoch  # noqa: E402
+
+RECIPE = {
+    "method": "full",
+    "learning_rate": 1e-5,
+    "batch_size": 8,
+    "dropout": 0.0,
+    "epochs": 1,
+    "seed": 0,
+    "warmup_steps": 0,
+    "weight_decay": 0.0,
+    "dtype": "float32",
+    "max_new_tokens": 4,
+    "lora": {"rank": 8, "alpha": 16, "target_modules": "all-linear"},
+}
+
+
+def peak_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def build_random_model(directory: Path, hidden: int, layers: int) -> int:
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 8 / 3) // 64 * 64,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64 // 4 or 1,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    n = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(directory)
+    vocab = {f"t{i}": i for i in range(32000)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="t1", pad_token="t1").save_pretrained(
+        directory
+    )
+    return n
+
+
+def examples(n: int, length: int, seed: int = 0):
+    """Synthetic training examples: `length` tokens, the loss on the last quarter."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(2, 32000, (length,), generator=g).tolist()
+        cut = length * 3 // 4
+        out.append((ids, [-100] * cut + ids[cut:]))
+    return out
+
+
+def worker(args) -> None:
+    """One process of a measurement; prints one JSON line (rank 0) with what it saw."""
+    ranks, device = distributed.start(args.device)
+    torch.set_num_threads(args.threads)
+    schedule = Schedule(
+        micro_batch_size=args.micro,
+        strategy=args.strategy,
+        nproc_per_node=ranks.world,
+        activation_checkpointing=args.checkpointing,
+    )
+    recipe = Recipe.from_dict(RECIPE)
+    model = build_model(args.model, recipe, device)
+    loaded = peak_mb(device)
+    model = distributed.wrap(model, schedule, recipe.dtype, device, ranks)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.learning_rate)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    data = examples(recipe.batch_size * args.steps, args.length)
+    times = []
+    for step in range(args.steps):
+        order = epoch_order(len(data), 0, 1)[step * recipe.batch_size : (step + 1) * recipe.batch_size]
+        started = time.perf_counter()
+        train_epoch(
+            model, optimizer, scheduler, data, order, recipe.batch_size, args.micro, 1, device,
+            ranks=ranks,
+        )  # fmt: skip
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    peaks = distributed.all_sum(ranks, [peak_mb(device)], device) if ranks.world > 1 else None
+    report = {
+        "strategy": args.strategy,
+        "world": ranks.world,
+        "rank0_peak_after_load_mb": loaded,
+        "rank0_peak_mb": peak_mb(device),
+        "mean_peak_per_rank_mb": (peaks[0] / ranks.world) if peaks else peak_mb(device),
+        "step_seconds": times[1:] or times,
+    }
+    if ranks.main:
+        print("RESULT " + json.dumps(report), flush=True)
+    distributed.stop(ranks)
+
+
+def run(args, model_dir: Path, strategy: str, nproc: int) -> dict:
+    common = [
+        "--worker", "--model", str(model_dir), "--strategy", strategy, "--device", args.device,
+        "--threads", str(args.threads), "--steps", str(args.steps), "--micro", str(args.micro),
+        "--length", str(args.length),
+    ] + (["--checkpointing"] if args.checkpointing else [])  # fmt: skip
+    if nproc == 1 and strategy == "none":
+        command = [sys.executable, __file__, *common]
+    else:
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={nproc}", __file__, *common,
+        ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    out = subprocess.run(command, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(out.stdout[-2000:] + out.stderr[-4000:])
+    line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line.removeprefix("RESULT "))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--hidden", type=int, default=1536)
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--micro", type=int, default=4)
+    ap.add_argument("--length", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--checkpointing", action="store_true")
+    ap.add_argument("--json", type=Path)
+    # a worker (started by this script)
+    ap.add_argument("--worker", action="store_true")
+    ap.add_argument("--model")
+    ap.add_argument("--strategy", default="none")
+    args = ap.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        n = build_random_model(Path(tmp), args.hidden, args.layers)
+        print(f"random Llama: {n / 1e9:.3f} B parameters, fp32 full fine-tuning state "
+              f"{16 * n / 2**30:.1f} GiB", flush=True)  # fmt: skip
+        results = {"parameters": n, "runs": []}
+        for strategy, nproc in (("none", 1), ("fsdp", args.nproc)):
+            r = run(args, Path(tmp), strategy, nproc)
+            results["runs"].append(r)
+            print(json.dumps(r), flush=True)
+    one, sharded = results["runs"]
+    results["peak_ratio"] = sharded["mean_peak_per_rank_mb"] / one["rank0_peak_mb"]
+    print(f"peak per process, {args.nproc} processes / 1 process: {results['peak_ratio']:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
