@@ -8,6 +8,7 @@ import pytest
 
 import audit
 from eqtools.figures import plt, save_figure
+from eqtools.models import SOURCE_FILE
 from eqtools.provenance import LARGE_FILE, build_record, write_provenance, write_record
 
 
@@ -122,3 +123,24 @@ def test_big_files_are_checked_by_size_and_mtime(chain, monkeypatch):
     st = os.stat("results/data/train.parquet")
     os.utime("results/data/train.parquet", (st.st_atime, st.st_mtime + 10))
     assert any("size/mtime changed" in p for p in audit.audit("results/data/derived.csv").problems)
+
+
+def test_a_changed_source_of_a_linked_model_is_reported(chain, tmp_path):
+    # a model directory that links its weights, with their sha256 in its registry entry
+    source = tmp_path / "elsewhere" / "weights.safetensors"
+    source.parent.mkdir()
+    source.write_text("weights")
+    os.symlink(source, "resources/models/m/weights.safetensors")
+    linked = [{"path": str(source), "sha256": audit.sha256_file(source)}]
+    with open(f"resources/models/m/{SOURCE_FILE}", "w") as f:
+        json.dump({"linked": linked}, f)
+    write_provenance("results/data/derived.csv", job("derive", ["resources/models/m"]))
+    with open("results/data/derived.csv", "w") as f:
+        f.write("x")
+    assert audit.audit("results/data/derived.csv").problems == []
+    source.write_text("other weights")
+    recorded = linked[0]["sha256"][:12]
+    assert set(audit.audit("results/data/derived.csv").problems) == {
+        f"{source}: sha256 changed (recorded {recorded}…) (linked by resources/models/m)",
+        f"resources/models/m/weights.safetensors: sha256 changed (recorded {recorded}…)",
+    }

@@ -166,6 +166,14 @@ def test_the_engine_leaves_the_model_as_it_found_it(model, caplog):
         assert torch.equal(m(**ids).logits, before)
 
 
+def test_a_model_spread_over_devices_steps_aside_from_the_levels(tiny_model_dir):
+    m, tok, _ = load(tiny_model_dir, device="cpu")  # its own copy: one layer is moved
+    gen = Generator(m, tok, max_new_tokens=4, backend="reference")
+    # a second device, as where a model is spread over a node's GPUs (none here)
+    m.model.layers[1].to("meta")
+    assert "spread over 2 devices" in gen._levels_obstacle(m.config)
+
+
 def test_the_engine_refuses_a_model_in_training_mode(model):
     m, tok = model
     gen = Generator(m, tok, max_new_tokens=2)

@@ -1,12 +1,16 @@
 """The model registry: prepare_model refuses what the workflow cannot run, before writing anything,
-naming the registry entry, the architecture and the reason."""
+naming the registry entry, the architecture and the reason; it links a local safetensors
+directory and converts any other source once."""
+
+import json
 
 import pytest
 import torch
 
 from archs import build_tiny, char_tokenizer
 from eqtools.generation import EngineError, check_generation
-from eqtools.models import ModelError, materialise
+from eqtools.io import atomic_path, sha256_file
+from eqtools.models import SOURCE_FILE, ModelError, load, materialise, placement
 
 
 def save(model, directory):
@@ -71,3 +75,70 @@ def test_prepare_records_the_path_the_engine_takes(tmp_path, arch, path):
     )
     assert entry["check"] == path
     assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_a_local_safetensors_directory_is_linked_not_copied(tmp_path):
+    torch.set_num_threads(1)
+    source = tmp_path / "sharded"
+    build_tiny("llama", len(char_tokenizer())).save_pretrained(source, max_shard_size="50KB")
+    char_tokenizer().save_pretrained(source)
+    out = tmp_path / "resources" / "models" / "tiny"
+    spec = {"path": str(source), "dtype": "float32", "device": "cpu"}
+    for _ in range(2):  # the second run swaps a complete copy in over the first one
+        with atomic_path(out, directory=True) as tmp:
+            entry = materialise("tiny", spec, tmp, check=check_generation)
+    assert entry["logit_check"] is None  # nothing was converted: no reloaded copy to compare
+    written = sorted(p.name for p in out.iterdir() if not p.is_symlink())
+    assert written == [SOURCE_FILE]
+    links = {p.name: p.readlink() for p in out.iterdir() if p.is_symlink()}
+    assert {"model.safetensors.index.json", "config.json", "tokenizer.json"} <= set(links)
+    assert len([n for n in links if n.endswith(".safetensors")]) > 1
+    assert all(target == source / name for name, target in links.items())
+    recorded = json.loads((out / SOURCE_FILE).read_text())
+    assert recorded["source"] == str(source)
+    assert {e["path"]: e["sha256"] for e in recorded["linked"]} == {
+        str(t): sha256_file(t) for t in links.values()
+    }
+
+
+def test_a_pytorch_bin_source_is_converted_once_in_the_entry_dtype(tmp_path):
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(1)
+    source = tmp_path / "bin"
+    model = build_tiny("llama", len(char_tokenizer()))
+    model.config.save_pretrained(source)
+    torch.save(model.state_dict(), source / "pytorch_model.bin")  # float32
+    char_tokenizer().save_pretrained(source)
+    out = tmp_path / "out"
+    entry = materialise("tiny", {"path": str(source), "dtype": "bfloat16"}, out, check=None)
+    assert entry["logit_check"] == "identical" and "linked" not in entry
+    assert not any(p.is_symlink() for p in out.iterdir())
+    assert not list(out.glob("*.bin"))
+    saved = load_file(out / "model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.bfloat16}
+
+
+def test_a_directory_without_a_model_is_refused_by_name(tmp_path):
+    source = tmp_path / "tokenizer-only"
+    char_tokenizer().save_pretrained(source)
+    out = tmp_path / "out"
+    with pytest.raises(ModelError, match=rf"models\.empty: {source} holds no model"):
+        materialise("empty", {"path": str(source)}, out)
+    assert not out.exists()
+
+
+def test_load_puts_the_model_on_its_device_in_the_entry_dtype(tiny_model_dir):
+    model, _, device = load(tiny_model_dir, dtype="bfloat16", device="cpu")
+    assert device == "cpu"
+    assert {(p.device.type, p.dtype) for p in model.parameters()} == {("cpu", torch.bfloat16)}
+
+
+def test_a_model_is_spread_over_gpus_only_when_one_cannot_hold_it():
+    gib = 1 << 30
+    assert placement("cuda", 16 * gib, [80 * gib, 80 * gib]) == "cuda"
+    assert placement("cuda", 140 * gib, [80 * gib, 80 * gib]) == "auto"
+    # the weights may take GPU_SHARE of the free memory: the rest is for the KV cache
+    assert placement("cuda", 70 * gib, [80 * gib] * 4) == "auto"
+    assert placement("cuda", 140 * gib, [80 * gib]) == "cuda"  # one GPU: nothing to spread over
+    assert placement("cpu", 140 * gib, []) == "cpu"

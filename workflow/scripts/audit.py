@@ -6,8 +6,8 @@ back to the dataset archive, and check that every input is still what was record
 
 Prints the lineage as a tree (each node: path, the rule that made it, its check) and exits
 non-zero when a recorded input is missing or changed (sha256; size and mtime for files over
-100 MB; per file for directories), when a sidecar is missing, or when a figure's embedded
-provenance id does not match its sidecar.
+100 MB; per file for directories; by sha256 for the source files a materialised model links),
+when a sidecar is missing, or when a figure's embedded provenance id does not match its sidecar.
 """
 
 import argparse
@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from eqtools.io import sha256_file  # noqa: E402
+from eqtools.models import SOURCE_FILE  # noqa: E402
 from eqtools.provenance import SUFFIX, record_id, sidecar_path  # noqa: E402
 
 
@@ -36,7 +37,7 @@ def check_entry(entry: dict, base: Path) -> list[str]:
             str(p if Path(entry["path"]).is_absolute() else p.relative_to(base)) for p in files
         }
         problems += [f"{p}: not in the recorded directory" for p in sorted(current - recorded)]
-        return problems
+        return problems + linked_problems(path)
     if not path.is_file():
         return [f"{entry['path']}: missing"]
     if entry.get("sha256") is None:
@@ -50,6 +51,19 @@ def check_entry(entry: dict, base: Path) -> list[str]:
     if sha256_file(path) != entry["sha256"]:
         return [f"{entry['path']}: sha256 changed (recorded {entry['sha256'][:12]}…)"]
     return []
+
+
+def linked_problems(model_dir: Path) -> list[str]:
+    """Problems of the source files a materialised model directory links (its registry entry
+    records their sha256): a linked source must not change after prepare_model."""
+    entry = model_dir / SOURCE_FILE
+    if not entry.is_file():
+        return []
+    return [
+        f"{problem} (linked by {model_dir})"
+        for linked in json.loads(entry.read_text()).get("linked", [])
+        for problem in check_entry(linked, model_dir)
+    ]
 
 
 def embedded_id(path: Path) -> str | None:

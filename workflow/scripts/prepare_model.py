@@ -1,5 +1,6 @@
-"""Materialise a registry model once as safetensors + tokenizer (fast loading for every later
-job), after checking that the generation engine runs it exactly."""
+"""Materialise a registry model once for fast loading by every later job, after checking that the
+generation engine runs it exactly: a local directory of safetensors weights is linked, any other
+source converted once to safetensors in the entry's dtype (eqtools.models.materialise)."""
 
 from pathlib import Path
 
@@ -17,8 +18,9 @@ def main(smk) -> None:
     with atomic_path(out, directory=True) as tmp:
         entry = materialise(smk.wildcards.model, spec.to_dict(), tmp, check=check_generation)
     log.info(
-        "materialised %s: %s parameters; engine path %s",
+        "materialised %s (%s): %s parameters; engine path %s",
         smk.wildcards.model,
+        "linked" if "linked" in entry else "converted",
         entry["n_parameters"],
         entry["check"],
     )

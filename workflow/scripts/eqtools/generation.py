@@ -18,8 +18,8 @@ Two exact paths behind one entry point, `Generator`:
   attention does: its scaling, per-layer sliding windows, logit softcapping and attention sinks.
   An attention argument it does not implement makes it refuse, never ignore.
 - "reference", for everything else (latent-attention caches, recurrent or convolutional layers,
-  ALiBi, custom caches): transformers' own `generate` with the model's own cache, in batches of
-  prompts of equal length, so no row is ever padded.
+  ALiBi, custom caches, a model spread over several devices): transformers' own `generate` with
+  the model's own cache, in batches of prompts of equal length, so no row is ever padded.
 
 `Generator` picks the path by inspecting the model and checking the fast path on a probe
 against the model's own forward (one log line names the path and the reason); `backend` forces
@@ -610,6 +610,12 @@ class Generator:
     def _levels_obstacle(self, cfg) -> str | None:
         """Why the fast path cannot run this model exactly, or None. Static checks give the
         reasons one can name; a probe against the model's own forward catches the rest."""
+        devices = {p.device for p in self.model.parameters()}
+        if len(devices) > 1:
+            return (
+                f"it is spread over {len(devices)} devices, and the levels keep every layer's KV "
+                "cache on one"
+            )
         if not type(self.base)._can_set_attn_implementation():
             return "its attention does not go through transformers' AttentionInterface"
         types = set(getattr(cfg, "layer_types", None) or []) - ATTENTION_LAYER_TYPES
