@@ -93,8 +93,9 @@ class RuleInfo:
 
 
 @functools.cache
-def workflow_rules() -> dict[str, RuleInfo]:
-    """Every rule of the workflow (config/config.yaml), from Snakemake's own parse of it."""
+def workflow_rules(*configfiles: Path) -> dict[str, RuleInfo]:
+    """Every rule of the workflow (config/config.yaml, then `configfiles` merged over it), from
+    Snakemake's own parse of it."""
     from snakemake.api import SnakemakeApi
     from snakemake.settings.types import (
         ConfigSettings,
@@ -107,7 +108,7 @@ def workflow_rules() -> dict[str, RuleInfo]:
     with tempfile.TemporaryDirectory() as work, SnakemakeApi(OutputSettings()) as api:
         workflow = api.workflow(
             resource_settings=ResourceSettings(cores=1),
-            config_settings=ConfigSettings(configfiles=[ROOT / "config/config.yaml"]),
+            config_settings=ConfigSettings(configfiles=[ROOT / "config/config.yaml", *configfiles]),
             storage_settings=StorageSettings(),
             snakefile=ROOT / "Snakefile",
             workdir=Path(work),

@@ -117,14 +117,15 @@ DefMemPerCPU=1000
 MailProg=/bin/true
 ReturnToService=2
 GresTypes=gpu
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$real_mem Gres=gpu:1 State=UNKNOWN
+NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$real_mem Gres=gpu:2 State=UNKNOWN
 PartitionName=cpu Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu Nodes=$NODE MaxTime=INFINITE State=UP
 EOF
-    # A fake GPU: /dev/null stands in for the device file, so --gpus=1 / --gres=gpu:1 schedule.
+    # Two fake GPUs: /dev/null and /dev/zero stand in for the device files, so --gpus=1 and a
+    # distributed fine-tune's --gpus=2 schedule.
     cat >"$STATE/gres.conf" <<EOF
 AutoDetect=off
-NodeName=$NODE Name=gpu Count=1 File=/dev/null
+NodeName=$NODE Name=gpu Count=2 File=/dev/null,/dev/zero
 EOF
     # Slurm 22.05 (Debian 12) has no CgroupPlugin=disabled. Nothing loads a cgroup plugin
     # (proctrack/linuxproc, task/none, jobacct_gather/none), so this file is read, never used.

@@ -78,3 +78,63 @@ def test_default_profile_holds_no_cluster_settings():
     for f in default.glob("*.yaml") if default.exists() else []:
         settings = yaml.safe_load(f.read_text()) or {}
         assert not {"executor", "default-resources", "set-resources"} & set(settings), f
+
+
+def test_a_multi_node_recipe_submits_its_gpus_nodes_and_one_task_per_node(tmp_path):
+    """The finetune rule's resources for a recipe on 2 nodes x 4 GPUs, through the slurm
+    plugin's own sbatch builder with the profile's set-resources: --gpus=8 --nodes=2 and one
+    task per node with all its cores; an `mpi` job, so the plugin starts no srun of its own."""
+    from types import SimpleNamespace
+
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    extra = tmp_path / "big.yaml"
+    extra.write_text(
+        yaml.safe_dump(
+            {
+                "recipes": {
+                    "big": {
+                        "method": "full",
+                        "distributed": {"strategy": "fsdp", "nproc_per_node": 4, "nodes": 2},
+                    }
+                },
+                "engine": {"threads": 2},
+            }
+        )
+    )
+    rule = workflow_rules(extra)["finetune"]
+    wildcards = SimpleNamespace(recipe="big", model="m", seed="", mixture="natural")
+    values = {
+        key: (value(wildcards, 1) if key == "mem_mb" else value(wildcards))
+        if callable(value)
+        else value
+        for key, value in rule.resources.items()
+        if key not in ("_cores", "_nodes", "tmpdir")
+    }
+    assert {k: values[k] for k in ("gpu", "nodes", "mpi", "tasks")} == {
+        "gpu": 8,
+        "nodes": 2,
+        "mpi": "srun",
+        "tasks": 2,
+    }
+    resources = {
+        **values,
+        **{
+            k: eval(v) if isinstance(v, str) else v
+            for k, v in PROFILE["set-resources"]["finetune"].items()
+        },
+    }
+
+    class Resources(dict):
+        __getattr__ = dict.__getitem__
+
+    job = SimpleNamespace(resources=Resources(resources), threads=2 * 4)
+    params = {
+        "run_uuid": "x", "slurm_logfile": "l", "comment_str": "c", "account": "-A a",
+        "partition": "-p gpu", "workdir": "/w",
+    }  # fmt: skip
+    call = get_submit_command(job, params) + set_gres_string(job)  # as the plugin builds it
+    for flag in ("--nodes=2", "--gpus=8", "--ntasks=2", "--cpus-per-task=8"):
+        assert f" {flag}" in call, call
+    assert "--ntasks-per-gpu" not in call, call

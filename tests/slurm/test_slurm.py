@@ -175,11 +175,14 @@ def test_retry_doubles_memory(demo_run):
 # model: every non-local job goes through SLURM.
 
 LOCAL_RULES = {"download_entity_questions", "prepare_model"}
+# The profile's one-GPU rules, and the fine-tune, whose GPUs follow its recipe.
 GPU_RULES = {
     rule
     for rule, res in yaml.safe_load((PROFILE / "config.yaml").read_text())["set-resources"].items()
     if res.get("gpu")
-}
+} | {"finetune"}
+# A recipe spread over 2 processes (DDP; gloo, since the fake GPUs are no CUDA devices).
+DISTRIBUTED = "lora_ddp"
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +193,10 @@ def workflow_run(cluster, tmp_path_factory, tiny_model_dir):
         subsample={"max_per_relation": {"train": 6, "test": 3, "ood_test": 2}},
         slick={"max_new_tokens": 3},
         mixtures={"names": ["natural"]},
-        finetune={"recipes": ["lora"]},
+        finetune={"recipes": ["lora", DISTRIBUTED]},
+    )
+    config["recipes"][DISTRIBUTED] = dict(
+        config["recipes"]["lora"], distributed={"strategy": "ddp", "nproc_per_node": 2}
     )
     config["models"] = {"tiny": {"path": str(tiny_model_dir)}}
     cfg = write_config(workdir, config)
@@ -244,20 +250,36 @@ def test_workflow_jobs_run_through_slurm(workflow_run):
     assert "command=squeue" in output and "Falling back to 'sacct'" not in output
 
 
-def test_workflow_gpu_rules_request_one_gpu(workflow_run):
+def test_workflow_gpu_rules_request_their_gpus(workflow_run):
     _, _, jobs = workflow_run
     assert {"label_questions", "finetune", "ptrue"} == GPU_RULES
     for rule in GPU_RULES & set(jobs):
         for jobid, call in jobs[rule]:
-            assert " -p gpu " in call and "--gpus=1" in call, call
+            gpus = 2 if f"/{DISTRIBUTED}/" in call or f"{DISTRIBUTED}_" in call else 1
+            assert " -p gpu " in call and f"--gpus={gpus}" in call, call
             assert "--ntasks-per-gpu" not in call and "--gres" not in call, call
             job = scontrol_job(jobid)
-            assert job["Partition"] == "gpu" and job["TresPerJob"] == "gres:gpu:1", job
+            assert job["Partition"] == "gpu" and job["TresPerJob"] == f"gres:gpu:{gpus}", job
     assert set(jobs) >= GPU_RULES
+    assert len(jobs["finetune"]) == 2
     print(
         f"\nGPU rules ({', '.join(sorted(GPU_RULES))}): every job -p gpu --gpus=1, "
-        "TresPerJob=gres:gpu:1"
+        f"TresPerJob=gres:gpu:1; the {DISTRIBUTED} fine-tune --gpus=2, TresPerJob=gres:gpu:2"
     )
+
+
+def test_workflow_distributed_recipe_starts_its_ranks(workflow_run):
+    """Inside the SLURM job, the finetune rule started torchrun with 2 ranks (gloo: the fake
+    GPUs are no CUDA devices), and every metrics line says so."""
+    workdir, _, jobs = workflow_run
+    [call] = [call for _, call in jobs["finetune"] if DISTRIBUTED in call]
+    assert "--cpus-per-task=2" in call, call  # engine.threads (1) per process
+    log = (workdir / f"logs/finetune/tiny/{DISTRIBUTED}/natural.log").read_text()
+    assert "--nproc-per-node=2" in log and "2 process(es) (ddp)" in log, log[-3000:]
+    metrics = workdir / f"results/finetune/tiny/{DISTRIBUTED}/natural/metrics.jsonl"
+    lines = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert lines and {x["world_size"] for x in lines} == {2}
+    print(f"\n{DISTRIBUTED}: torchrun with 2 ranks in SLURM job, world_size 2 in every epoch")
 
 
 def test_workflow_cpu_rules_request_no_gpu(workflow_run):

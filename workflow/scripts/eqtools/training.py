@@ -14,11 +14,13 @@ work. Only when the test sets are evaluated every k > 1 epochs and the best dev 
 of them is the early-stop checkpoint evaluated once more at the end.
 """
 
+import contextlib
 import json
 import logging
 import math
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -247,6 +249,15 @@ def _distributed_state(model, optimizer) -> tuple[dict, object]:
     return {"model": weights, "optim": moments}, options
 
 
+@contextlib.contextmanager
+def one_process_is_intended():
+    """torch.distributed.checkpoint warns on every save and load without a process group; a
+    one-process run is meant to have none."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def save_state(
     state_dir: Path,
     model,
@@ -266,7 +277,8 @@ def save_state(
     def save(tmp: Path) -> None:
         distributed.barrier(ranks)  # the directory exists, empty
         state, _ = _distributed_state(model, optimizer)
-        dcp.save(state, checkpoint_id=tmp / "dcp")
+        with one_process_is_intended():
+            dcp.save(state, checkpoint_id=tmp / "dcp")
         torch.save(
             {
                 "rng": torch.get_rng_state(),
@@ -339,7 +351,8 @@ def load_state(
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     state, options = _distributed_state(model, optimizer)
-    dcp.load(state, checkpoint_id=state_dir / "dcp")
+    with one_process_is_intended():
+        dcp.load(state, checkpoint_id=state_dir / "dcp")
     set_state_dict(
         distributed.unwrapped(model),
         optimizer,
@@ -512,14 +525,16 @@ def finetune(
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
-    model = build_model(model_dir, recipe, device)
-    evaluated = model  # rank 0 evaluates this module, with the full weights
+    model = distributed.wrap(
+        build_model(model_dir, recipe, device), schedule, recipe.dtype, device, ranks
+    )
+    # rank 0 evaluates with the full weights: the model itself, or under FSDP an unsharded copy
+    # that gathers the trained weights every epoch (built after sharding: one full copy at a time)
+    evaluated = distributed.unwrapped(model)
     if schedule.strategy == "fsdp" and ranks.main:
-        with torch.random.fork_rng(devices=[]):  # rank 0's dropout stream stays a 1-process one
+        gpu = [torch.cuda.current_device()] if device.startswith("cuda") else []
+        with torch.random.fork_rng(devices=gpu):  # rank 0's dropout stream stays a 1-process one
             evaluated = build_model(model_dir, recipe, device)
-    model = distributed.wrap(model, schedule, recipe.dtype, device, ranks)
-    if schedule.strategy == "ddp":
-        evaluated = model.module
     if not ranks.main:
         torch.manual_seed(recipe.seed * 1_000_003 + ranks.rank)  # its own dropout masks
     trainable = [p for p in model.parameters() if p.requires_grad]
