@@ -63,8 +63,8 @@ def resident_mb(device: str) -> float:
 
 
 def build_random_model(directory: Path, hidden: int, layers: int) -> int:
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     config = LlamaConfig(
         vocab_size=32000,
