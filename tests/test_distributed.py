@@ -41,9 +41,11 @@ RECIPE = {
     "lora": {"rank": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]},
 }
 
-# Measured (docs/scaling.md): the largest relative difference of a per-epoch train loss between
-# one process and two was 4e-7 (fsdp and ddp, lora and full, tiny model, float32); the bound
-# leaves a factor of 25 for other CPUs' kernels.
+# Measured (docs/scaling.md, section 6): the largest relative difference of a per-epoch train
+# loss between one process and two was 9e-9 with the tiny model (fsdp and ddp, lora and full)
+# and 1.4e-7 with the embedded model (full, fsdp), about one float32 rounding (1.2e-7): only
+# the summation order differs. The bound leaves a factor of about 70 for other CPUs' kernels
+# and thread counts.
 LOSS_RTOL = 1e-5
 
 
