@@ -18,6 +18,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import torch
+from test_training import RECIPE as training_recipe
 
 from eqtools import distributed
 from eqtools.settings import Finetune, Recipe, Schedule
@@ -27,19 +28,7 @@ SCRIPT = ROOT / "workflow/scripts/finetune.py"
 
 # dropout 0: with dropout each rank draws its own masks, so the runs would differ by more than
 # the summation order
-RECIPE = {
-    "method": "lora",
-    "learning_rate": 5e-3,
-    "batch_size": 4,
-    "dropout": 0.0,
-    "epochs": 4,
-    "seed": 3,
-    "warmup_steps": 0,
-    "weight_decay": 0.0,
-    "dtype": "float32",
-    "max_new_tokens": 4,
-    "lora": {"rank": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]},
-}
+RECIPE = dict(training_recipe, dropout=0.0, epochs=4)
 
 # Measured (docs/scaling.md, section 6): the largest relative difference of a per-epoch train
 # loss between one process and two was 9e-9 with the tiny model (fsdp and ddp, lora and full)
