@@ -600,8 +600,10 @@ def finetune(
         train_seconds = time.perf_counter() - started
         if schedule.strategy == "fsdp":
             weights = distributed.trainable_state(model)  # a collective: every rank takes part
-            if ranks.main:
-                evaluated.load_state_dict(weights, strict=False)
+            if ranks.main:  # the trained weights; a LoRA copy keeps its own frozen base
+                unexpected = evaluated.load_state_dict(weights, strict=False).unexpected_keys
+                if unexpected:
+                    raise TrainingError(f"gathered weights the model lacks: {unexpected[:3]}")
         # evaluate (rank 0; the others wait at the state's barrier)
         if ranks.main:
             evaluated.eval()
