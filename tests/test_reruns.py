@@ -277,20 +277,31 @@ def test_editing_docs_tests_or_bookkeeping_reruns_nothing(state, path):
 
 
 @pytest.mark.parametrize(
-    "setting",
+    ("section", "setting"),
     [
-        {"mem_mb": 64000, "runtime": 999},  # after an out-of-memory kill or a time-out
-        {"micro_batch_size": 1},
-        {"distributed": {"strategy": "fsdp", "nproc_per_node": 4, "nodes": 2}},
-        {"distributed": {"strategy": "ddp", "nproc_per_node": 2, "activation_checkpointing": True}},
+        ("recipes.lora", {"mem_mb": 64000, "runtime": 999}),  # after an OOM kill or a time-out
+        ("recipes.lora", {"micro_batch_size": 1}),
+        ("recipes.lora", {"distributed": {"strategy": "fsdp", "nproc_per_node": 4, "nodes": 2}}),
+        (
+            "recipes.lora",
+            {
+                "distributed": {
+                    "strategy": "ddp",
+                    "nproc_per_node": 2,
+                    "activation_checkpointing": True,
+                }
+            },
+        ),
+        ("models.tiny", {"gpus": 4}),
     ],
-    ids=["memory-runtime", "micro-batch", "fsdp-2-nodes", "ddp-checkpointing"],
+    ids=["memory-runtime", "micro-batch", "fsdp-2-nodes", "ddp-checkpointing", "model-gpus"],
 )
-def test_scheduling_settings_rerun_nothing(state, setting):
+def test_scheduling_settings_rerun_nothing(state, section, setting):
     """After a time-out or an out-of-memory kill a user raises runtime or mem_mb, or spreads a
-    fine-tune over more processes and nodes: nothing that finished reruns. The engine's
-    settings only schedule work too."""
+    fine-tune over more processes and nodes, or a model over more GPUs: nothing that finished
+    reruns. The engine's settings only schedule work too."""
     config = changed(state)
-    config["recipes"]["lora"].update(setting)
+    kind, name = section.split(".")
+    config[kind][name].update(setting)
     config["engine"] = {"threads": 2, "max_batch_rows": 3, "backend": "reference"}
     assert pending(state["work"], config) == {}

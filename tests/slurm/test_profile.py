@@ -13,10 +13,6 @@ PROFILE_FILE = ROOT / "profiles/slurm/config.yaml"
 PROFILE = yaml.safe_load(PROFILE_FILE.read_text())
 
 
-def gpu_rules_of_profile() -> set[str]:
-    return {rule for rule, res in PROFILE["set-resources"].items() if res.get("gpu")}
-
-
 def test_slurm_symlink_points_to_the_profile():
     assert (ROOT / "slurm").is_symlink()
     assert (ROOT / "slurm").resolve() == PROFILE_FILE.parent
@@ -35,25 +31,24 @@ def test_cluster_settings():
 
 
 def test_every_gpu_rule_asks_for_its_gpus_on_the_gpu_partition():
+    """The GPU rules declare their own GPU count (the model entry's `gpus`, the recipe's
+    processes); the profile sends them to the GPU partition without --ntasks-per-gpu and sets
+    no count that would replace theirs."""
     rules = workflow_rules()
-    declared = {name for name, rule in rules.items() if rule.resources.get("gpu") == 1}
-    assert {"label_questions", "ptrue"} <= declared
-    assert gpu_rules_of_profile() == declared
+    declared = {name for name, rule in rules.items() if "gpu" in rule.resources}
+    assert declared == {"label_questions", "ptrue", "finetune"}
+    entries = PROFILE["set-resources"]
+    assert set(entries) == declared
     for rule in declared:
-        res = PROFILE["set-resources"][rule]
-        assert res == {"slurm_partition": "'gpu'", "gpu": 1, "tasks_per_gpu": 0}, rule
-    # the fine-tune's GPUs, nodes and tasks come from the recipe, so the profile sets none
-    assert PROFILE["set-resources"]["finetune"] == {
-        "slurm_partition": "'gpu'",
-        "tasks_per_gpu": 0,
-    }
-    for key in ("gpu", "nodes", "mpi", "tasks"):
-        assert rules["finetune"].resources[key].__qualname__.startswith("recipe_"), key
-    for rule in declared | {"finetune"}:
+        assert entries[rule] == {"slurm_partition": "'gpu'", "tasks_per_gpu": 0}, rule
         # Memory grows with the attempt in the rule itself (set-resources does not set it).
         mem = rules[rule].resources["mem_mb"]
         assert callable(mem), f"{rule}: mem_mb={mem}"
         assert mem.__qualname__.startswith(("retry_mem_mb.", "recipe_mem_mb")), rule
+    for rule in ("label_questions", "ptrue"):
+        assert rules[rule].resources["gpu"].__qualname__ == "model_gpus", rule
+    for key in ("gpu", "nodes", "mpi", "tasks"):
+        assert rules["finetune"].resources[key].__qualname__.startswith("recipe_"), key
 
 
 def test_downloads_are_local_rules():
@@ -80,8 +75,9 @@ def test_default_profile_holds_no_cluster_settings():
         assert not {"executor", "default-resources", "set-resources"} & set(settings), f
 
 
-def test_a_multi_node_recipe_submits_its_gpus_nodes_and_one_task_per_node(tmp_path):
-    """The finetune rule's resources for a recipe on 2 nodes x 4 GPUs, through the slurm
+def test_gpu_counts_follow_the_model_entry_and_the_recipe(tmp_path):
+    """Labelling asks for the model entry's `gpus`. The finetune rule's resources for a recipe
+    on 2 nodes x 4 GPUs, through the slurm
     plugin's own sbatch builder with the profile's set-resources: --gpus=8 --nodes=2 and one
     task per node with all its cores; an `mpi` job, so the plugin starts no srun of its own."""
     from types import SimpleNamespace
@@ -100,10 +96,14 @@ def test_a_multi_node_recipe_submits_its_gpus_nodes_and_one_task_per_node(tmp_pa
                     }
                 },
                 "engine": {"threads": 2},
+                "models": {"smollm2-135m": {"gpus": 4}},
             }
         )
     )
-    rule = workflow_rules(extra)["finetune"]
+    rules = workflow_rules(extra)
+    for rule in ("label_questions", "ptrue"):  # the model entry's GPUs
+        assert rules[rule].resources["gpu"](SimpleNamespace(model="smollm2-135m")) == 4
+    rule = rules["finetune"]
     wildcards = SimpleNamespace(recipe="big", model="m", seed="", mixture="natural")
     values = {
         key: (value(wildcards, 1) if key == "mem_mb" else value(wildcards))

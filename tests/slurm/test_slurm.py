@@ -175,12 +175,9 @@ def test_retry_doubles_memory(demo_run):
 # model: every non-local job goes through SLURM.
 
 LOCAL_RULES = {"download_entity_questions", "prepare_model"}
-# The profile's one-GPU rules, and the fine-tune, whose GPUs follow its recipe.
-GPU_RULES = {
-    rule
-    for rule, res in yaml.safe_load((PROFILE / "config.yaml").read_text())["set-resources"].items()
-    if res.get("gpu")
-} | {"finetune"}
+# The rules on the profile's GPU partition: their GPU counts come from the model entry and the
+# recipe (1 each here, but for the distributed recipe).
+GPU_RULES = set(yaml.safe_load((PROFILE / "config.yaml").read_text())["set-resources"])
 # A recipe spread over 2 processes (DDP; gloo, since the fake GPUs are no CUDA devices).
 DISTRIBUTED = "lora_ddp"
 

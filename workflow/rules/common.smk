@@ -125,6 +125,11 @@ def retry_mem_mb(mb):
     return mem_mb
 
 
+def model_gpus(wildcards):
+    """GPUs of a labelling or P(True) job: the model entry's `gpus` (scheduling only)."""
+    return STUDY.model_gpus[wildcards.model]
+
+
 def recipe_mem_mb(wildcards, attempt):
     return config["recipes"][wildcards.recipe]["mem_mb"] * attempt
 

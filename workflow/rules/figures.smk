@@ -21,7 +21,7 @@ rule ptrue:
         "../../envs/model.yaml"
     threads: config["engine"]["threads"]
     resources:
-        gpu=1,
+        gpu=model_gpus,
         mem_mb=retry_mem_mb(8000),
         runtime=120,
     params:

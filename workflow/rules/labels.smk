@@ -52,7 +52,7 @@ rule label_questions:
         "../../envs/model.yaml"
     threads: config["engine"]["threads"]
     resources:
-        gpu=1,
+        gpu=model_gpus,
         mem_mb=retry_mem_mb(8000),
         runtime=240,
     params:

@@ -227,6 +227,10 @@ class Recipe(Settings):
     lora: Lora
 
 
+# keys of a model entry that only schedule its jobs (config `models.<name>`): never tracked
+MODEL_SCHEDULING = ("gpus",)
+
+
 # keys of a recipe that only schedule the job (config `recipes.<name>`): never tracked. The
 # micro-batch and the process count change only the floating-point summation order (and the
 # dropout masks): the loss is normalised by the answer tokens of the whole batch.
@@ -304,6 +308,7 @@ class Study:
 
     data: Data
     models: dict[str, ModelEntry]
+    model_gpus: dict[str, int]
     slick: Slick
     mixtures: Mixtures
     mixture_names: list[str]
@@ -330,7 +335,13 @@ class Study:
         }
         return cls(
             data=Data.from_dict({k: config[k] for k in ("relations", "templates", "subsample")}),
-            models={name: ModelEntry.from_dict(m) for name, m in config["models"].items()},
+            models={
+                name: ModelEntry.from_dict(
+                    {k: v for k, v in m.items() if k not in MODEL_SCHEDULING}
+                )
+                for name, m in config["models"].items()
+            },
+            model_gpus={name: m["gpus"] for name, m in config["models"].items()},
             slick=Slick.from_dict(config["slick"]),
             mixtures=Mixtures.from_dict(
                 {k: mix[k] for k in ("per_relation_size", "relations", "seed")}
