@@ -335,3 +335,54 @@ def test_two_processes_train_the_embedded_model_like_one(embedded_model_dir, tmp
     for stop in ("early_stop", "convergence"):
         a = pl.read_parquet(one / f"eval/{stop}/test.parquet")
         assert a.equals(pl.read_parquet(two / f"eval/{stop}/test.parquet")), stop
+
+
+@pytest.fixture
+def world_of_one():
+    """A gloo process group of one process in this process (FSDP needs a group)."""
+    import torch.distributed as dist
+
+    store = dist.HashStore()
+    dist.init_process_group("gloo", rank=0, world_size=1, store=store)
+    yield distributed.Ranks(0, 1, 0)
+    dist.destroy_process_group()
+
+
+def test_fsdp_resumed_after_its_last_epoch_saves_the_trained_weights(
+    tiny_model_dir, world_of_one, tmp_path
+):
+    """A run killed after its last epoch's state but before the checkpoints resumes with no
+    epoch left to train: FSDP's evaluation copy must still receive the trained weights."""
+    from safetensors.torch import load_file
+    from test_training import frames
+
+    from eqtools.training import finetune
+
+    train, evals = frames()
+    schedule = Schedule(micro_batch_size=2, strategy="fsdp")
+    recipe = dict(RECIPE, method="full", learning_rate=1e-3, epochs=2)
+
+    def outputs(root):
+        return {k: root / k for k in ("early_stop", "convergence", "state")} | {
+            "metrics": root / "metrics.jsonl"
+        }
+
+    torch.set_num_threads(1)
+    straight, killed = outputs(tmp_path / "straight"), outputs(tmp_path / "killed")
+    finetune(str(tiny_model_dir), train, evals, recipe, straight, {}, schedule, ranks=world_of_one)
+
+    def killed_after(epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt  # as if killed once epoch 2's state is saved
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(
+            str(tiny_model_dir), train, evals, dict(recipe, epochs=3), killed, {}, schedule,
+            on_epoch=killed_after, ranks=world_of_one,
+        )  # fmt: skip
+    assert not killed["convergence"].exists()
+    finetune(str(tiny_model_dir), train, evals, recipe, killed, {}, schedule, ranks=world_of_one)
+    a = load_file(straight["convergence"] / "model.safetensors")
+    b = load_file(killed["convergence"] / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert killed["metrics"].read_text() == straight["metrics"].read_text()

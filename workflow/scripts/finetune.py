@@ -118,7 +118,7 @@ def main(smk) -> None:
             )
 
 
-@distributed.record
+@distributed.entry_point
 def rank_main(argv: list[str]) -> None:
     """One rank of a distributed fine-tune, started by torchrun (eqtools is on its PYTHONPATH)."""
     parser = argparse.ArgumentParser(description=__doc__)

@@ -26,8 +26,6 @@ from eqtools.settings import Schedule
 
 log = logging.getLogger(__name__)
 
-__all__ = ["record"]  # wraps a rank's entry point: torchrun then reports that rank's traceback
-
 # Rank 0 evaluates every epoch with the full weights while the other ranks wait at a barrier;
 # the collectives' default timeout (10 min) would end the job during a long evaluation.
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=4)
@@ -74,6 +72,12 @@ def start(device: str) -> tuple[Ranks, str]:
         "nccl" if device.startswith("cuda") else "gloo", timeout=COLLECTIVE_TIMEOUT
     )
     return ranks, device
+
+
+def entry_point(main):
+    """A rank's entry point, wrapped so that torchrun reports the traceback of a rank that
+    fails (not only its exit code)."""
+    return record(main)
 
 
 def stop(ranks: Ranks) -> None:

@@ -477,6 +477,19 @@ def build_model(model_dir: str, recipe: Recipe | dict, device: str):
     return model
 
 
+def gather_for_evaluation(model, evaluated, schedule: Schedule, ranks: Ranks) -> None:
+    """Under FSDP, copy the trained weights into rank 0's unsharded evaluation copy (a
+    collective: every rank calls it); a LoRA copy keeps its own frozen base. Elsewhere rank 0
+    evaluates the trained model itself."""
+    if schedule.strategy != "fsdp":
+        return
+    weights = distributed.trainable_state(model)
+    if ranks.main:
+        unexpected = evaluated.load_state_dict(weights, strict=False).unexpected_keys
+        if unexpected:
+            raise TrainingError(f"gathered weights the model lacks: {unexpected[:3]}")
+
+
 def finetune(
     model_dir: str,
     train: pl.DataFrame,
@@ -564,6 +577,7 @@ def finetune(
     if resumable(state_dir):
         start_epoch, best, lines, saved = load_state(state_dir, model, optimizer, scheduler, ranks)
         predictions.update(saved)
+        gather_for_evaluation(model, evaluated, schedule, ranks)  # all epochs may be done
         log.info(
             "resuming after epoch %d (best dev %.4f at epoch %s)",
             start_epoch,
@@ -598,12 +612,7 @@ def finetune(
             ranks,
         )
         train_seconds = time.perf_counter() - started
-        if schedule.strategy == "fsdp":
-            weights = distributed.trainable_state(model)  # a collective: every rank takes part
-            if ranks.main:  # the trained weights; a LoRA copy keeps its own frozen base
-                unexpected = evaluated.load_state_dict(weights, strict=False).unexpected_keys
-                if unexpected:
-                    raise TrainingError(f"gathered weights the model lacks: {unexpected[:3]}")
+        gather_for_evaluation(model, evaluated, schedule, ranks)
         # evaluate (rank 0; the others wait at the state's barrier)
         if ranks.main:
             evaluated.eval()
