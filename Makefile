@@ -44,7 +44,7 @@ format: setup
 PYTEST_WORKERS ?= auto --maxprocesses 4
 
 test: setup
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --durations=15
 	$(MAKE) --no-print-directory lint
 
 # The slurm profile against a real single-node SLURM cluster on localhost (tests/slurm/README.md):
