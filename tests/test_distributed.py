@@ -223,8 +223,11 @@ def test_a_failed_rank_stops_the_job_and_the_run_resumes_to_the_same_metrics(
     """Rank 1 dies (SIGKILL) during epoch 3 or later: torchrun stops rank 0 too, the log holds
     the failure, and what is on disk is a complete earlier epoch; started again, the run resumes
     there and ends with the metrics and weights of an uninterrupted 2-process run (dropout
-    included: every rank's RNG is part of the state)."""
-    recipe = dict(RECIPE, method="full", learning_rate=1e-3, dropout=0.1, epochs=5)
+    included: every rank's RNG is part of the state). In bf16 mixed precision: FSDP gathers
+    bf16 weights over fp32 master weights."""
+    recipe = dict(
+        RECIPE, method="full", learning_rate=1e-3, dropout=0.1, epochs=5, dtype="bfloat16"
+    )
     schedule = Schedule(micro_batch_size=1, strategy="fsdp", nproc_per_node=2)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     run_ranks(make_job(tiny_model_dir, inputs, straight, recipe, schedule), 2, tmp_path)
