@@ -469,8 +469,9 @@ def build_model(model_dir: str, recipe: Recipe | dict, device: str):
             config.model_type,
         )
     # float32 weights for every recipe: `dtype: bfloat16` trains under autocast (see `autocast`)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=torch.float32).to(
-        device
+    # straight onto the device: no host copy of the fp32 weights per process
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, config=config, dtype=torch.float32, device_map=device
     )
     if recipe.method == "lora":
         model = add_lora(model, recipe.lora, recipe.dropout)
