@@ -158,7 +158,7 @@ def run(args, model_dir: Path, strategy: str, nproc: int) -> dict:
             sys.executable, "-m", "torch.distributed.run", "--standalone",
             f"--nproc-per-node={nproc}", __file__, *common,
         ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    env = distributed.rank_environment(args.threads)
     out = subprocess.run(command, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(out.stdout[-2000:] + out.stderr[-4000:])

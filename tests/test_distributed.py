@@ -105,11 +105,7 @@ def start_ranks(job: dict, nproc: int, workdir: Path) -> tuple[subprocess.Popen,
     schedule = Schedule.from_param(job["schedule"])
     command = distributed.launch_command(schedule, SCRIPT, job_file, dict(os.environ))
     log = workdir / f"{job_file.stem}.log"
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(SCRIPT.parent),
-    }
+    env = distributed.rank_environment(threads_per_rank=1)
     with open(log, "w") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     return proc, log, job_file.stem

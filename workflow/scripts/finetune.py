@@ -88,7 +88,7 @@ def main(smk) -> None:
     }
     if schedule.strategy == "none":
         torch.set_num_threads(smk.threads)
-        train(job, distributed.Ranks(), device)
+        train(job, distributed.ONE_PROCESS, device)
     else:
         distributed.check_fits(smk.wildcards.recipe, schedule, device, smk.threads, os.environ)
         run_dir = Path(smk.output.metrics).parent

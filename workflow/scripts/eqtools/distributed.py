@@ -99,10 +99,15 @@ def all_sum(ranks: Ranks, values: list[float], device: str) -> list[float]:
     return t.tolist()
 
 
+def base_model(model):
+    """The transformers model itself, inside a peft wrapper or not."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def decoder_layers(model) -> list[torch.nn.Module]:
     """The model's repeated blocks, by the class names transformers lists as never to be split
     across devices (`_no_split_modules`): the units FSDP shards one at a time."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     names = set(getattr(base, "_no_split_modules", None) or [])
     layers = [m for m in base.modules() if type(m).__name__ in names]
     if not layers:
@@ -118,8 +123,9 @@ def wrap(model, schedule: Schedule, dtype: str, device: str, ranks: Ranks):
     FSDP2 (`fully_shard` per decoder layer, then the root). For a `dtype: bfloat16` recipe FSDP
     gathers the weights in bf16 and reduces gradients in fp32 over fp32 master weights."""
     if schedule.activation_checkpointing:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base_model(model).gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
     if schedule.strategy == "none":
         return model
     if schedule.strategy == "ddp":
@@ -157,19 +163,12 @@ def trainable_state(model) -> dict:
     )
 
 
-def available_slots(device: str) -> int:
-    """Processes one node can run for `device`: its GPUs, or the CPU cores this job may use."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.device_count()
-    return len(os.sched_getaffinity(0))
-
-
 def check_fits(recipe: str, schedule: Schedule, device: str, threads: int, env: dict) -> None:
     """Refuse, before anything starts, a recipe that asks for more processes than this job has:
     GPUs (or cores given to the job) per node, and nodes in the SLURM allocation."""
     key = f"recipes.{recipe}.distributed"
     on_gpu = torch.device(device).type == "cuda"
-    have = available_slots(device) if on_gpu else threads
+    have = torch.cuda.device_count() if on_gpu else threads
     what = "GPUs on this node" if on_gpu else "cores given to this job (threads)"
     if schedule.nproc_per_node > have:
         raise DistributedError(
@@ -226,16 +225,23 @@ def launch_command(
     ]
 
 
-def launch(command: list[str], threads_per_rank: int, log_path: Path) -> None:
-    """Run `command`, its output appended to the rule's log. torchrun stops every rank when one
-    fails and prints that rank's traceback (the worker is wrapped in `record`)."""
+def rank_environment(threads_per_rank: int) -> dict:
+    """The environment of the ranks: their threads, and eqtools importable."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_rank)}
     env["PYTHONPATH"] = os.pathsep.join(
         [str(Path(__file__).resolve().parents[1])] + env.get("PYTHONPATH", "").split(os.pathsep)
     ).rstrip(os.pathsep)
+    return env
+
+
+def launch(command: list[str], threads_per_rank: int, log_path: Path) -> None:
+    """Run `command`, its output appended to the rule's log. torchrun stops every rank when one
+    fails and prints that rank's traceback (the worker is wrapped in `record`)."""
     log.info("launching: %s", shlex.join(command))
     with open(log_path, "a") as out:
-        result = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        result = subprocess.run(
+            command, stdout=out, stderr=subprocess.STDOUT, env=rank_environment(threads_per_rank)
+        )
     if result.returncode != 0:
         raise DistributedError(
             f"a rank failed (torchrun exit status {result.returncode}); its error is in {log_path}"

@@ -145,7 +145,7 @@ def train_epoch(
             (loss * weight).backward()
             if chunk:
                 total += loss.item()
-                tokens += int((labels[:, 1:] != -100).sum())
+                tokens += sum(answer_tokens(examples[i]) for i in chunk)
                 positions += int(mask.sum())
         optimizer.step()
         scheduler.step()
