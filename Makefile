@@ -60,7 +60,9 @@ bench: setup
 	mkdir -p benchmarks/runs
 	$(BIN)/python benchmarks/slick_throughput.py --json benchmarks/runs/slick_throughput.json
 	$(BIN)/python benchmarks/finetune_throughput.py --json benchmarks/runs/finetune_throughput.json
+	$(BIN)/python benchmarks/prepare_memory.py --json benchmarks/runs/prepare_memory.json
 	$(BIN)/python benchmarks/fsdp_memory.py --json benchmarks/runs/fsdp_memory.json
+	$(BIN)/python benchmarks/distributed_parity.py --json benchmarks/runs/distributed_parity.json
 
 # Lineage of a result file back to the dataset archive, with every input checked against its
 # recorded sha256: make audit FIGURE=results/figures/<model>/<run>/fig1_fitting_known_unknown.png

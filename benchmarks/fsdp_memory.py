@@ -8,7 +8,7 @@ A random-init Llama built from a config (no download), saved once as safetensors
 temporary directory; then, side by side in one run:
 - one process, strategy none (as a recipe without `distributed`);
 - `--nproc` processes under torchrun, strategy fsdp (gloo on CPU, NCCL with --device cuda).
-Each process reports its peak resident memory (CPU: ru_maxrss; GPU: max_memory_allocated) after
+Each process reports its peak resident memory (CPU: VmHWM; GPU: max_memory_allocated) after
 loading, after sharding and after the training steps, and the time of each optimizer step
 after the first. Full fine-tuning in fp32 holds 16 bytes per parameter (weights, gradients,
 two AdamW moments); sharding over N processes divides them by N, activations are per process.
@@ -17,7 +17,6 @@ two AdamW moments); sharding over N processes divides them by N, activations are
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "workflow" / "scripts"))
+
+from prepare_memory import high_water_gib  # noqa: E402
 
 from eqtools import distributed  # noqa: E402
 from eqtools.settings import Recipe, Schedule  # noqa: E402
@@ -51,7 +52,7 @@ RECIPE = {
 def peak_mb(device: str) -> float:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return high_water_gib() * 1024
 
 
 def resident_mb(device: str) -> float:

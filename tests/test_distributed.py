@@ -31,7 +31,7 @@ RECIPE = dict(training_recipe, dropout=0.0, epochs=4)
 
 # Measured (docs/scaling.md, section 6): the largest relative difference of a per-epoch train
 # loss between one process and two was 9e-9 with the tiny model (fsdp and ddp, lora and full)
-# and 1.4e-7 with the embedded model (full, fsdp), about one float32 rounding (1.2e-7): only
+# and 1.5e-7 with the embedded model (fsdp), about one float32 rounding (1.2e-7): only
 # the summation order differs. The bound leaves a factor of about 70 for other CPUs' kernels
 # and thread counts.
 LOSS_RTOL = 1e-5
