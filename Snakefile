@@ -32,12 +32,13 @@ include: "workflow/rules/labels.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/tables.smk"
 include: "workflow/rules/figures.smk"
+include: "workflow/rules/seeds.smk"
 
 
 rule all:
     default_target: True
     input:
-        all_targets() + tables_targets() + figures_targets(),
+        all_targets() + tables_targets() + figures_targets() + seeds_targets(),
 
 
 check_code_params(workflow.rules)

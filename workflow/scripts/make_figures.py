@@ -1,5 +1,7 @@
 """The paper's figures (docs/study.md, "Evaluation and analyses") for one fine-tuning run
-(results/figures/{model}/{recipe}{seed}/) or, for the comparison figure, for every model.
+(results/figures/{model}/{recipe}{seed}/), over the training seeds (Figs. 1, 3a and 4 with 95 %
+bands, results/figures/{model}/{recipe}-seeds/, when the rule passes `params.runs`), or, for the
+comparison figure, for every model.
 
 Each figure is a pure data function (metrics and predictions -> a tidy frame, unit-tested) and a
 plot function (frame -> matplotlib figure). The rule's settings (`params.spec`, an
@@ -23,6 +25,7 @@ from eqtools.figures import (
 )
 from eqtools.io import setup_logging
 from eqtools.provenance import job_record
+from eqtools.replicates import Intervals, accuracy_cells, run_input_name, seed_bands
 from eqtools.settings import Figure
 from eqtools.study import (
     CATEGORIES,
@@ -190,6 +193,7 @@ def plot_fitting(data: pl.DataFrame, title: str, mixture: str):
         sub = data.filter(pl.col(col).is_not_null())
         if sub.height:
             ax.plot(sub["epoch"], sub[col], label=label, color=color, marker=marker, markersize=4)
+            _band(ax, sub, "epoch", col, color)
     ax.set_xlabel("fine-tuning epoch")
     _epoch_axis(ax)
     ax.set_ylabel("accuracy (exact match)")
@@ -201,6 +205,16 @@ def plot_fitting(data: pl.DataFrame, title: str, mixture: str):
     ax.legend(loc="best")
     fig.tight_layout()
     return fig
+
+
+def _band(ax, data: pl.DataFrame, x: str, col: str, color: str) -> None:
+    """The 95 % band of `col` (columns <col>_low / <col>_high, over seeds) where the frame has
+    them."""
+    low, high = f"{col}_low", f"{col}_high"
+    if low in data.columns:
+        part = data.filter(pl.col(low).is_not_null() & pl.col(low).is_not_nan())
+        if part.height:
+            ax.fill_between(part[x], part[low], part[high], color=color, alpha=0.18, linewidth=0)
 
 
 def _duration_style(duration: str, index: int):
@@ -243,11 +257,13 @@ def plot_accuracy_vs_share(
                         style["markerfacecolor"] = "none"
                 label = f"{value}, {group}" if style_key else value
                 ax.plot(part["share"], part["accuracy"], label=label, markersize=5, **style)
+                _band(ax, part, "share", "accuracy", style["color"])
         ax.set_xlabel("Unknown examples in the fine-tuning set (%)")
         ax.set_ylabel("accuracy (exact match)")
         ax.set_title(SPLIT_TITLES.get(split, split))
         ax.set_xlim(-5, 105)
-        ax.set_ylim(0, max(0.05, 1.15 * float(sub["accuracy"].max() or 0)))
+        top = sub["accuracy_high"] if "accuracy_high" in sub.columns else sub["accuracy"]
+        ax.set_ylim(0, max(0.05, 1.15 * float(top.fill_nan(None).max() or 0)))
         _percent_axis(ax)
         ax.legend(loc="best", fontsize=8)
     fig.suptitle(title)
@@ -280,6 +296,7 @@ def plot_category_fitting(data: pl.DataFrame, title: str):
                     marker="o",
                     markersize=4,
                 )
+                _band(ax, part, "epoch", "accuracy", CATEGORY_COLORS[cat])
         ax.set_title(
             "D_Natural, per category of its examples"
             if name == "natural"
@@ -421,6 +438,118 @@ def figure_comparison(inputs, spec: Figure, model=None):
     return plot_accuracy_vs_share(data, title, line_key="model", style_key="duration")
 
 
+# ---------------------------------------------------------------- over seeds
+
+
+def _run_metrics(inputs: dict, run: str, model: str, mixture: str) -> list[dict]:
+    return read_metrics(inputs[run_input_name(run, input_name("metrics", model, mixture))])
+
+
+def seeds_fitting(runs_lines: list[list[dict]]) -> pl.DataFrame:
+    """Fig. 1 over seeds: fitting_by_epoch's columns as the mean over the seeds, each with
+    <col>_low / <col>_high, the t interval over seeds."""
+    frames = [fitting_by_epoch(lines) for lines in runs_lines]
+    long = pl.concat(frames).unpivot(index="epoch", variable_name="series")
+    bands = seed_bands(long, ["series", "epoch"], "value")
+    wide = None
+    for col in ("train_known", "train_unknown", "dev"):
+        part = bands.filter(pl.col("series") == col).select(
+            "epoch",
+            pl.col("mean").alias(col),
+            pl.col("low").alias(f"{col}_low"),
+            pl.col("high").alias(f"{col}_high"),
+        )
+        wide = part if wide is None else wide.join(part, on="epoch", how="full", coalesce=True)
+    return wide.sort("epoch")
+
+
+def seeds_category_fitting(runs: list[dict[str, list[dict]]]) -> pl.DataFrame:
+    """Fig. 4 over seeds: (mixture, epoch, category, accuracy = mean over seeds, accuracy_low,
+    accuracy_high, n)."""
+    long = pl.concat([category_fitting(lines) for lines in runs])
+    n = long.group_by("mixture", "category").agg(pl.col("n").max())
+    bands = seed_bands(long, ["mixture", "epoch", "category"], "accuracy")
+    return bands.join(n, on=["mixture", "category"], how="left").select(
+        "mixture",
+        "epoch",
+        "category",
+        pl.col("mean").alias("accuracy"),
+        pl.col("low").alias("accuracy_low"),
+        pl.col("high").alias("accuracy_high"),
+        "n",
+    )
+
+
+def seeds_share_points(inputs, model, runs, mixtures) -> pl.DataFrame:
+    """Fig. 3a over seeds: test accuracy per (share, stop, split), the mean over seeds and test
+    questions with its 95 % interval (eqtools.replicates.Intervals)."""
+    points = []
+    for split in TEST_SPLITS:
+        keys = [(m, s) for m in mixtures for s in STOPS]
+        preds = {
+            (m, s): [
+                pl.read_parquet(
+                    inputs[run_input_name(r, input_name("eval", model, m, s, split))],
+                    columns=["id", "correct"],
+                )
+                for r in runs
+            ]
+            for m, s in keys
+        }
+        boot = Intervals(accuracy_cells(preds, keys))
+        for m, s in keys:
+            mean, low, high = boot.interval((m, s))
+            points.append(
+                {
+                    "share": mixture_share(m)[1],
+                    "variant": "D",
+                    "duration": STOP_NAMES[s],
+                    "split": split,
+                    "accuracy": mean,
+                    "accuracy_low": low,
+                    "accuracy_high": high,
+                }
+            )
+    schema = {
+        "share": pl.Int64,
+        "variant": pl.String,
+        "duration": pl.String,
+        "split": pl.String,
+        "accuracy": pl.Float64,
+        "accuracy_low": pl.Float64,
+        "accuracy_high": pl.Float64,
+    }
+    frame = pl.DataFrame(points, schema=schema, orient="row")
+    return frame.filter(pl.col("accuracy").is_not_nan()).sort("share", maintain_order=True)
+
+
+def seeds_figure_fitting(inputs, spec: Figure, model, runs):
+    data = seeds_fitting([_run_metrics(inputs, r, model, spec.mixture) for r in runs])
+    return plot_fitting(data, spec.title, f"{spec.mixture}; bands: 95 % over seeds")
+
+
+def seeds_figure_unknown_share(inputs, spec: Figure, model, runs):
+    data = seeds_share_points(inputs, model, runs, spec.mixtures)
+    title = (
+        f"{spec.title}\ntest accuracy vs share of Unknown fine-tuning examples (Fig. 3a); "
+        "bands: 95 % over test questions and seeds"
+    )
+    return plot_accuracy_vs_share(data, title)
+
+
+def seeds_figure_category_fitting(inputs, spec: Figure, model, runs):
+    data = seeds_category_fitting(
+        [{m: _run_metrics(inputs, r, model, m) for m in spec.mixtures} for r in runs]
+    )
+    return plot_category_fitting(data, f"{spec.title}; bands: 95 % over seeds")
+
+
+SEED_FIGURES = {
+    "fig1": seeds_figure_fitting,
+    "fig3a": seeds_figure_unknown_share,
+    "fig4": seeds_figure_category_fitting,
+}
+
 FIGURES = {
     "fig1": figure_fitting,
     "fig3a": figure_unknown_share,
@@ -436,7 +565,11 @@ def main(smk) -> None:
     use_style()
     spec = Figure.from_param(smk.params.spec)
     record = job_record(smk)  # before saving: the figure embeds the record's id
-    fig = FIGURES[spec.figure](dict(smk.input.items()), spec, smk.wildcards.get("model"))
+    inputs, model = dict(smk.input.items()), smk.wildcards.get("model")
+    if runs := list(smk.params.get("runs") or []):
+        fig = SEED_FIGURES[spec.figure](inputs, spec, model, runs)
+    else:
+        fig = FIGURES[spec.figure](inputs, spec, model)
     save_figure(fig, {"png": smk.output.png, "svg": smk.output.svg}, record, spec.title)
     log.info("%s: %s", spec.figure, smk.output.png)
 

@@ -11,13 +11,21 @@ eqtools.study.input_name (the computations are in eqtools/analysis.py):
 - table8: Table 8: D (X% Unknown) vs D_IDK (its Unknown answers replaced by "I don't know"):
   accuracy on answered questions and share answered, both stops, ID and OOD test.
 - category_distribution: Tables 3-5: SliCK categories of each labelled split per relation.
+
+Over training seeds (results/tables/{model}/{recipe}-seeds/, when `finetune.seeds` is set; the
+rule's `params.runs` names the runs, and each input name is prefixed with its run by
+eqtools.replicates.run_input_name): Table 2 with the mean over seeds and 95 % intervals, Table 1
+pooled over seeds with standard errors clustered by fine-tune, and `claims`: the paper's claims,
+each with its statistic, interval and verdict (eqtools/replicates.py).
 """
 
+import json
 import math
 
 import polars as pl
 
-from eqtools import analysis
+from eqtools import analysis, replicates
+from eqtools.figures import group_accuracy, known_accuracy
 from eqtools.io import setup_logging, write_csv, write_text
 from eqtools.provenance import write_provenance
 from eqtools.settings import Table
@@ -230,6 +238,319 @@ def make_category_distribution(smk, spec: Table, title: str) -> None:
     write_text(distribution_markdown(table, title), smk.output.md)
 
 
+# ---------------------------------------------------------------------------------- over seeds
+
+
+def run_file(inputs: dict, run: str, name: str) -> str:
+    return inputs[replicates.run_input_name(run, name)]
+
+
+def seed_predictions(inputs, model, runs, keys, split) -> dict:
+    """{(mixture, stop): [prediction frame of each run]} of one test split."""
+    columns = ["id", "category", "prediction", "correct"]
+    return {
+        (m, stop): [
+            pl.read_parquet(
+                run_file(inputs, r, input_name("eval", model, m, stop, split)), columns=columns
+            )
+            for r in runs
+        ]
+        for m, stop in keys
+    }
+
+
+def seed_metrics(inputs, model, runs, mixture) -> list[list[dict]]:
+    return [
+        analysis.read_metrics(run_file(inputs, r, input_name("metrics", model, mixture)))
+        for r in runs
+    ]
+
+
+def interval_text(mean, low, high, digits: int = 1) -> str:
+    if mean is None or math.isnan(mean):
+        return DASH
+    return f"{mean:.{digits}f} [{pct(low, digits)}, {pct(high, digits)}]"
+
+
+def seeds_table2_markdown(table: pl.DataFrame, title: str, n_seeds: int) -> str:
+    if table.is_empty():
+        return table2_markdown(table, title, 0)
+    sizes = dict(table.select("subset", "n_questions").unique().iter_rows())
+    header = ["Stop", "Variant"] + [f"{s} (n={sizes.get(s, 0)})" for s in analysis.SUBSETS]
+    rows = []
+    for (stop, variant), group in table.group_by("stop", "variant", maintain_order=True):
+        cells = {r["subset"]: r for r in group.iter_rows(named=True)}
+        row = [STOP_NAMES[stop], variant_name(variant)]
+        for subset in analysis.SUBSETS:
+            r = cells[subset]
+            text = interval_text(r["accuracy_pct"], r["ci_low_pct"], r["ci_high_pct"])
+            if r["is_best"]:
+                text = f"**{text}**"
+            row.append(text + r["significance"].replace("*", "\\*"))
+        rows.append(row)
+    legend = (
+        f"Accuracy (%) of the fine-tuned model, mean over {n_seeds} training seeds, with its 95 % "
+        "interval [low, high] (the test questions' variance by a bootstrap with every seed kept, "
+        "plus the seeds' variance component; t with Satterthwaite's degrees of freedom; "
+        "eqtools/replicates.py), on the test questions of each SliCK category of the base model "
+        "(n = questions). **Bold**: the best mean of the column at that stop. \\* / \\*\\*: "
+        "below the best with p < 0.05 / p < 0.01 (the same variance for the difference, paired "
+        f"on questions). {DASH}: no test question in that category."
+    )
+    return f"# {title}\n\n" + markdown_table(header, rows) + "\n" + legend + "\n"
+
+
+def make_seeds_table2(smk, spec: Table, title: str, runs: list[str]) -> None:
+    keys = [(m, stop) for m in spec.mixtures for stop in STOPS]
+    preds = seed_predictions(smk.input, smk.wildcards.model, runs, keys, spec.split)
+    table = replicates.accuracy_by_category(preds, spec.mixtures, seed=spec.seed)
+    split = pl.lit(spec.split).alias("split")
+    write_csv(table.with_columns(split).select("split", *table.columns), smk.output.csv)
+    write_text(seeds_table2_markdown(table, title, len(runs)), smk.output.md)
+
+
+def pooled_fit_points(smk, mixtures, runs) -> pl.DataFrame:
+    """fit_points of every run, with columns run and fine_tune (run/mixture, the cluster)."""
+    model = smk.wildcards.model
+    frames = []
+    for r in runs:
+        metrics = {
+            m: analysis.read_metrics(run_file(smk.input, r, input_name("metrics", model, m)))
+            for m in mixtures
+        }
+        points = analysis.fit_points(metrics)
+        frames.append(
+            points.select(
+                pl.lit(r).alias("run"),
+                (pl.lit(r + "/") + pl.col("mixture")).alias("fine_tune"),
+                *points.columns,
+            )
+        )
+    points = pl.concat(frames)
+    return points.with_columns(pl.col("n_train").max().alias("d_size")).with_columns(
+        (pl.col("n_known_fitted") / pl.col("d_size")).alias("known_fitted_share"),
+        (pl.col("n_unknown_fitted") / pl.col("d_size")).alias("unknown_fitted_share"),
+    )
+
+
+def make_seeds_table1(smk, spec: Table, title: str, runs: list[str]) -> None:
+    points = pooled_fit_points(smk, spec.mixtures, runs)
+    fits = [analysis.fit_linear_model(points, split, cluster="fine_tune") for split in TEST_SPLITS]
+    write_csv(analysis.linear_model_frame(fits), smk.output.csv)
+    write_csv(points, smk.output.points)
+    clusters = max((f.get("n_clusters") or 0) for f in fits)
+    text = table1_markdown(fits, points, spec.mixtures, title)
+    text += (
+        f"\nPooled over {len(runs)} training seeds; standard errors and p-values are "
+        f"cluster-robust with one cluster per fine-tune ({clusters} clusters; t tests with "
+        "clusters - 1 degrees of freedom), since the epochs of one fine-tune are not "
+        "independent points.\n"
+    )
+    write_text(text, smk.output.md)
+
+
+CLAIMS = {
+    "fitting": "Unknown examples are fitted more slowly than Known ones",
+    "fall": "At convergence, test accuracy falls as the share of Unknown examples grows",
+    "early_stop": "Early stopping avoids most of that fall",
+    "known_only": "The Unknown examples cause the fall, not the smaller Known set",
+    "b_kn": "Fitting Known examples raises test accuracy (b_kn > 0)",
+    "b_unk": "Fitting Unknown examples lowers test accuracy (b_unk < 0)",
+    "idk": (
+        'Training on "I don\'t know" for the Unknown examples raises the accuracy on the '
+        "questions answered"
+    ),
+    "ptrue": "SliCK's Unknown questions are more truly unknown than P(True)'s",
+}
+
+
+def claims_table(smk, claims: dict, runs: list[str]) -> pl.DataFrame:
+    """One row per (claim, test split): the statistic, its 95 % interval and the verdict."""
+    model, inputs, rows, s = smk.wildcards.model, smk.input, [], len(runs)
+    if m := claims.get("fitting"):
+        est, low, high = replicates.fitting_gap(
+            seed_metrics(inputs, model, runs, m),
+            known=lambda line: known_accuracy(line, "train"),
+            unknown=lambda line: group_accuracy(line, "train", ["Unknown"]),
+        )
+        rows.append(
+            replicates.claim_row(
+                CLAIMS["fitting"],
+                f"Fig. 1 ({variant_name(m)})",
+                "train",
+                "training accuracy Known - Unknown, mean over epochs (points)",
+                1,
+                est,
+                low,
+                high,
+                math.nan,
+                s,
+            )
+        )
+    for split in TEST_SPLITS:
+        rows += split_claims(inputs, model, runs, claims, split)
+    if m := claims.get("table1"):
+        points = pooled_fit_points(smk, m, runs)
+        for split in TEST_SPLITS:
+            fit = analysis.fit_linear_model(points, split, cluster="fine_tune")
+            for term, sign in (("b_kn", 1), ("b_unk", -1)):
+                low, high = replicates.linear_term_interval(fit, term)
+                t = fit["terms"][term]
+                rows.append(
+                    replicates.claim_row(
+                        CLAIMS[term],
+                        "Table 1",
+                        split,
+                        f"{term} (points per share of |D|)",
+                        sign,
+                        t["estimate"],
+                        low,
+                        high,
+                        t["p_value"],
+                        s,
+                    )
+                )
+    return pl.DataFrame(rows, schema=replicates.CLAIM_COLUMNS, orient="row")
+
+
+def split_claims(inputs, model, runs, claims, split) -> list[dict]:
+    rows, s = [], len(runs)
+    conv, early = "convergence", "early_stop"
+
+    def contrast(boot, weights):
+        c = boot.contrast(weights)
+        return 100 * c["estimate"], 100 * c["low"], 100 * c["high"], c["p_value"]
+
+    if pair := claims.get("fall"):
+        zero, full = pair
+        keys = [(m, stop) for m in pair for stop in STOPS]
+        boot = replicates.Intervals(
+            replicates.accuracy_cells(seed_predictions(inputs, model, runs, keys, split), keys)
+        )
+        fall = {(zero, conv): 1, (full, conv): -1}
+        rows.append(
+            replicates.claim_row(
+                CLAIMS["fall"],
+                f"Fig. 3a ({variant_name(zero)} vs {variant_name(full)})",
+                split,
+                "accuracy at CONVERGENCE, lowest - highest Unknown share (points)",
+                1,
+                *contrast(boot, fall),
+                s,
+            )
+        )
+        most = fall | {(zero, early): -2, (full, early): 2}
+        rows.append(
+            replicates.claim_row(
+                CLAIMS["early_stop"],
+                "Fig. 3a",
+                split,
+                "fall at CONVERGENCE - 2 x fall at EARLY_STOP (points; > 0: most avoided)",
+                1,
+                *contrast(boot, most),
+                s,
+            )
+        )
+    if pair := claims.get("known_only"):
+        mixed, known = pair
+        keys = [(mixed, conv), (known, conv)]
+        boot = replicates.Intervals(
+            replicates.accuracy_cells(seed_predictions(inputs, model, runs, keys, split), keys)
+        )
+        rows.append(
+            replicates.claim_row(
+                CLAIMS["known_only"],
+                f"Fig. 3b ({variant_name(mixed)} vs {variant_name(known)})",
+                split,
+                "accuracy at CONVERGENCE, D_Known - D (points)",
+                1,
+                *contrast(boot, {(known, conv): 1, (mixed, conv): -1}),
+                s,
+            )
+        )
+    if pair := claims.get("idk"):
+        mixed, idk = pair
+        keys = [(mixed, conv), (idk, conv)]
+        boot = replicates.Intervals(
+            replicates.answered_cells(seed_predictions(inputs, model, runs, keys, split), keys)
+        )
+        rows.append(
+            replicates.claim_row(
+                CLAIMS["idk"],
+                f"Table 8 ({variant_name(mixed)} vs {variant_name(idk)})",
+                split,
+                "accuracy on answered questions at CONVERGENCE, D_IDK - D (points)",
+                1,
+                *contrast(boot, {(idk, conv): 1, (mixed, conv): -1}),
+                s,
+            )
+        )
+    if (run := claims.get("ptrue")) and split == "test":
+        mixture, stop = run["mixture"], run["stop"]
+        frames = seed_predictions(inputs, model, runs, [(mixture, stop)], split)[(mixture, stop)]
+        ptrue = pl.read_parquet(inputs[input_name("ptrue", model, split)])
+        cells = replicates.subset_cells(frames, mixture, replicates.ptrue_masks(frames[0], ptrue))
+        boot = replicates.Intervals(cells)
+        rows.append(
+            replicates.claim_row(
+                CLAIMS["ptrue"],
+                f"Fig. 5 ({variant_name(mixture)}, {STOP_NAMES[stop]})",
+                split,
+                "accuracy on P(True)'s lowest k - on SliCK's Unknown (k questions; points)",
+                1,
+                *contrast(boot, {"ptrue": 1, "slick": -1}),
+                s,
+            )
+        )
+    return rows
+
+
+def claims_markdown(table: pl.DataFrame, title: str, n_seeds: int) -> str:
+    header = [
+        "Claim",
+        "Evidence",
+        "Set",
+        "Statistic",
+        "Paper",
+        "Measured [95 % interval]",
+        "Verdict",
+    ]
+    rows = [
+        [
+            r["claim"],
+            r["evidence"],
+            SPLIT_NAMES.get(r["split"], r["split"]),
+            r["statistic"],
+            r["expected"],
+            interval_text(r["estimate"], r["low"], r["high"]),
+            r["verdict"],
+        ]
+        for r in table.iter_rows(named=True)
+    ]
+    legend = (
+        f"Over {n_seeds} training seeds. Test-set statistics: the test questions' variance by a "
+        "bootstrap with every seed kept plus the seeds' variance component, t intervals with "
+        "Satterthwaite's degrees of freedom (eqtools/replicates.py); Table 1: "
+        "t intervals from standard errors clustered by fine-tune; Fig. 1: t interval over the "
+        "seeds. Verdict: reproduced when the 95 % interval lies on the paper's side of zero, not "
+        "reproduced when it lies on the other side, inconclusive when it holds zero.\n"
+    )
+    return f"# {title}\n\n" + markdown_table(header, rows) + "\n" + legend
+
+
+def make_claims(smk, spec: Table, title: str, runs: list[str]) -> None:
+    table = claims_table(smk, json.loads(smk.params.claims), runs)
+    write_csv(table, smk.output.csv)
+    write_text(claims_markdown(table, title, len(runs)), smk.output.md)
+
+
+SEED_TABLES = {
+    "table2": make_seeds_table2,
+    "table1": make_seeds_table1,
+    "claims": make_claims,
+}
+
+
 TABLES = {
     "table2": (make_table2, "Table 2: test accuracy per SliCK category"),
     "table1": (make_table1, "Table 1: test accuracy vs Known and Unknown training examples fitted"),
@@ -238,6 +559,7 @@ TABLES = {
         make_category_distribution,
         "Tables 3-5: SliCK categories per relation",
     ),
+    "claims": (None, "The paper's claims, measured"),
 }
 
 
@@ -245,12 +567,18 @@ def main(smk) -> None:
     log = setup_logging(smk.log[0])
     spec = Table.from_param(smk.params.spec)
     make, title = TABLES[spec.table]
+    runs = list(smk.params.get("runs") or [])
     where = [smk.wildcards.model]
-    if smk.wildcards.get("recipe"):
+    if runs:
+        where.append(f"{smk.wildcards.recipe}, mean of {len(runs)} seeds")
+    elif smk.wildcards.get("recipe"):
         where.append(run_name(smk.wildcards.recipe, smk.wildcards.get("seed", "")))
     if spec.split:
         where.append(SPLIT_NAMES[spec.split])
-    make(smk, spec, f"{title} ({', '.join(where)})")
+    if runs:
+        SEED_TABLES[spec.table](smk, spec, f"{title} ({', '.join(where)})", runs)
+    else:
+        make(smk, spec, f"{title} ({', '.join(where)})")
     outputs = list(smk.output)
     write_provenance(outputs, smk)
     log.info("%s: %s", spec.table, ", ".join(outputs))

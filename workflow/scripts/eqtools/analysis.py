@@ -245,9 +245,15 @@ def fit_points(metrics: dict[str, list[dict]]) -> pl.DataFrame:
 TERMS = ("b0", "b_kn", "b_unk")
 
 
-def fit_linear_model(points: pl.DataFrame, split: str) -> dict:
+def fit_linear_model(points: pl.DataFrame, split: str, cluster: str | None = None) -> dict:
     """Table 1 for one test split: OLS of accuracy (percentage points) on N_kn/|D| and
     N_unk/|D| over fit_points' rows where `split` was evaluated.
+
+    `cluster` names a column of `points` (e.g. the fine-tune of each point, when the points of
+    several seeds are pooled): the standard errors are then cluster-robust (statsmodels'
+    `cov_type="cluster"`, with its small-sample correction; t tests with clusters - 1 degrees
+    of freedom), since the epochs of one fine-tune are not independent points. The result then
+    also holds "n_clusters".
 
     Returns {"split", "n_points", "r_squared", "note", "terms": {term: {"estimate", "std_error",
     "t_value", "p_value"}}}. A degenerate fit does not raise: with a rank-deficient design
@@ -280,15 +286,28 @@ def fit_linear_model(points: pl.DataFrame, split: str) -> dict:
         )
         return result
     exact, constant = n <= design.shape[1], np.ptp(y) == 0
+    robust = {}
+    if cluster is not None:
+        groups = used[cluster].cast(pl.String).to_list()
+        codes = {g: i for i, g in enumerate(dict.fromkeys(groups))}
+        result["n_clusters"] = len(codes)
+        if len(codes) >= 2:
+            robust = dict(
+                cov_type="cluster",
+                cov_kwds={"groups": np.array([codes[g] for g in groups])},
+                use_t=True,
+            )
+    one_cluster = cluster is not None and not robust
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
-        fit = sm.OLS(y, design).fit()
+        fit = sm.OLS(y, design).fit(**robust)
+        no_se = exact or constant or one_cluster
         for i, term in enumerate(TERMS):
             result["terms"][term] = {
                 "estimate": float(fit.params[i]),
-                "std_error": nan if exact or constant else float(fit.bse[i]),
-                "t_value": nan if exact or constant else float(fit.tvalues[i]),
-                "p_value": nan if exact or constant else float(fit.pvalues[i]),
+                "std_error": nan if no_se else float(fit.bse[i]),
+                "t_value": nan if no_se else float(fit.tvalues[i]),
+                "p_value": nan if no_se else float(fit.pvalues[i]),
             }
         result["r_squared"] = nan if constant else float(fit.rsquared)
     notes = []
@@ -298,6 +317,8 @@ def fit_linear_model(points: pl.DataFrame, split: str) -> dict:
         notes.append(
             "accuracy constant over all points: b0 is that value, no standard errors, R^2 undefined"
         )
+    if one_cluster:
+        notes.append("one fine-tune only: no cluster-robust standard errors")
     result["note"] = "; ".join(notes)
     return result
 
@@ -327,6 +348,10 @@ def linear_model_frame(fits: list[dict]) -> pl.DataFrame:
         "n_points": pl.Int64,
         "note": pl.String,
     }
+    if any("n_clusters" in f for f in fits):  # pooled seeds: the fine-tunes the SEs cluster by
+        for row, (f, _) in zip(rows, [(f, t) for f in fits for t in TERMS], strict=True):
+            row["n_clusters"] = f.get("n_clusters")
+        schema["n_clusters"] = pl.Int64
     return pl.DataFrame(rows, schema=schema, orient="row")
 
 
