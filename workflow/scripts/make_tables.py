@@ -544,6 +544,17 @@ def make_claims(smk, spec: Table, title: str, runs: list[str]) -> None:
     write_text(claims_markdown(table, title, len(runs)), smk.output.md)
 
 
+def seeds_config(smk) -> dict | None:
+    """The provenance config of an over-seeds output: the rule's spec, its runs and, for the
+    claims, the fine-tunes each claim compares; None (the spec alone) for the other rules."""
+    if not smk.params.get("runs"):
+        return None
+    config = json.loads(smk.params.spec) | {"runs": list(smk.params.runs)}
+    if smk.params.get("claims"):
+        config["claims"] = json.loads(smk.params.claims)
+    return config
+
+
 SEED_TABLES = {
     "table2": make_seeds_table2,
     "table1": make_seeds_table1,
@@ -580,7 +591,7 @@ def main(smk) -> None:
     else:
         make(smk, spec, f"{title} ({', '.join(where)})")
     outputs = list(smk.output)
-    write_provenance(outputs, smk)
+    write_provenance(outputs, smk, seeds_config(smk))
     log.info("%s: %s", spec.table, ", ".join(outputs))
 
 

@@ -273,6 +273,8 @@ def fit_linear_model(points: pl.DataFrame, split: str, cluster: str | None = Non
         "note": "",
         "terms": {t: dict(estimate=nan, std_error=nan, t_value=nan, p_value=nan) for t in TERMS},
     }
+    if cluster is not None:
+        result["n_clusters"] = used[cluster].n_unique() if n else 0
     if n == 0:
         result["note"] = "no epoch with this test split evaluated"
         return result
@@ -290,7 +292,6 @@ def fit_linear_model(points: pl.DataFrame, split: str, cluster: str | None = Non
     if cluster is not None:
         groups = used[cluster].cast(pl.String).to_list()
         codes = {g: i for i, g in enumerate(dict.fromkeys(groups))}
-        result["n_clusters"] = len(codes)
         if len(codes) >= 2:
             robust = dict(
                 cov_type="cluster",
