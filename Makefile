@@ -49,6 +49,7 @@ study-both: study-models
 lint: setup
 	$(BIN)/snakemake --lint --configfile config/config.yaml
 	$(BIN)/snakemake --lint --configfile config/paper.yaml
+	$(BIN)/snakemake --lint --configfile config/config.yaml config/study.yaml
 	$(BIN)/snakefmt --check Snakefile workflow/rules
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .

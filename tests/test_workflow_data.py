@@ -55,13 +55,30 @@ def test_subsampling_applies_after_sizes(tmp_path):
     assert sizes.filter(pl.col("split") == "train")["n"].sum() > train.height
 
 
-@pytest.mark.parametrize("configfile", ["config/config.yaml", "config/paper.yaml"])
-def test_dry_run_of_shipped_configs(tmp_path, configfile):
+@pytest.mark.parametrize(
+    "configfiles",
+    [
+        ["config/config.yaml"],
+        ["config/paper.yaml"],
+        ["config/study.yaml"],
+        ["config/study.yaml", "config/study-gemma.yaml"],
+    ],
+)
+def test_dry_run_of_shipped_configs(tmp_path, configfiles):
     # in an empty directory, so that the checkout's own results/ (e.g. after the quickstart) do not
-    # matter; paper.yaml is merged over config.yaml, which the Snakefile loads from the working dir
-    files = dict.fromkeys([str(ROOT / "config/config.yaml"), str(ROOT / configfile)])
+    # matter; the others are merged over config.yaml, which the Snakefile loads from the working
+    # dir. The study's plan holds its seeds' runs and the over-seeds outputs.
+    files = dict.fromkeys([str(ROOT / f) for f in ["config/config.yaml", *configfiles]])
     proc = snakemake(tmp_path, "-n", "--quiet", "rules", "--configfile", *files)
     assert "prepare_splits" in proc.stdout
+    if "config/study.yaml" in configfiles:
+        for rule in ("seeds_claims", "seeds_table_accuracy_by_category", "seeds_figure_fitting"):
+            assert rule in proc.stdout
+        plan = snakemake(tmp_path, "-n", "--configfile", *files).stdout
+        assert "lora-seed2/unknown_100/metrics.jsonl" in plan
+        if "config/study-gemma.yaml" in configfiles:
+            assert "results/figures/comparison/lora/accuracy_vs_unknown_share.png" in plan
+            assert "results/tables/gemma3-270m/lora-seeds/claims.md" in plan
 
 
 def _assert_failed_cleanly(proc, tmp_path, *needles):
