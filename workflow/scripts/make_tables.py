@@ -451,6 +451,8 @@ def split_claims(inputs, model, runs, claims, split) -> list[dict]:
                 s,
             )
         )
+        if rows[-2]["verdict"] != "reproduced":  # no measured fall: nothing to avoid
+            rows[-1]["verdict"] = "inconclusive (no fall measured)"
     if pair := claims.get("known_only"):
         mixed, known = pair
         keys = [(mixed, conv), (known, conv)]
@@ -533,7 +535,9 @@ def claims_markdown(table: pl.DataFrame, title: str, n_seeds: int) -> str:
         "Satterthwaite's degrees of freedom (eqtools/replicates.py); Table 1: "
         "t intervals from standard errors clustered by fine-tune; Fig. 1: t interval over the "
         "seeds. Verdict: reproduced when the 95 % interval lies on the paper's side of zero, not "
-        "reproduced when it lies on the other side, inconclusive when it holds zero.\n"
+        "reproduced when it lies on the other side, inconclusive when it holds zero. Early "
+        "stopping can only avoid a fall that was measured: without one its verdict is "
+        "inconclusive.\n"
     )
     return f"# {title}\n\n" + markdown_table(header, rows) + "\n" + legend
 
