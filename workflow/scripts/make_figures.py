@@ -74,16 +74,19 @@ def duration_accuracy(
     return out
 
 
+SHARE_SCHEMA = {
+    "share": pl.Int64,
+    "variant": pl.String,
+    "duration": pl.String,
+    "split": pl.String,
+    "accuracy": pl.Float64,
+}
+
+
 def accuracy_vs_share(points: list[dict]) -> pl.DataFrame:
     """Fig. 3a/3b/comparison: tidy rows (share, variant, duration, split, accuracy) sorted for
     plotting; `points` are dicts with those keys (accuracy None = not available, dropped)."""
-    schema = {
-        "share": pl.Int64,
-        "variant": pl.String,
-        "duration": pl.String,
-        "split": pl.String,
-        "accuracy": pl.Float64,
-    }
+    schema = SHARE_SCHEMA
     frame = pl.DataFrame(points, schema=schema) if points else pl.DataFrame(schema=schema)
     # stable sort: lines keep the order in which their first point came (legend order)
     return frame.filter(pl.col("accuracy").is_not_null()).sort("share", maintain_order=True)
@@ -511,15 +514,7 @@ def seeds_share_points(inputs, model, runs, mixtures) -> pl.DataFrame:
                     "accuracy_high": high,
                 }
             )
-    schema = {
-        "share": pl.Int64,
-        "variant": pl.String,
-        "duration": pl.String,
-        "split": pl.String,
-        "accuracy": pl.Float64,
-        "accuracy_low": pl.Float64,
-        "accuracy_high": pl.Float64,
-    }
+    schema = SHARE_SCHEMA | {"accuracy_low": pl.Float64, "accuracy_high": pl.Float64}
     frame = pl.DataFrame(points, schema=schema, orient="row")
     return frame.filter(pl.col("accuracy").is_not_nan()).sort("share", maintain_order=True)
 
@@ -565,7 +560,7 @@ def main(smk) -> None:
     log = setup_logging(smk.log[0])
     use_style()
     spec = Figure.from_param(smk.params.spec)
-    runs = list(smk.params.get("runs") or [])
+    runs = list(getattr(smk.params, "runs", None) or [])
     config = json.loads(smk.params.spec) | {"runs": runs} if runs else None
     record = job_record(smk, config)  # before saving: the figure embeds the record's id
     inputs, model = dict(smk.input.items()), smk.wildcards.get("model")

@@ -81,12 +81,8 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 # ---------------------------------------------------------------------------------- Table 2
 
 
-def table2_markdown(table: pl.DataFrame, title: str, n_chunks: int) -> str:
-    if table.is_empty():
-        return (
-            f"# {title}\n\nNo fine-tune of D_HighlyKnown ... D_Unknown or D_Natural is "
-            "configured.\n"
-        )
+def table2_grid(table: pl.DataFrame, cell_text) -> tuple[list[str], list[list[str]]]:
+    """Table 2's header and rows: `cell_text(row)` per cell, the best in bold, then the stars."""
     sizes = dict(table.select("subset", "n_questions").unique().iter_rows())
     header = ["Stop", "Variant"] + [f"{s} (n={sizes.get(s, 0)})" for s in analysis.SUBSETS]
     rows = []
@@ -95,11 +91,21 @@ def table2_markdown(table: pl.DataFrame, title: str, n_chunks: int) -> str:
         row = [STOP_NAMES[stop], variant_name(variant)]
         for subset in analysis.SUBSETS:
             r = cells[subset]
-            text = pct(r["accuracy_pct"])
+            text = cell_text(r)
             if r["is_best"]:
                 text = f"**{text}**"
             row.append(text + r["significance"].replace("*", "\\*"))
         rows.append(row)
+    return header, rows
+
+
+def table2_markdown(table: pl.DataFrame, title: str, n_chunks: int) -> str:
+    if table.is_empty():
+        return (
+            f"# {title}\n\nNo fine-tune of D_HighlyKnown ... D_Unknown or D_Natural is "
+            "configured.\n"
+        )
+    header, rows = table2_grid(table, lambda r: pct(r["accuracy_pct"]))
     legend = (
         "Accuracy (%) of the fine-tuned model on the test questions of each SliCK category of the "
         "base model (n = questions). **Bold**: the best of the column at that stop. \\* / \\*\\*: "
@@ -275,19 +281,9 @@ def interval_text(mean, low, high, digits: int = 1) -> str:
 def seeds_table2_markdown(table: pl.DataFrame, title: str, n_seeds: int) -> str:
     if table.is_empty():
         return table2_markdown(table, title, 0)
-    sizes = dict(table.select("subset", "n_questions").unique().iter_rows())
-    header = ["Stop", "Variant"] + [f"{s} (n={sizes.get(s, 0)})" for s in analysis.SUBSETS]
-    rows = []
-    for (stop, variant), group in table.group_by("stop", "variant", maintain_order=True):
-        cells = {r["subset"]: r for r in group.iter_rows(named=True)}
-        row = [STOP_NAMES[stop], variant_name(variant)]
-        for subset in analysis.SUBSETS:
-            r = cells[subset]
-            text = interval_text(r["accuracy_pct"], r["ci_low_pct"], r["ci_high_pct"])
-            if r["is_best"]:
-                text = f"**{text}**"
-            row.append(text + r["significance"].replace("*", "\\*"))
-        rows.append(row)
+    header, rows = table2_grid(
+        table, lambda r: interval_text(r["accuracy_pct"], r["ci_low_pct"], r["ci_high_pct"])
+    )
     legend = (
         f"Accuracy (%) of the fine-tuned model, mean over {n_seeds} training seeds, with its 95 % "
         "interval [low, high] (the test questions' variance by a bootstrap with every seed kept, "
@@ -453,40 +449,38 @@ def split_claims(inputs, model, runs, claims, split) -> list[dict]:
         )
         if rows[-2]["verdict"] != "reproduced":  # no measured fall: nothing to avoid
             rows[-1]["verdict"] = "inconclusive (no fall measured)"
-    if pair := claims.get("known_only"):
-        mixed, known = pair
-        keys = [(mixed, conv), (known, conv)]
-        boot = replicates.Intervals(
-            replicates.accuracy_cells(seed_predictions(inputs, model, runs, keys, split), keys)
-        )
-        rows.append(
-            replicates.claim_row(
-                CLAIMS["known_only"],
-                f"Fig. 3b ({variant_name(mixed)} vs {variant_name(known)})",
-                split,
-                "accuracy at CONVERGENCE, D_Known - D (points)",
-                1,
-                *contrast(boot, {(known, conv): 1, (mixed, conv): -1}),
-                s,
+    pairs = (
+        (
+            "known_only",
+            "Fig. 3b",
+            "accuracy at CONVERGENCE, D_Known - D",
+            replicates.accuracy_cells,
+        ),
+        (
+            "idk",
+            "Table 8",
+            "accuracy on answered questions at CONVERGENCE, D_IDK - D",
+            replicates.answered_cells,
+        ),
+    )
+    for name, figure, statistic, cells_of in pairs:
+        if pair := claims.get(name):  # (D, its variant): the variant - D at convergence
+            mixed, other = pair
+            keys = [(mixed, conv), (other, conv)]
+            boot = replicates.Intervals(
+                cells_of(seed_predictions(inputs, model, runs, keys, split), keys)
             )
-        )
-    if pair := claims.get("idk"):
-        mixed, idk = pair
-        keys = [(mixed, conv), (idk, conv)]
-        boot = replicates.Intervals(
-            replicates.answered_cells(seed_predictions(inputs, model, runs, keys, split), keys)
-        )
-        rows.append(
-            replicates.claim_row(
-                CLAIMS["idk"],
-                f"Table 8 ({variant_name(mixed)} vs {variant_name(idk)})",
-                split,
-                "accuracy on answered questions at CONVERGENCE, D_IDK - D (points)",
-                1,
-                *contrast(boot, {(idk, conv): 1, (mixed, conv): -1}),
-                s,
+            rows.append(
+                replicates.claim_row(
+                    CLAIMS[name],
+                    f"{figure} ({variant_name(mixed)} vs {variant_name(other)})",
+                    split,
+                    f"{statistic} (points)",
+                    1,
+                    *contrast(boot, {(other, conv): 1, (mixed, conv): -1}),
+                    s,
+                )
             )
-        )
     if (run := claims.get("ptrue")) and split == "test":
         mixture, stop = run["mixture"], run["stop"]
         frames = seed_predictions(inputs, model, runs, [(mixture, stop)], split)[(mixture, stop)]
@@ -551,10 +545,10 @@ def make_claims(smk, spec: Table, title: str, runs: list[str]) -> None:
 def seeds_config(smk) -> dict | None:
     """The provenance config of an over-seeds output: the rule's spec, its runs and, for the
     claims, the fine-tunes each claim compares; None (the spec alone) for the other rules."""
-    if not smk.params.get("runs"):
+    if not getattr(smk.params, "runs", None):
         return None
     config = json.loads(smk.params.spec) | {"runs": list(smk.params.runs)}
-    if smk.params.get("claims"):
+    if getattr(smk.params, "claims", None):
         config["claims"] = json.loads(smk.params.claims)
     return config
 
@@ -582,7 +576,7 @@ def main(smk) -> None:
     log = setup_logging(smk.log[0])
     spec = Table.from_param(smk.params.spec)
     make, title = TABLES[spec.table]
-    runs = list(smk.params.get("runs") or [])
+    runs = list(getattr(smk.params, "runs", None) or [])
     where = [smk.wildcards.model]
     if runs:
         where.append(f"{smk.wildcards.recipe}, mean of {len(runs)} seeds")
