@@ -101,6 +101,16 @@ def test_coverage_of_a_crossed_design(seed_sd):
     assert 0.9 <= hits / 300 <= 0.995
 
 
+def test_a_share_interval_stays_within_0_and_1():
+    """Three seeds that disagree wildly on a low accuracy: the t interval would reach below 0."""
+    matrix = np.zeros((3, 100))
+    matrix[0, :30] = 1.0
+    cells = replicates.Intervals({"a": ("a", matrix, ones(matrix))})
+    estimate, low, high = cells.interval("a")
+    assert estimate == pytest.approx(0.1) and low == 0.0 and high < 1.0
+    assert cells.contrast({"a": 1})["low"] < 0  # a contrast is not clipped
+
+
 def test_a_seed_effect_widens_the_interval():
     """The same questions, but each seed shifts every answer (a seed that helps everywhere): the
     interval must widen, since three seeds say little about the next one."""

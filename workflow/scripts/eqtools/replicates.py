@@ -136,9 +136,10 @@ class Intervals:
         return float(np.sum(num)) / total if total else math.nan
 
     def interval(self, key, level: float = LEVEL) -> tuple[float, float, float]:
-        """(estimate, low, high) of one cell."""
+        """(estimate, low, high) of one cell, the bounds clipped to [0, 1] (a share: the t
+        interval of a few seeds that disagree can reach past either end)."""
         c = self.contrast({key: 1}, level)
-        return (c["estimate"], c["low"], c["high"])
+        return (c["estimate"], max(0.0, c["low"]), min(1.0, c["high"]))
 
     def per_seed(self, key) -> np.ndarray:
         """The cell's estimate on each seed alone."""
