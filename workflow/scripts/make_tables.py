@@ -322,11 +322,7 @@ def pooled_fit_points(smk, mixtures, runs) -> pl.DataFrame:
                 *points.columns,
             )
         )
-    points = pl.concat(frames)
-    return points.with_columns(pl.col("n_train").max().alias("d_size")).with_columns(
-        (pl.col("n_known_fitted") / pl.col("d_size")).alias("known_fitted_share"),
-        (pl.col("n_unknown_fitted") / pl.col("d_size")).alias("unknown_fitted_share"),
-    )
+    return analysis.fitted_shares(pl.concat(frames))
 
 
 def make_seeds_table1(smk, spec: Table, title: str, runs: list[str]) -> None:

@@ -236,6 +236,13 @@ def fit_points(metrics: dict[str, list[dict]]) -> pl.DataFrame:
     points = (
         pl.DataFrame(rows, schema=schema, orient="row") if rows else pl.DataFrame(schema=schema)
     )
+    return fitted_shares(points)
+
+
+def fitted_shares(points: pl.DataFrame) -> pl.DataFrame:
+    """d_size (the largest n_train among the points), known_fitted_share = N_kn/|D| and
+    unknown_fitted_share = N_unk/|D|, computed (again) over all of `points` (e.g. several
+    seeds' points pooled)."""
     return points.with_columns(pl.col("n_train").max().alias("d_size")).with_columns(
         (pl.col("n_known_fitted") / pl.col("d_size")).alias("known_fitted_share"),
         (pl.col("n_unknown_fitted") / pl.col("d_size")).alias("unknown_fitted_share"),

@@ -262,14 +262,16 @@ def accuracy_by_category(
         rows = [m for m in mixtures if (m, stop) in preds]
         if not rows:
             continue
+        matrices = {m: question_matrix(preds[(m, stop)])[0] for m in rows}
+        categories = {
+            m: preds[(m, stop)][0].sort("id")["category"].cast(pl.String).to_list() for m in rows
+        }
         for subset in SUBSETS:
             cells = {}
             n = 0
             for m in rows:
-                frames = preds[(m, stop)]
-                correct, ids = question_matrix(frames)
-                category = frames[0].sort("id")["category"].cast(pl.String).to_list()
-                mask = np.array([subset == FULL or c == subset for c in category], dtype=float)
+                correct = matrices[m]
+                mask = np.array([subset == FULL or c == subset for c in categories[m]], dtype=float)
                 n = int(mask.sum())
                 cells[m] = (m, correct * mask, np.broadcast_to(mask, correct.shape))
             if n == 0:
