@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from slick_throughput import parse_common_args, questions_and_exemplars, sync  # noqa: E402
 
-from eqtools.generation import Generator  # noqa: E402
+from eqtools.engine import Generator  # noqa: E402
 from eqtools.training import (  # noqa: E402
     answer_questions,
     build_model,

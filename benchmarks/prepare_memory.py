@@ -65,7 +65,7 @@ def measure(source: Path, out: Path) -> None:
     """One `materialise` in this process; prints one JSON line."""
     import torch
 
-    from eqtools.generation import check_generation
+    from eqtools.engine import check_generation
     from eqtools.models import materialise
 
     torch.set_num_threads(2)

@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "workflow" / "scripts"))
 
 from eqtools.em import exact_match  # noqa: E402
+from eqtools.engine import Generator  # noqa: E402
 from eqtools.entity_questions import ARCHIVE_SPLITS, build_splits, read_archive  # noqa: E402
-from eqtools.generation import Generator  # noqa: E402
 from eqtools.models import load, materialise  # noqa: E402
 from eqtools.sampling import stable_keys  # noqa: E402
 from eqtools.slick import (  # noqa: E402

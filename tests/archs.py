@@ -680,14 +680,14 @@ def path_table() -> str:
     tiny model with the reason (or why it cannot be built or run)."""
     import logging
 
-    from eqtools.generation import EngineError, Generator
+    from eqtools.engine import EngineError, Generator
 
     tok = char_tokenizer()
     records: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: records.append(record.getMessage())
-    logging.getLogger("eqtools.generation").addHandler(handler)
-    logging.getLogger("eqtools.generation").setLevel(logging.INFO)
+    logging.getLogger("eqtools.engine").addHandler(handler)
+    logging.getLogger("eqtools.engine").setLevel(logging.INFO)
     rows = ["| model type | class | path | why |", "|---|---|---|---|"]
     for model_type in ARCHITECTURES:
         cls = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]

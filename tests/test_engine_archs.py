@@ -20,13 +20,8 @@ import pytest
 import torch
 
 from archs import ARCHITECTURES, Unbuildable, build_tiny, char_tokenizer
-from eqtools.generation import (
-    EngineError,
-    Generator,
-    Request,
-    _plain_generation_config,
-    check_generation,
-)
+from eqtools.engine import EngineError, Generator, Request, check_generation
+from eqtools.engine.reference import _plain_generation_config
 
 PREFIX = "Q: Where is Rome?\nA: Italy\nQ: Who wrote Hamlet?\nA: Shakespeare\n"
 PROMPTS = [
@@ -140,7 +135,7 @@ def test_engine_is_exact_for(model_type, tok, caplog):
         with pytest.raises(EngineError, match=REFUSED[model_type]):
             check_generation("tiny", model, tok)
         return
-    with caplog.at_level(logging.INFO, logger="eqtools.generation"):
+    with caplog.at_level(logging.INFO, logger="eqtools.engine"):
         gen = Generator(model, tok, max_new_tokens=MAX_NEW, temperature=0.8, top_k=20)
     backend = gen.backend
     log.info("%s: %s", model_type, caplog.records[-1].getMessage())

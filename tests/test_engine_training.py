@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from archs import build_tiny, char_tokenizer
-from eqtools.generation import Generator, Request
+from eqtools.engine import Generator, Request
 from eqtools.ptrue import score_p_true
 from eqtools.training import (
     TrainingError,

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from eqtools.codehash import reached_modules
+from eqtools.codehash import module_files, reached_modules
 from helpers import ROOT, imports, workflow_rules
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -80,9 +80,9 @@ def env_distributions(env_file) -> set[str]:
 
 
 NO_DEPS = {spec.split("==")[0] for spec in PYPROJECT["tool"]["slick-workflow"]["no-deps"]}
-# eqtools.slick imports eqtools.generation (torch) only inside the labelling function, which
+# eqtools.slick imports eqtools.engine (torch) only inside the labelling function, which
 # select_exemplars (data env, no torch) never calls.
-NOT_LOADED = {"select_exemplars": {"generation"}}
+NOT_LOADED = {"select_exemplars": {"engine"}}
 
 
 @pytest.mark.parametrize("rule", sorted(r for r, info in workflow_rules().items() if info.script))
@@ -90,7 +90,9 @@ def test_rule_env_provides_what_its_script_imports(rule):
     info = workflow_rules()[rule]
     modules = reached_modules(info.script) - NOT_LOADED.get(rule, set())
     eqtools = ROOT / "workflow/scripts/eqtools"
-    names = imports(info.script).union(*(imports(eqtools / f"{m}.py") for m in modules))
+    names = imports(info.script).union(
+        *(imports(f) for m in modules for f in module_files(m, eqtools))
+    )
     third_party = {
         n for n in names if not n.startswith("eqtools") and n not in sys.stdlib_module_names
     }

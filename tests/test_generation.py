@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from eqtools.generation import EngineError, Generator, Request, choose_tokens, gumbel_noise
+from eqtools.engine import EngineError, Generator, Request, choose_tokens, gumbel_noise
 from eqtools.models import load
 
 PREFIXES = [
@@ -147,7 +147,7 @@ def test_the_engine_leaves_the_model_as_it_found_it(model, caplog):
     with torch.inference_mode():
         before = m(**ids).logits
     implementation = m.config._attn_implementation
-    with caplog.at_level("INFO", logger="eqtools.generation"):
+    with caplog.at_level("INFO", logger="eqtools.engine"):
         for backend in ("auto", "reference"):
             gen = Generator(m, tok, max_new_tokens=4, backend=backend)
             pid = gen.add_prefix(PREFIXES[1])

@@ -5,7 +5,7 @@ import polars as pl
 import pytest
 import torch
 
-from eqtools.generation import Generator, Request
+from eqtools.engine import Generator, Request
 from eqtools.models import load
 from eqtools.slick import (
     draw_exemplars,

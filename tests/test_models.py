@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from archs import build_tiny, char_tokenizer
-from eqtools.generation import EngineError, check_generation
+from eqtools.engine import EngineError, check_generation
 from eqtools.io import atomic_path, sha256_file
 from eqtools.models import SOURCE_FILE, ModelError, load, materialise, placement
 

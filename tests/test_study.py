@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from eqtools import study
-from eqtools.codehash import BOOKKEEPING, code_hash, code_modules, imported_modules
+from eqtools.codehash import BOOKKEEPING, code_hash, code_modules, imported_modules, module_files
 from eqtools.config import load_schema, validate_config
 from eqtools.settings import RECIPE_SCHEDULING, Finetune, Recipe, Study, Table
 from helpers import ROOT
@@ -152,6 +152,35 @@ def test_code_modules_follow_every_import_form_and_skip_bookkeeping(tmp_path):
     assert imported_modules(pkg / "c.py", pkg) == {"io", "d"}
     assert code_modules(script, pkg) == ["a", "b", "c", "d"]
     assert "io" in BOOKKEEPING
+
+
+def test_a_subpackage_is_one_module_reached_by_every_import_form(tmp_path):
+    pkg = tmp_path / "eqtools"
+    write(pkg / "sub/__init__.py", "from eqtools.sub.inner import x\n")
+    write(pkg / "sub/inner.py", "from .deep.leaf import y\nfrom .. import em\nx = 1\n")
+    write(pkg / "sub/deep/leaf.py", "from . import z\ny = 1\n")
+    write(pkg / "em.py", "")
+    write(pkg / "other.py", "")
+    forms = [
+        "from eqtools.sub import x\n",
+        "from eqtools.sub.inner import x\n",
+        "import eqtools.sub.inner\n",
+        "from eqtools import sub\n",
+    ]
+    scripts = [write(tmp_path / f"s{i}.py", form) for i, form in enumerate(forms)]
+    for script in scripts:
+        assert imported_modules(script, pkg) == {"sub"}, script.read_text()
+        assert code_modules(script, pkg) == ["em", "sub"]  # em: through a relative import
+    assert imported_modules(pkg / "sub/deep/leaf.py", pkg) == {"sub"}
+    assert [f.relative_to(pkg).as_posix() for f in module_files("sub", pkg)] == [
+        "sub/__init__.py", "sub/deep/leaf.py", "sub/inner.py",
+    ]  # fmt: skip
+    bystander = write(tmp_path / "s9.py", "from eqtools import other\n")
+    before = {s: code_hash(s, pkg) for s in [*scripts, bystander]}
+    write(pkg / "sub/deep/leaf.py", "from . import z\ny = 2\n")  # any file of the subpackage
+    after = {s: code_hash(s, pkg) for s in [*scripts, bystander]}
+    assert [s for s in before if before[s] != after[s]] == scripts
+    assert len(set(after.values()) - {after[bystander]}) == 1
 
 
 def test_adding_an_import_puts_the_module_into_every_reaching_scripts_hash(tmp_path):

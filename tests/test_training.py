@@ -162,7 +162,7 @@ def test_predictions_at_both_stops_equal_an_evaluation_of_the_checkpoints(
 ):
     # With eval_every 4 of 6 epochs the test set is evaluated at epochs 4 and 6 only, so an early
     # stop at another epoch needs the checkpoint evaluated at the end.
-    from eqtools.generation import Generator
+    from eqtools.engine import Generator
 
     train, evals = frames()
     evals["dev"] = evals["dev"].with_columns(gold=pl.Series(["Person 1", "x", "Person 3", "x"]))
@@ -195,7 +195,7 @@ def test_a_lora_checkpoint_lists_its_target_modules_sorted(tiny_model_dir, tmp_p
 
 
 def test_grade_together_equals_one_call_per_set(tiny_model_dir):
-    from eqtools.generation import Generator
+    from eqtools.engine import Generator
     from eqtools.training import answer_questions
 
     model, tokenizer = load_checkpoint(str(tiny_model_dir), tiny_model_dir, "full")

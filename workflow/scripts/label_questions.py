@@ -6,7 +6,7 @@ import time
 import polars as pl
 import torch
 
-from eqtools.generation import Generator
+from eqtools.engine import Generator
 from eqtools.io import setup_logging, write_parquet
 from eqtools.models import load
 from eqtools.provenance import write_provenance

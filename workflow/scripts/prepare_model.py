@@ -4,7 +4,7 @@ source converted once to safetensors in the entry's dtype (eqtools.models.materi
 
 from pathlib import Path
 
-from eqtools.generation import check_generation
+from eqtools.engine import check_generation
 from eqtools.io import atomic_path, setup_logging
 from eqtools.models import materialise
 from eqtools.provenance import write_provenance

@@ -77,8 +77,8 @@ def label_questions(
     Greedy answers for every exemplar set first; then, unless `full_p_correct`, samples only for
     questions whose greedy answers are all wrong, stopping at the first correct sample. The
     categories equal those of full sampling: samples are drawn from per-sample random streams.
-    `generator` is an eqtools.generation.Generator."""
-    from eqtools.generation import Request  # torch: only the labelling job needs it
+    `generator` is an eqtools.engine.Generator."""
+    from eqtools.engine import Request  # torch: only the labelling job needs it
 
     rows = questions.select("id", "relation", "question", "answer").to_dicts()
     n_sets = len(next(iter(exemplars.values()))["sets"]) if exemplars else 0
