@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from slurm_output import pair_submissions
 
 from helpers import tiny_config, write_config
 
@@ -30,10 +31,6 @@ pytestmark = [
         reason="needs a SLURM cluster: bash tests/slurm/cluster.sh start, then SLURM_TEST=1",
     ),
 ]
-
-# Lines of `snakemake --verbose` with the slurm executor plugin (2.8.0).
-SBATCH_CALL = re.compile(r"^sbatch call: (sbatch .*)$", re.MULTILINE)
-SUBMITTED = re.compile(r"has been submitted with SLURM jobid (\d+) \(log: (\S+)\)")
 
 
 def run_profile(workdir, snakefile, configfile=None, extra_args=(), timeout=170):
@@ -63,16 +60,13 @@ def run_profile(workdir, snakefile, configfile=None, extra_args=(), timeout=170)
 
 
 def slurm_jobs(output):
-    """{rule: [(slurm job id, sbatch call), ...]} in submission order, from the verbose output."""
-    calls, ids = {}, {}
-    for call in SBATCH_CALL.findall(output):
-        rule = re.search(r"--output \S*/rule_(\w+)/", call).group(1)  # logs/slurm/rule_<rule>/...
-        calls.setdefault(rule, []).append(call)
-    for jobid, log in SUBMITTED.findall(output):
-        rule = re.search(r"/rule_(\w+)/", log).group(1)
-        ids.setdefault(rule, []).append(jobid)
-    assert calls.keys() == ids.keys() and all(len(calls[r]) == len(ids[r]) for r in calls), output
-    return {rule: list(zip(ids[rule], calls[rule], strict=True)) for rule in calls}
+    """{rule: [(slurm job id, sbatch call), ...]} in submission order, from the verbose output:
+    each sbatch call paired with its job id by the SLURM log path both lines name
+    (slurm_output.py); a line that cannot be paired fails the test, with the output."""
+    try:
+        return pair_submissions(output)
+    except ValueError as err:
+        pytest.fail(f"{err}\n\n{output[-20000:]}")
 
 
 def scontrol_job(jobid):
