@@ -44,6 +44,7 @@ RECIPE = {
     "warmup_steps": 0,
     "weight_decay": 0.0,
     "dtype": "float32",
+    "eval_dtype": "float32",
     "max_new_tokens": 4,
     "lora": {"rank": 8, "alpha": 16, "target_modules": "all-linear"},
 }
@@ -114,7 +115,7 @@ def worker(args) -> None:
     recipe = Recipe.from_dict(RECIPE)
     model = build_model(args.model, recipe, device)
     loaded = peak_mb(device)
-    model = distributed.wrap(model, schedule, recipe.dtype, device, ranks)
+    model = distributed.wrap(model, schedule, recipe, device, ranks)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     data = examples(recipe.batch_size * args.steps, args.length)

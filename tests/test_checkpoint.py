@@ -1,8 +1,8 @@
 """The early_stop / convergence checkpoints written and read by every rank (eqtools.checkpoint),
 with the tiny random Llama: sharded (FSDP2) or not, full or LoRA.
 
-The references are transformers' and peft's own `save_pretrained` on an unsharded model (and
-`eqtools.training.save_model`, the checkpoint writer of a one-process run), and the weights of
+The references are transformers' and peft's own `save_pretrained` on an unsharded model  (for LoRA with
+`target_modules` sorted, as eqtools.checkpoint does so that equal adapters are equal files), and the weights of
 the model saved, never another output of eqtools.checkpoint.
 """
 
@@ -21,10 +21,22 @@ from torch.distributed.tensor import DTensor
 
 from eqtools import checkpoint, distributed
 from eqtools.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from eqtools.settings import Lora, Schedule
-from eqtools.training import add_lora, save_model
+from eqtools.settings import Lora, Recipe, Schedule
+from eqtools.training import add_lora
+from test_training import RECIPE
 
 FSDP = Schedule(strategy="fsdp")
+
+
+def save_model(model, target: Path) -> None:
+    """The reference writer: peft's (or transformers') own save_pretrained, with the adapter's
+    `target_modules` sorted (peft writes them from a set, in an order that varies by process)."""
+    model.save_pretrained(target)
+    config = target / "adapter_config.json"
+    if config.exists():
+        data = json.loads(config.read_text())
+        data["target_modules"] = sorted(data["target_modules"])
+        config.write_text(json.dumps(data, indent=2, sort_keys=True))
 
 
 @pytest.fixture
@@ -53,7 +65,7 @@ def build(model_dir: Path, method: str = "full", seed: int = 0):
 
 
 def shard(model, ranks):
-    return distributed.wrap(model, FSDP, "float32", "cpu", ranks)
+    return distributed.wrap(model, FSDP, Recipe.from_dict(RECIPE), "cpu", ranks)
 
 
 def full_weights(model) -> dict[str, torch.Tensor]:

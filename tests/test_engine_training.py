@@ -24,7 +24,7 @@ from eqtools.training import (
 ARCHS = ["gemma2", "gpt_oss", "phi3", "gpt2", "mistral", "jamba", "lfm2"]
 RECIPE = {
     "learning_rate": 1e-3, "dropout": 0.0, "weight_decay": 0.0, "warmup_steps": 0,
-    "dtype": "float32", "batch_size": 1, "epochs": 1, "seed": 0,
+    "dtype": "float32", "eval_dtype": "float32", "batch_size": 1, "epochs": 1, "seed": 0,
     "max_new_tokens": 4,
     "lora": {"rank": 2, "alpha": 4, "target_modules": "all-linear"},
 }  # fmt: skip

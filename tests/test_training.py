@@ -36,6 +36,7 @@ RECIPE = {
     "warmup_steps": 0,
     "weight_decay": 0.0,
     "dtype": "float32",
+    "eval_dtype": "float32",
     "max_new_tokens": 4,
     "lora": {"rank": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]},
 }
@@ -184,11 +185,13 @@ def test_a_lora_checkpoint_lists_its_target_modules_sorted(tiny_model_dir, tmp_p
     """peft saves `target_modules` in set order, which differs between processes; the checkpoint
     holds them sorted, so that reruns write the same bytes (14 module names here: they would
     come out sorted by chance about once in 10^10 runs)."""
-    from eqtools.training import build_model, save_model
+    from eqtools import distributed
+    from eqtools.checkpoint import save_checkpoint
+    from eqtools.training import build_model
 
     lora = {"rank": 2, "alpha": 4, "target_modules": "all-linear"}
     model = build_model(str(tiny_model_dir), dict(RECIPE, lora=lora), "cpu")
-    save_model(model, tmp_path / "checkpoint")
+    save_checkpoint(model, tmp_path / "checkpoint", distributed.ONE_PROCESS)
     saved = json.loads((tmp_path / "checkpoint/adapter_config.json").read_text())
     assert saved["target_modules"] == sorted(saved["target_modules"])
     assert len(saved["target_modules"]) >= 7

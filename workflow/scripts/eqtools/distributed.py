@@ -22,12 +22,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from eqtools.settings import Schedule
+from eqtools.settings import Recipe, Schedule
 
 log = logging.getLogger(__name__)
 
-# Rank 0 evaluates every epoch with the full weights while the other ranks wait at a barrier;
-# the collectives' default timeout (10 min) would end the job during a long evaluation.
+# The ranks meet in a collective after each epoch's evaluation and checkpoint writes; the
+# collectives' default timeout (10 min) would end a job whose ranks finish them far apart.
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=4)
 RDZV_PORT = 29500
 
@@ -118,10 +118,18 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return layers
 
 
-def wrap(model, schedule: Schedule, dtype: str, device: str, ranks: Ranks):
+def gather_dtype(recipe: Recipe) -> torch.dtype:
+    """The dtype FSDP gathers the weights in for every forward, evaluation included: bf16 only
+    where both training and evaluation compute in bf16; else float32, with training's bf16 from
+    autocast as in one process (so a float32 evaluation sees the weights as trained)."""
+    both = recipe.dtype == "bfloat16" and recipe.eval_dtype == "bfloat16"
+    return torch.bfloat16 if both else torch.float32
+
+
+def wrap(model, schedule: Schedule, recipe: Recipe, device: str, ranks: Ranks):
     """The model to train: as it is (strategy none), in DistributedDataParallel, or sharded with
-    FSDP2 (`fully_shard` per decoder layer, then the root). For a `dtype: bfloat16` recipe FSDP
-    gathers the weights in bf16 and reduces gradients in fp32 over fp32 master weights."""
+    FSDP2 (`fully_shard` per decoder layer, then the root), which gathers the weights in
+    `gather_dtype(recipe)` and reduces gradients in fp32 over fp32 master weights."""
     if schedule.activation_checkpointing:
         base_model(model).gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False}
@@ -135,32 +143,25 @@ def wrap(model, schedule: Schedule, dtype: str, device: str, ranks: Ranks):
         return DistributedDataParallel(
             model, device_ids=[ranks.local_rank] if on_gpu else None, find_unused_parameters=False
         )
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    policy = MixedPrecisionPolicy(
-        param_dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32,
-        reduce_dtype=torch.float32,
+    from torch.distributed.fsdp import (
+        MixedPrecisionPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
     )
+
+    policy = MixedPrecisionPolicy(param_dtype=gather_dtype(recipe), reduce_dtype=torch.float32)
     for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
+    # the engine's reference path calls generate, not forward: the root's weights are gathered
+    # around it too
+    register_fsdp_forward_method(model, "generate")
     return model
 
 
 def unwrapped(model):
     """The module inside a DDP wrapper (FSDP2 wraps in place)."""
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
-def trainable_state(model) -> dict:
-    """The full (unsharded) trainable weights, gathered onto rank 0's CPU memory; empty on the
-    other ranks. Every rank must call it (it is a collective under FSDP)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(
-        unwrapped(model),
-        options=StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True),
-    )
 
 
 def check_fits(recipe: str, schedule: Schedule, device: str, threads: int, env: dict) -> None:

@@ -223,6 +223,7 @@ class Recipe(Settings):
     warmup_steps: int
     weight_decay: float
     dtype: str
+    eval_dtype: str
     max_new_tokens: int
     lora: Lora
 

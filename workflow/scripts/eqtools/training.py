@@ -2,7 +2,8 @@
 evaluation after every epoch with the shared generation engine, resumable after a kill.
 
 One loop, read top to bottom (nanoGPT style), for one process or several (eqtools.distributed:
-DDP or FSDP2 under torchrun; rank 0 evaluates and writes). The resumable state (trainable
+DDP or FSDP2 under torchrun; every rank evaluates its share of the questions on the weights as
+they are trained, rank 0 writes). The resumable state (trainable
 weights and optimizer, sharded with torch.distributed.checkpoint; scheduler, RNG, epoch, best dev
 accuracy, the test predictions of the best and the last epoch) is written atomically after every
 epoch to a state directory that Snakemake does not own, so a killed or preempted job resumes
@@ -161,29 +162,32 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def answer_questions(generator, questions: list[str]) -> list[str]:
-    """Zero-shot greedy answers in the training format, through the shared engine."""
-    from eqtools.generation import Request
+def answer_questions(
+    generator, questions: list[str], ranks: Ranks = distributed.ONE_PROCESS
+) -> list[str]:
+    """Zero-shot greedy answers in the training format, through the shared engine. Each rank
+    answers its share (every world-th question) and every rank returns all the answers; every
+    rank calls it."""
+    from eqtools.engine import Request, gather_answers, share
 
     prefix = generator.add_prefix("")
-    requests = [
-        Request(prefix, generator.prompt_tokens(prefix, format_prompt(q))) for q in questions
-    ]
-    answers = [""] * len(questions)
+    mine = [questions[i] for i in share(len(questions), ranks.rank, ranks.world)]
+    requests = [Request(prefix, generator.prompt_tokens(prefix, format_prompt(q))) for q in mine]
+    answers = [""] * len(mine)
     for i, tokens in generator.generate(requests):
         answers[i] = generator.decode(tokens)
-    return answers
+    return gather_answers(answers, len(questions), ranks.world)
 
 
 def grade_together(
-    generator, frames: dict[str, pl.DataFrame]
+    generator, frames: dict[str, pl.DataFrame], ranks: Ranks = distributed.ONE_PROCESS
 ) -> dict[str, tuple[pl.DataFrame, dict]]:
     """`accuracy_by_category` of each frame (columns question, gold, optional category), from one
     engine call over all their questions: one full batch instead of one per set, which the small
     sets (the training mixture, dev) would leave mostly empty (35% faster per epoch in the
     quickstart). Each question's answer does not depend on its batch."""
     answers = answer_questions(
-        generator, [q for frame in frames.values() for q in frame["question"].to_list()]
+        generator, [q for frame in frames.values() for q in frame["question"].to_list()], ranks
     )
     graded, start = {}, 0
     for name, frame in frames.items():
@@ -223,20 +227,6 @@ def best_epoch(lines: list[dict]) -> int | None:
         if line.get("dev_accuracy") is not None
     ]
     return -max(scored)[1] if scored else None
-
-
-def save_model(model, target: str | Path) -> None:
-    """`save_pretrained` into the checkpoint directory `target`, atomically. peft writes a LoRA
-    adapter's `target_modules` from a set, in an order that changes from one process to the next;
-    it is sorted here, so that equal checkpoints are equal files (and equal provenance)."""
-    with atomic_path(target, directory=True) as tmp:
-        model.save_pretrained(tmp)
-        config = tmp / "adapter_config.json"
-        if config.exists():
-            data = json.loads(config.read_text())
-            if isinstance(data.get("target_modules"), list):
-                data["target_modules"] = sorted(data["target_modules"])
-                config.write_text(json.dumps(data, indent=2, sort_keys=True))
 
 
 def _distributed_state(model, optimizer) -> tuple[dict, object]:
@@ -310,23 +300,6 @@ def save_state(
     else:
         save(part_path(state_dir))
     distributed.barrier(ranks)  # the state is in place before anyone goes on
-
-
-def load_weights(model, directory: Path) -> None:
-    """Load the weights that `save_pretrained` wrote to `directory` (the adapter only for LoRA)
-    into `model`, in place."""
-    from safetensors.torch import load_file
-
-    weights = next(Path(directory).glob("*.safetensors"))
-    state = load_file(weights)
-    if hasattr(model, "peft_config"):
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model, state)
-    else:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected:
-            raise TrainingError(f"{weights}: unexpected weights {unexpected[:3]}")
 
 
 def resumable(state_dir: Path) -> bool:
@@ -468,27 +441,19 @@ def build_model(model_dir: str, recipe: Recipe | dict, device: str):
             "the recipe's dropout applies to LoRA adapters only",
             config.model_type,
         )
-    # float32 weights for every recipe: `dtype: bfloat16` trains under autocast (see `autocast`)
-    # straight onto the device: no host copy of the fp32 weights per process
+    # float32 trained weights for every recipe: `dtype: bfloat16` trains under autocast (see
+    # `autocast`); LoRA's frozen base is then kept in bf16 as well (half the memory: 70B fits),
+    # its adapters in float32 (peft upcasts them). Straight onto the device: no host copy.
+    frozen_bf16 = recipe.method == "lora" and recipe.dtype == "bfloat16"
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, config=config, dtype=torch.float32, device_map=device
+        model_dir,
+        config=config,
+        dtype=torch.bfloat16 if frozen_bf16 else torch.float32,
+        device_map=device,
     )
     if recipe.method == "lora":
         model = add_lora(model, recipe.lora, recipe.dropout)
     return model
-
-
-def gather_for_evaluation(model, evaluated, schedule: Schedule, ranks: Ranks) -> None:
-    """Under FSDP, copy the trained weights into rank 0's unsharded evaluation copy (a
-    collective: every rank calls it); a LoRA copy keeps its own frozen base. Elsewhere rank 0
-    evaluates the trained model itself."""
-    if schedule.strategy != "fsdp":
-        return
-    weights = distributed.trainable_state(model)
-    if ranks.main:
-        unexpected = evaluated.load_state_dict(weights, strict=False).unexpected_keys
-        if unexpected:
-            raise TrainingError(f"gathered weights the model lacks: {unexpected[:3]}")
 
 
 def finetune(
@@ -518,7 +483,8 @@ def finetune(
     (on rank 0; the other ranks return an empty list)."""
     from transformers import AutoTokenizer, get_constant_schedule_with_warmup
 
-    from eqtools.generation import Generator
+    from eqtools.checkpoint import load_checkpoint, save_checkpoint
+    from eqtools.engine import Generator, Lockstep
 
     recipe = Recipe.coerce(recipe)
     schedule = schedule or Schedule()
@@ -540,15 +506,20 @@ def finetune(
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
     model = distributed.wrap(
-        build_model(model_dir, recipe, device), schedule, recipe.dtype, device, ranks
+        build_model(model_dir, recipe, device), schedule, recipe, device, ranks
     )
-    # rank 0 evaluates with the full weights: the model itself, or under FSDP an unsharded copy
-    # that gathers the trained weights every epoch (built after sharding: one full copy at a time)
+    # every rank evaluates its share of the questions on the weights as they are trained: its own
+    # copy (one process, DDP), or under FSDP the sharded model itself, in lockstep
     evaluated = distributed.unwrapped(model)
-    if schedule.strategy == "fsdp" and ranks.main:
-        gpu = [torch.cuda.current_device()] if device.startswith("cuda") else []
-        with torch.random.fork_rng(devices=gpu):  # rank 0's dropout stream stays a 1-process one
-            evaluated = build_model(model_dir, recipe, device)
+    generator = Generator(
+        evaluated,
+        tokenizer,
+        max_new_tokens=recipe.max_new_tokens,
+        max_batch_rows=max_batch_rows,
+        backend=backend,
+        compute_dtype=torch.bfloat16 if recipe.eval_dtype == "bfloat16" else None,
+        lockstep=Lockstep(device) if schedule.strategy == "fsdp" else None,
+    )
     if not ranks.main:
         torch.manual_seed(recipe.seed * 1_000_003 + ranks.rank)  # its own dropout masks
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -558,17 +529,6 @@ def finetune(
     scheduler = get_constant_schedule_with_warmup(optimizer, recipe.warmup_steps)
     steps_per_epoch = math.ceil(train.height / recipe.batch_size)
     examples = encode_examples(tokenizer, train["question"].to_list(), train["answer"].to_list())
-    generator = (
-        Generator(
-            evaluated,
-            tokenizer,
-            max_new_tokens=recipe.max_new_tokens,
-            max_batch_rows=max_batch_rows,
-            backend=backend,
-        )
-        if ranks.main
-        else None
-    )
 
     metrics_path, state_dir = Path(out["metrics"]), Path(out["state"])
     start_epoch, best = 0, {"dev_accuracy": -1.0, "epoch": None}
@@ -578,7 +538,6 @@ def finetune(
     if resumable(state_dir):
         start_epoch, best, lines, saved = load_state(state_dir, model, optimizer, scheduler, ranks)
         predictions.update(saved)
-        gather_for_evaluation(model, evaluated, schedule, ranks)  # all epochs may be done
         log.info(
             "resuming after epoch %d (best dev %.4f at epoch %s)",
             start_epoch,
@@ -613,32 +572,31 @@ def finetune(
             ranks,
         )
         train_seconds = time.perf_counter() - started
-        gather_for_evaluation(model, evaluated, schedule, ranks)
-        # evaluate (rank 0; the others wait at the state's barrier)
+        # evaluate: every rank its share; every rank gets all the answers and grades them
+        evaluated.eval()
+        line = {
+            "epoch": epoch,
+            "train_loss": total / max(1, tokens),
+            "optimizer_steps": steps_per_epoch * epoch,
+            "world_size": ranks.world,
+        }
+        due = {"train": train.select("question", "gold", "category")} | {
+            name: frame
+            for name, frame in evals.items()
+            if epoch % eval_every.get(name, 1) == 0 or epoch == recipe.epochs
+        }
+        graded = grade_together(generator, due, ranks)
+        for name, (_, summary) in graded.items():
+            line.update({f"{name}_{k}": v for k, v in summary.items()})
+        lines.append(line)
+        predictions["convergence"] = {
+            split: graded[split][0] for split in predicted if split in graded
+        }
+        if best_epoch(lines) == epoch:
+            best = {"dev_accuracy": line["dev_accuracy"], "epoch": epoch}
+            predictions["early_stop"] = dict(predictions["convergence"])
+            save_checkpoint(evaluated, out["early_stop"], ranks)
         if ranks.main:
-            evaluated.eval()
-            line = {
-                "epoch": epoch,
-                "train_loss": total / max(1, tokens),
-                "optimizer_steps": steps_per_epoch * epoch,
-                "world_size": ranks.world,
-            }
-            due = {"train": train.select("question", "gold", "category")} | {
-                name: frame
-                for name, frame in evals.items()
-                if epoch % eval_every.get(name, 1) == 0 or epoch == recipe.epochs
-            }
-            graded = grade_together(generator, due)
-            for name, (_, summary) in graded.items():
-                line.update({f"{name}_{k}": v for k, v in summary.items()})
-            lines.append(line)
-            predictions["convergence"] = {
-                split: graded[split][0] for split in predicted if split in graded
-            }
-            if best_epoch(lines) == epoch:
-                best = {"dev_accuracy": line["dev_accuracy"], "epoch": epoch}
-                predictions["early_stop"] = dict(predictions["convergence"])
-                save_model(evaluated, out["early_stop"])
             log.info(
                 "epoch %d: %s",
                 epoch,
@@ -657,11 +615,9 @@ def finetune(
         save_state(state_dir, model, optimizer, scheduler, epoch, best, lines, predictions, ranks)
         if on_epoch is not None:
             on_epoch(epoch)
-    if not ranks.main:
-        return []
-    save_model(evaluated, out["convergence"])
+    save_checkpoint(evaluated, out["convergence"], ranks)
     if best["epoch"] is None:  # no dev set: the last epoch is the early stop too
-        save_model(evaluated, out["early_stop"])
+        save_checkpoint(evaluated, out["early_stop"], ranks)
         predictions["early_stop"] = dict(predictions["convergence"])
     if not Path(out["early_stop"]).exists():
         raise TrainingError(
@@ -674,10 +630,12 @@ def finetune(
     ]:
         # eval_every > 1 skipped these at the best epoch: evaluate the early-stop weights once
         log.info("evaluating %s at the early stop (epoch %s)", missing, best["epoch"])
-        load_weights(evaluated, Path(out["early_stop"]))
+        load_checkpoint(evaluated, out["early_stop"])
         evaluated.eval()
-        graded = grade_together(generator, {split: evals[split] for split in missing})
+        graded = grade_together(generator, {split: evals[split] for split in missing}, ranks)
         predictions["early_stop"].update({split: graded[split][0] for split in missing})
+    if not ranks.main:
+        return []
     for stop, paths in prediction_paths.items():
         for split, path in paths.items():
             write_parquet(predictions[stop][split], path)

@@ -33,11 +33,18 @@ the token is the Gumbel-max choice among the top-k logits at the temperature. So
 outcome does not depend on which other rows share its batch, on the wave size, on which
 requests were skipped, or on the path.
 
+A model sharded over ranks (FSDP2) is generated with in lockstep (`lockstep`): each rank answers
+its share of the requests on the sharded model itself, every forward gathers the layers as
+training does, and a rank with nothing left to do steps with placeholder forwards until every
+rank is done, as transformers' `generate(synced_gpus=True)` does. `compute_dtype` runs the
+forwards under bf16 autocast over fp32 weights.
+
 Modules: `generator` (`Generator`: the model's shapes and stop tokens, prefixes and prompts,
 requests in waves, answers; and `check_generation`), `probe` (choosing the path: the static
 obstacles and the probe against the model's own forward), `levels` (the fast path: the levels,
 their attention, the attention switch, prefill and the decoding wave), `reference` (the second
-path: transformers' `generate`), `sampling` (the counter-based random streams) and `base`
+path: transformers' `generate`), `lockstep` (the ranks of a sharded model kept in step, and
+each rank's share of the requests), `sampling` (the counter-based random streams) and `base`
 (requests, statistics, errors).
 """
 
@@ -49,6 +56,7 @@ from eqtools.engine.generator import (
     Generator,
     check_generation,
 )
+from eqtools.engine.lockstep import Lockstep, gather_answers, share
 from eqtools.engine.sampling import choose_tokens, gumbel_noise, pcg_hash
 
 __all__ = [
@@ -58,10 +66,13 @@ __all__ = [
     "EngineError",
     "Generator",
     "LevelsUnsupported",
+    "Lockstep",
     "Request",
     "Stats",
     "check_generation",
     "choose_tokens",
+    "gather_answers",
     "gumbel_noise",
     "pcg_hash",
+    "share",
 ]

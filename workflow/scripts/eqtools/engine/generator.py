@@ -2,14 +2,18 @@
 prompts, waves of requests handed to the path the generator picked, the decoded answers; and
 `check_generation`, the check `prepare_model` runs."""
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
 from eqtools.engine.base import EngineError, Request, Stats, _Prefix
 from eqtools.engine.levels import LevelsPath, _configs, _layer_windows
+from eqtools.engine.lockstep import Lockstep
 from eqtools.engine.probe import PathChoice
 from eqtools.engine.reference import ReferencePath
 
@@ -46,13 +50,22 @@ class Generator(PathChoice, LevelsPath, ReferencePath):
         top_k: int = 40,
         max_batch_rows: int = 2048,
         backend: str = "auto",
+        compute_dtype: torch.dtype | None = None,
+        lockstep: Lockstep | None = None,
     ):
         if backend not in BACKENDS:
             raise EngineError(f"engine backend {backend!r}: expected one of {', '.join(BACKENDS)}")
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
+        weights = next(model.parameters())
+        # bf16 compute over fp32 weights: autocast, as training's forward; the KV caches in bf16
+        self.dtype = compute_dtype or weights.dtype
+        self._autocast = self.dtype != weights.dtype
+        # a sharded (FSDP2) model gathers its weights in every forward: inference tensors cannot
+        # be gathered into, so its forwards run under no_grad
+        self._sharded = isinstance(weights, DTensor)
+        self.lockstep = lockstep
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.top_k = top_k
@@ -76,7 +89,34 @@ class Generator(PathChoice, LevelsPath, ReferencePath):
         self.attended_layers: set[int] = set()  # layers that attended in the last levels forward
         self.stats = Stats()
         self.backend, reason = self._choose_backend(backend, cfg)
-        log.info("generation engine: %s path for %s (%s)", self.backend, self.architecture, reason)
+        self._reshard()
+        if lockstep is not None:
+            lockstep.agree("the engine's path", (self.backend, self.one_row))
+        log.info(
+            "generation engine: %s path for %s (%s)%s",
+            self.backend,
+            self.architecture,
+            reason,
+            f"; in lockstep over {lockstep.world} ranks" if lockstep is not None else "",
+        )
+
+    def _reshard(self) -> None:
+        """Give a sharded model back as training left it: FSDP keeps the root's weights gathered
+        after a forward (for the backward that usually follows), and while gathered they are the
+        parameters the module lists, which an optimizer or a state dict would then take."""
+        if self._sharded:
+            for module in self.model.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
+
+    @contextlib.contextmanager
+    def _computing(self):
+        """The mode of every engine forward: no autograd, and bf16 autocast where asked."""
+        with (
+            torch.no_grad() if self._sharded else torch.inference_mode(),
+            torch.autocast(self.device.type, dtype=self.dtype, enabled=self._autocast),
+        ):
+            yield
 
     # ----- prompts -----
     def _stop_tokens(self) -> torch.Tensor:
@@ -130,7 +170,8 @@ class Generator(PathChoice, LevelsPath, ReferencePath):
 
         Requests run in waves of at most `max_batch_rows` rows, in the given order. `keep(i)` is
         asked before a request starts and after every step; when it turns False the request is
-        dropped and nothing is yielded for it."""
+        dropped and nothing is yielded for it. Under lockstep every rank calls this, possibly with
+        no requests, and consumes it to the end."""
         if self.model.training:
             raise EngineError(
                 "the model is in training mode (dropout on): call model.eval() before generating"
@@ -150,6 +191,13 @@ class Generator(PathChoice, LevelsPath, ReferencePath):
                 self.stats.waves += 1
                 self.stats.rows += len(wave)
                 yield from wave_fn([requests[i] for i in wave], wave, keep)
+        if self.lockstep is not None:  # done: step with the ranks that are not
+            self.lockstep.drain(
+                self._levels_placeholder
+                if self.backend == "levels"
+                else self._reference_placeholder
+            )
+        self._reshard()
 
     def decode(self, tokens: list[int]) -> str:
         """The answer: generated text up to its first newline, stripped."""

@@ -326,9 +326,11 @@ class LevelsPath:
         self, ids, positions, cache: _LevelCache, real_tokens: int, real_rows: int, keep=None
     ):
         t = time.perf_counter()
+        if self.lockstep is not None:
+            self.lockstep.step()
         token = _ACTIVE.set(cache)
         try:
-            with torch.inference_mode(), _attention(self._configs, "slick_levels"):
+            with self._computing(), _attention(self._configs, "slick_levels"):
                 out = self.model(
                     input_ids=ids,
                     position_ids=positions,
@@ -351,10 +353,20 @@ class LevelsPath:
             self._trace.append(logits[-1:].detach())
         return logits
 
+    def _levels_placeholder(self) -> None:
+        """One forward of one token, thrown away: under lockstep it matches the collectives of a
+        rank still working (eqtools.engine.lockstep)."""
+        with self._computing():
+            self.model(
+                input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device),
+                use_cache=False,
+                logits_to_keep=1,
+            )
+
     def _levels_wave(
         self, reqs: list[Request], index: list[int], keep
     ) -> Iterator[tuple[int, list[int]]]:
-        with torch.inference_mode():
+        with self._computing():
             yield from self._wave(reqs, index, keep)
 
     def _wave(self, reqs: list[Request], index: list[int], keep) -> Iterator[tuple[int, list[int]]]:

@@ -72,7 +72,7 @@ class PathChoice:
         (transformers' batched decoding of some models, e.g. RWKV, differs from one prompt at a
         time: such models are decoded one row per call). Returns what to add to the log line."""
         a, b = self._probe_tokens(24), self._probe_tokens(48)[24:]  # two prompts of one length
-        with torch.inference_mode():
+        with self._computing():
             ids = torch.tensor([a], device=self.device)
             first, second = (self.model(input_ids=ids).logits.float() for _ in range(2))
         # beyond the kernels' own run-to-run noise (atomics on a GPU): e.g. random LSH rotations
@@ -165,7 +165,7 @@ class PathChoice:
                 "the levels"
             )
         full = list(self.prefixes[pid].tokens) + list(prompt) + list(generated)
-        with torch.inference_mode():
+        with self._computing():
             reference = self.model(
                 input_ids=torch.tensor([full], device=self.device), use_cache=False
             ).logits[0]

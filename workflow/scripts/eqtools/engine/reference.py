@@ -100,6 +100,24 @@ class ReferencePath:
                     [reqs[p] for p in batch], [index[p] for p in batch], keep
                 )
 
+    def _reference_placeholder(self) -> None:
+        """A `generate` call over one token that is done at once, thrown away: under lockstep it
+        steps with a rank still in its own `generate` (synced_gpus) until that one is done."""
+        ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        plain = _plain_generation_config(self.base.generation_config, 1, 0)
+        saved = self.base.generation_config
+        try:
+            self.base.generation_config = plain
+            with self._computing():
+                self.model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    generation_config=plain,
+                    synced_gpus=True,
+                )
+        finally:
+            self.base.generation_config = saved
+
     def _reference_batch(
         self, reqs: list[Request], index: list[int], keep, probe=False
     ) -> Iterator[tuple[int, list[int]]]:
@@ -117,9 +135,11 @@ class ReferencePath:
         plain = _plain_generation_config(self.base.generation_config, self.max_new_tokens, pad)
         saved = self.base.generation_config
         t = time.perf_counter()
+        if self.lockstep is not None:
+            self.lockstep.step()
         try:
             self.base.generation_config = plain  # generate fills unset values from the model's
-            with torch.inference_mode():
+            with self._computing():
                 out = self.model.generate(
                     input_ids=ids,
                     attention_mask=torch.ones_like(ids),
@@ -128,6 +148,8 @@ class ReferencePath:
                         [_ChosenToken(keys, sample, width, self.temperature, self.top_k)]
                     ),
                     stopping_criteria=StoppingCriteriaList([stopper]),
+                    # a sharded model: every rank runs every step, its rows done or not
+                    synced_gpus=self.lockstep is not None,
                 )
         finally:
             self.base.generation_config = saved
