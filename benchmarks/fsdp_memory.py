@@ -113,9 +113,12 @@ def worker(args) -> None:
         activation_checkpointing=args.checkpointing,
     )
     recipe = Recipe.from_dict(RECIPE)
-    model = build_model(args.model, recipe, device)
+    # under fsdp the model is sharded as it loads (rank 0 reads it on the host, every rank
+    # holds only its shards on the device): "loaded" is then the peak after sharding
+    model = distributed.wrap(
+        lambda where: build_model(args.model, recipe, where), schedule, recipe, device, ranks
+    )
     loaded = peak_mb(device)
-    model = distributed.wrap(model, schedule, recipe, device, ranks)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     data = examples(recipe.batch_size * args.steps, args.length)

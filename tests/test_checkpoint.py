@@ -1,9 +1,9 @@
 """The early_stop / convergence checkpoints written and read by every rank (eqtools.checkpoint),
 with the tiny random Llama: sharded (FSDP2) or not, full or LoRA.
 
-The references are transformers' and peft's own `save_pretrained` on an unsharded model  (for LoRA with
-`target_modules` sorted, as eqtools.checkpoint does so that equal adapters are equal files), and the weights of
-the model saved, never another output of eqtools.checkpoint.
+The references are transformers' and peft's own `save_pretrained` on an unsharded model (for
+LoRA with `target_modules` sorted, as eqtools.checkpoint does so that equal adapters are equal
+files), and the weights of the model saved, never another output of eqtools.checkpoint.
 """
 
 import json
@@ -21,9 +21,8 @@ from torch.distributed.tensor import DTensor
 
 from eqtools import checkpoint, distributed
 from eqtools.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from eqtools.settings import Lora, Recipe, Schedule
+from eqtools.settings import Lora, Schedule
 from eqtools.training import add_lora
-from test_training import RECIPE
 
 FSDP = Schedule(strategy="fsdp")
 
@@ -65,7 +64,7 @@ def build(model_dir: Path, method: str = "full", seed: int = 0):
 
 
 def shard(model, ranks):
-    return distributed.wrap(model, FSDP, Recipe.from_dict(RECIPE), "cpu", ranks)
+    return distributed.shard(model)
 
 
 def full_weights(model) -> dict[str, torch.Tensor]:

@@ -21,6 +21,7 @@ from test_training import RECIPE as training_recipe
 
 from eqtools import distributed
 from eqtools.settings import Finetune, Recipe, Schedule
+from eqtools.training import best_epoch
 from helpers import ROOT
 
 SCRIPT = ROOT / "workflow/scripts/finetune.py"
@@ -67,8 +68,16 @@ def write_inputs(root: Path, n_train: int = 11) -> dict:
     return {"mixture": str(root / "mixture.parquet"), "evals": evals}
 
 
-def make_job(model_dir: Path, inputs: dict, out: Path, recipe: dict, schedule: Schedule) -> dict:
-    spec = Finetune(Recipe.from_dict(recipe), {}, "cpu")
+def make_job(
+    model_dir: Path,
+    inputs: dict,
+    out: Path,
+    recipe: dict,
+    schedule: Schedule,
+    eval_every: dict | None = None,
+    backend: str = "auto",
+) -> dict:
+    spec = Finetune(Recipe.from_dict(recipe), eval_every or {}, "cpu")
     return {
         "model": str(model_dir),
         **inputs,
@@ -85,7 +94,7 @@ def make_job(model_dir: Path, inputs: dict, out: Path, recipe: dict, schedule: S
             },
         },
         "max_batch_rows": 256,
-        "backend": "auto",
+        "backend": backend,
         "device": "cpu",
     }
 
@@ -127,27 +136,43 @@ def inputs(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def one_process(tiny_model_dir, inputs, tmp_path_factory) -> dict:
-    """The one-process reference run of each method, computed once."""
+def one_process(tiny_model_dir, inputs, tmp_path_factory):
+    """The one-process reference run of a method and test schedule, computed once each (on the
+    engine's default path: the paths give equal answers)."""
     runs = {}
-    for method in ("lora", "full"):
-        out = tmp_path_factory.mktemp(f"one-{method}")
-        recipe = dict(RECIPE, method=method, learning_rate=5e-3 if method == "lora" else 1e-3)
-        run_one_process(make_job(tiny_model_dir, inputs, out, recipe, Schedule(micro_batch_size=1)))
-        runs[method] = out
-    return runs
+
+    def run(method: str, eval_every: dict) -> Path:
+        key = (method, json.dumps(eval_every))
+        if key not in runs:
+            out = tmp_path_factory.mktemp(f"one-{method}")
+            recipe = dict(RECIPE, method=method, learning_rate=5e-3 if method == "lora" else 1e-3)
+            schedule = Schedule(micro_batch_size=1)
+            run_one_process(make_job(tiny_model_dir, inputs, out, recipe, schedule, eval_every))
+            runs[key] = out
+        return runs[key]
+
+    return run
 
 
-# FSDP with LoRA: the embedded model's test below, and the tiny study's distributed recipe.
-# Activation checkpointing recomputes the same forward: it changes no result either.
+# Evaluation runs on every rank: under DDP each on its own copy, under FSDP on the sharded model
+# in lockstep (the levels path, or transformers' generate with synced_gpus on the reference
+# path). With the test set evaluated at epochs 3 and 4 only, the early stop's predictions come
+# from the checkpoint loaded back into the sharded model at the end. FSDP with LoRA on the levels
+# path: the embedded model's test below, and the tiny study's distributed recipe. Activation
+# checkpointing recomputes the same forward: it changes no result either.
 @pytest.mark.parametrize(
-    ("strategy", "method", "checkpointing"),
-    [("fsdp", "full", True), ("ddp", "lora", False)],
-    ids=["fsdp-full-checkpointing", "ddp-lora"],
+    ("strategy", "method", "checkpointing", "backend", "eval_every"),
+    [
+        ("fsdp", "full", True, "levels", {}),
+        ("ddp", "lora", False, "levels", {}),
+        ("fsdp", "lora", False, "reference", {"test": 3}),
+    ],
+    ids=["fsdp-full-checkpointing", "ddp-lora", "fsdp-lora-reference-test-every-3"],
 )
 def test_two_processes_train_like_one(
-    strategy, method, checkpointing, tiny_model_dir, inputs, one_process, tmp_path
-):
+    strategy, method, checkpointing, backend, eval_every, tiny_model_dir, inputs, one_process,
+    tmp_path,
+):  # fmt: skip
     recipe = dict(RECIPE, method=method, learning_rate=5e-3 if method == "lora" else 1e-3)
     schedule = Schedule(
         micro_batch_size=1,
@@ -156,9 +181,11 @@ def test_two_processes_train_like_one(
         activation_checkpointing=checkpointing,
     )
     out = tmp_path / "two"
-    log = run_ranks(make_job(tiny_model_dir, inputs, out, recipe, schedule), 2, tmp_path)
-    assert "2 process(es)" in log
-    one, two = metrics(one_process[method]), metrics(out)
+    job = make_job(tiny_model_dir, inputs, out, recipe, schedule, eval_every, backend)
+    log = run_ranks(job, 2, tmp_path)
+    assert "2 process(es)" in log and f"{backend} path" in log
+    reference = one_process(method, eval_every)
+    one, two = metrics(reference), metrics(out)
     assert [x["world_size"] for x in two] == [2] * RECIPE["epochs"]
     assert [x["world_size"] for x in one] == [1] * RECIPE["epochs"]
     for a, b in zip(one, two, strict=True):
@@ -166,15 +193,18 @@ def test_two_processes_train_like_one(
         accuracies = [k for k in a if k.endswith("_accuracy")]
         assert accuracies and {k: b[k] for k in accuracies} == {k: a[k] for k in accuracies}
     assert one[0]["train_loss"] != one[-1]["train_loss"]  # it trained
+    if eval_every:  # the early stop is an epoch without the test set, evaluated at the end
+        assert best_epoch(two) not in (3, 4)
+        assert "evaluating ['test'] at the early stop" in log
     for stop in ("early_stop", "convergence"):
-        a = pl.read_parquet(one_process[method] / f"eval/{stop}/test.parquet")
+        a = pl.read_parquet(reference / f"eval/{stop}/test.parquet")
         b = pl.read_parquet(out / f"eval/{stop}/test.parquet")
         assert a.equals(b), stop
     # the checkpoints hold the full weights, plain safetensors
     from safetensors.torch import load_file
 
     for stop in ("early_stop", "convergence"):
-        a = load_file(next((one_process[method] / stop).glob("*.safetensors")))
+        a = load_file(next((reference / stop).glob("*.safetensors")))
         b = load_file(next((out / stop).glob("*.safetensors")))
         assert a.keys() == b.keys()
         for k in a:
@@ -260,17 +290,19 @@ def test_a_recipe_asking_for_more_than_the_job_has_is_refused():
         distributed.DistributedError,
         match=r"recipes\.big\.distributed\.nproc_per_node is 4, but the job has 2 cores",
     ):
-        distributed.check_fits("big", schedule, "cpu", 2, {})
+        distributed.check_fits("recipes.big.distributed", schedule, "cpu", 2, {})
     two_nodes = Schedule(strategy="fsdp", nproc_per_node=1, nodes=2)
     with pytest.raises(
         distributed.DistributedError,
         match=r"recipes\.big\.distributed\.nodes is 2, but this job runs outside SLURM",
     ):
-        distributed.check_fits("big", two_nodes, "cpu", 2, {})
+        distributed.check_fits("recipes.big.distributed", two_nodes, "cpu", 2, {})
     allocation = {"SLURM_JOB_ID": "7", "SLURM_JOB_NUM_NODES": "1"}
     with pytest.raises(distributed.DistributedError, match=r"nodes is 2, but this job has 1 node"):
-        distributed.check_fits("big", two_nodes, "cpu", 2, allocation)
-    distributed.check_fits("big", two_nodes, "cpu", 2, allocation | {"SLURM_JOB_NUM_NODES": "2"})
+        distributed.check_fits("recipes.big.distributed", two_nodes, "cpu", 2, allocation)
+    distributed.check_fits(
+        "recipes.big.distributed", two_nodes, "cpu", 2, allocation | {"SLURM_JOB_NUM_NODES": "2"}
+    )
 
 
 def test_launch_commands():

@@ -212,3 +212,23 @@ def test_building_the_engine_leaves_training_as_it_was(tiny_model_dir, backend):
     assert torch.equal(torch.get_rng_state(), state)
     assert all(module.training for module in m.modules())
     assert gen.backend == ("levels" if backend == "auto" else "reference")
+
+
+@pytest.mark.parametrize("backend", ["levels", "reference"])
+def test_bf16_compute_matches_generate_under_the_same_autocast(model, eager, backend):
+    """`compute_dtype` bfloat16 (a recipe's `eval_dtype: bfloat16`): bf16 autocast over the fp32
+    weights, as training's forward; the reference is transformers' generate on the untouched
+    eager copy under the same autocast."""
+    m, tok = model
+    gen = Generator(m, tok, max_new_tokens=6, backend=backend, compute_dtype=torch.bfloat16)
+    assert gen.backend == backend and next(m.parameters()).dtype == torch.float32
+    cases = [(p, q) for p in PREFIXES for q in QUESTIONS]
+    reqs = []
+    for p, q in cases:
+        pid = gen.add_prefix(p)
+        reqs.append(Request(pid, gen.prompt_tokens(pid, q)))
+    got = {i: gen.decode(t) for i, t in gen.generate(reqs)}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = [reference_greedy(eager, tok, p + q, 6) for p, q in cases]
+    assert [got[i] for i in range(len(cases))] == want
+    assert not torch.is_autocast_enabled("cpu")  # only inside the engine's own calls

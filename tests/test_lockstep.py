@@ -11,6 +11,7 @@ import json
 from datetime import timedelta
 from pathlib import Path
 
+import polars as pl
 import pytest
 import torch
 import torch.distributed as dist
@@ -81,7 +82,7 @@ def rank_answers(rank: int, model_dir: str, out: str, store: str) -> None:
             model = shard(build(Path(model_dir), method), ranks).eval()
             generator = Generator(
                 model, tokenizer, max_new_tokens=MAX_NEW_TOKENS, backend=backend,
-                lockstep=Lockstep("cpu"),
+                lockstep=Lockstep(model, "cpu"),
             )  # fmt: skip
             result = run_all(generator, ranks)
             Path(out, f"{method}-{backend}-{rank}.json").write_text(json.dumps(result))
@@ -145,3 +146,93 @@ def test_each_item_is_on_exactly_one_rank_and_gathered_in_order():
     assert sorted(i for s in shares for i in s) == list(range(n))
     assert max(map(len, shares)) - min(map(len, shares)) <= 1
     assert gather_answers(["a", "b"], 2, 1) == ["a", "b"]
+
+
+def test_a_chunk_labelled_by_two_ranks_is_byte_identical_to_one_process(tiny_model_dir, tmp_path):
+    """label_questions.py's ranks (torchrun, FSDP2, lockstep) against the same script in one
+    process without torch.distributed; then P(True) of the labelled questions likewise."""
+    import label_questions
+    import ptrue
+
+    from eqtools.settings import Labelling, ModelEntry, PtrueOptions, Slick
+    from eqtools.settings import Ptrue as PtrueSpec
+    from eqtools.slick import draw_exemplars
+
+    dev = pl.DataFrame(
+        {
+            "id": [f"P1.dev.{i}" for i in range(8)],
+            "relation": ["P1"] * 8,
+            "question": [f"Who is person {i}?" for i in range(8)],
+            "answer": [f"name {i}" for i in range(8)],
+        }
+    )
+    (tmp_path / "exemplars.json").write_text(json.dumps(draw_exemplars(dev, 3, 2, seed=0)))
+    # gold answers the random model gives for some questions, so that the chunk mixes categories
+    gold = ["Paris", "?", "London", "?", "?", "name 1", "?"]
+    questions = pl.DataFrame(
+        {
+            "id": [f"P1.test.{i}" for i in range(7)],
+            "relation": ["P1"] * 7,
+            "question": [f"Where is place {i}?" for i in range(7)],
+            "answer": gold,
+        }
+    )
+    questions.write_parquet(tmp_path / "questions.parquet")
+    entry = ModelEntry(gguf_file=None, dtype="float32", device="cpu", path=str(tiny_model_dir))
+    slick = Slick(3, 2, 4, 1.0, 50, 3, 7, False)
+    job = {
+        "model": str(tiny_model_dir),
+        "questions": str(tmp_path / "questions.parquet"),
+        "exemplars": str(tmp_path / "exemplars.json"),
+        "split": "test",
+        "relation": "P1",
+        "spec": Labelling(slick, entry).param(),
+        "max_batch_rows": 16,
+        "backend": "auto",
+    }
+    outputs = {}
+    for gpus in (1, 2):
+        outputs[gpus] = tmp_path / f"labels{gpus}.parquet"
+        distributed.run_model_job(
+            label_questions.label,
+            Path(label_questions.__file__).resolve(),
+            job | {"output": str(outputs[gpus])},
+            "tiny",
+            {"gpus": gpus, "multi_gpu": "ranks"},
+            "cpu",
+            gpus,  # threads: one per rank
+            tmp_path / f"labels{gpus}.log",
+            tmp_path,
+        )
+    assert "2 process(es)" in (tmp_path / "labels2.log").read_text()
+    assert outputs[1].read_bytes() == outputs[2].read_bytes()
+    labels = pl.read_parquet(outputs[1])
+    assert labels["id"].to_list() == questions["id"].to_list()
+    assert labels["category"].n_unique() > 1 and labels["n_sampled"].sum() > 0
+
+    questions.join(labels.drop("relation"), on="id").write_parquet(tmp_path / "labelled.parquet")
+    scores = {}
+    for gpus in (1, 2):
+        out = tmp_path / f"ptrue{gpus}.parquet"
+        distributed.run_model_job(
+            ptrue.score,
+            Path(ptrue.__file__).resolve(),
+            {
+                "model": str(tiny_model_dir),
+                "labels": str(tmp_path / "labelled.parquet"),
+                "split": "test",
+                "spec": PtrueSpec(PtrueOptions("all"), entry).param(),
+                "output": str(out),
+                "max_batch_rows": 4,
+            },
+            "tiny",
+            {"gpus": gpus, "multi_gpu": "ranks"},
+            "cpu",
+            gpus,  # threads: one per rank
+            tmp_path / f"ptrue{gpus}.log",
+            tmp_path,
+        )
+        scores[gpus] = pl.read_parquet(out)
+    # the ranks' batches hold other prompts (left-padded to another width): rounding only
+    assert scores[1]["id"].to_list() == scores[2]["id"].to_list()
+    assert scores[2]["p_true"].to_numpy() == pytest.approx(scores[1]["p_true"].to_numpy(), abs=1e-6)

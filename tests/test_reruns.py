@@ -184,9 +184,13 @@ def test_second_run_with_nothing_changed_does_nothing(state):
     assert pending(work, state["config"], cross_check=True) == {}
 
 
-def test_recipe_learning_rate_reruns_that_recipes_finetunes_and_downstream(state):
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("learning_rate", 2.0e-3), ("eval_dtype", "bfloat16")],  # eval_dtype changes answers
+)
+def test_a_recipe_setting_reruns_that_recipes_finetunes_and_downstream(state, key, value):
     config = changed(state)
-    config["recipes"]["lora"]["learning_rate"] = 2.0e-3
+    config["recipes"]["lora"][key] = value
     plan = pending(state["work"], config, cross_check=True)
     lora = outputs_of(state, "finetune", lambda f: "/tiny/lora/" in f)
     assert plan == expect(state, lora)
@@ -293,8 +297,16 @@ def test_editing_docs_tests_or_bookkeeping_reruns_nothing(state, path):
             },
         ),
         ("models.tiny", {"gpus": 4}),
+        ("models.tiny", {"gpus": 2, "multi_gpu": "device_map"}),
     ],
-    ids=["memory-runtime", "micro-batch", "fsdp-2-nodes", "ddp-checkpointing", "model-gpus"],
+    ids=[
+        "memory-runtime",
+        "micro-batch",
+        "fsdp-2-nodes",
+        "ddp-checkpointing",
+        "model-gpus",
+        "model-gpus-device-map",
+    ],
 )
 def test_scheduling_settings_rerun_nothing(state, section, setting):
     """After a time-out or an out-of-memory kill a user raises runtime or mem_mb, or spreads a

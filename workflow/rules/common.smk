@@ -130,6 +130,14 @@ def model_gpus(wildcards):
     return STUDY.model_gpus[wildcards.model]
 
 
+def model_threads(wildcards):
+    """CPU threads of a labelling or P(True) job: engine.threads per process, one process per
+    GPU with `multi_gpu: ranks` (scheduling only)."""
+    entry = config["models"][wildcards.model]
+    ranks = entry["gpus"] if entry["multi_gpu"] == "ranks" else 1
+    return config["engine"]["threads"] * ranks
+
+
 def recipe_mem_mb(wildcards, attempt):
     return config["recipes"][wildcards.recipe]["mem_mb"] * attempt
 

@@ -19,7 +19,7 @@ rule ptrue:
         "logs/benchmarks/ptrue/{model}/{split}.tsv"
     conda:
         "../../envs/model.yaml"
-    threads: config["engine"]["threads"]
+    threads: model_threads
     resources:
         gpu=model_gpus,
         mem_mb=retry_mem_mb(8000),

@@ -50,7 +50,7 @@ rule label_questions:
         "logs/benchmarks/label_questions/{model}/{split}/{relation}.tsv"
     conda:
         "../../envs/model.yaml"
-    threads: config["engine"]["threads"]
+    threads: model_threads
     resources:
         gpu=model_gpus,
         mem_mb=retry_mem_mb(8000),

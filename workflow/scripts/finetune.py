@@ -5,11 +5,8 @@ kill.
 A recipe with a `distributed` strategy runs this file again under torchrun, once per rank
 (`finetune.py --job <job.json>`); the job file holds everything a rank needs."""
 
-import argparse
-import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import polars as pl
@@ -90,23 +87,16 @@ def main(smk) -> None:
         torch.set_num_threads(smk.threads)
         train(job, distributed.ONE_PROCESS, device)
     else:
-        distributed.check_fits(smk.wildcards.recipe, schedule, device, smk.threads, os.environ)
-        run_dir = Path(smk.output.metrics).parent
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(
-            "w", dir=run_dir, prefix=".job.", suffix=".json", delete=False
-        ) as f:
-            json.dump(job | {"device": device}, f)
-        try:
-            head = distributed.head_node(os.environ) if schedule.nodes > 1 else None
-            command = distributed.launch_command(
-                schedule, Path(__file__).resolve(), Path(f.name), os.environ, head
-            )
-            distributed.launch(
-                command, max(1, smk.threads // schedule.nproc_per_node), Path(smk.log[0])
-            )
-        finally:
-            os.unlink(f.name)
+        key = f"recipes.{smk.wildcards.recipe}.distributed"
+        distributed.check_fits(key, schedule, device, smk.threads, os.environ)
+        distributed.run_ranks(
+            Path(__file__).resolve(),
+            job | {"device": device},
+            schedule,
+            smk.threads,
+            Path(smk.log[0]),
+            Path(smk.output.metrics).parent,
+        )
     write_provenance([smk.output.metrics, smk.output.early_stop, smk.output.convergence], smk)
     for stop in STOPS:
         for split in TEST_SPLITS:
@@ -118,22 +108,7 @@ def main(smk) -> None:
             )
 
 
-@distributed.entry_point
-def rank_main(argv: list[str]) -> None:
-    """One rank of a distributed fine-tune, started by torchrun (eqtools is on its PYTHONPATH)."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--job", required=True, type=Path)
-    args = parser.parse_args(argv)
-    job = json.loads(args.job.read_text())
-    ranks, device = distributed.start(job["device"])
-    setup_logging(None, rank=ranks.rank)
-    try:
-        train(job, ranks, device)
-    finally:
-        distributed.stop(ranks)
-
-
 if "snakemake" in globals():
     main(snakemake)  # noqa: F821
-elif __name__ == "__main__":
-    rank_main(sys.argv[1:])
+elif __name__ == "__main__":  # a rank, started by torchrun
+    distributed.entry_point(distributed.rank_main)(sys.argv[1:], train)

@@ -1,12 +1,20 @@
-"""SliCK labels of one (split, relation) chunk with the shared generation engine."""
+"""SliCK labels of one (split, relation) chunk with the shared generation engine.
+
+With `models.<name>.gpus` > 1 (and `multi_gpu: ranks`) this file runs again under torchrun, once
+per GPU (`label_questions.py --job <job.json>`): the model is sharded over the ranks (FSDP2),
+each rank labels its share of the chunk's questions in lockstep, and rank 0 writes the chunk."""
 
 import json
+import logging
+import sys
 import time
+from pathlib import Path
 
 import polars as pl
-import torch
+from transformers import AutoTokenizer
 
-from eqtools.engine import Generator
+from eqtools import distributed
+from eqtools.engine import Generator, Lockstep, gather_answers, share
 from eqtools.io import setup_logging, write_parquet
 from eqtools.models import load
 from eqtools.provenance import write_provenance
@@ -14,53 +22,90 @@ from eqtools.settings import Labelling
 from eqtools.slick import label_questions
 
 
-def main(smk) -> None:
-    log = setup_logging(smk.log[0])
-    spec = Labelling.from_param(smk.params.spec)
+def label(job: dict, ranks: distributed.Ranks, device: str) -> None:
+    """Label the chunk of `job` (see `main`) on this rank; rank 0 writes it."""
+    log = logging.getLogger("workflow")
+    spec = Labelling.from_param(job["spec"])
     slick, model_spec = spec.slick, spec.model
-    torch.set_num_threads(smk.threads)
-    relation = smk.wildcards.relation
-    questions = pl.read_parquet(smk.input.questions).filter(pl.col("relation") == relation)
-    with open(smk.input.exemplars) as f:
-        exemplars = json.loads(f.read())
-    model, tokenizer, device = load(
-        smk.input.model, dtype=model_spec.dtype, device=model_spec.device
-    )
+    questions = pl.read_parquet(job["questions"]).filter(pl.col("relation") == job["relation"])
+    exemplars = json.loads(Path(job["exemplars"]).read_text())
+    lockstep = None
+    if ranks.world == 1:
+        model, tokenizer, device = load(job["model"], dtype=model_spec.dtype, device=device)
+    else:  # sharded as it loads: no GPU ever holds the whole model
+        model = distributed.load_sharded(
+            lambda where: load(job["model"], dtype=model_spec.dtype, device=where)[0], device, ranks
+        ).eval()
+        tokenizer = AutoTokenizer.from_pretrained(job["model"])
+        lockstep = Lockstep(model, device)
     generator = Generator(
         model,
         tokenizer,
         max_new_tokens=slick.max_new_tokens,
         temperature=slick.temperature,
         top_k=slick.top_k,
-        max_batch_rows=smk.config["engine"][
-            "max_batch_rows"
-        ],  # runtime settings, deliberately untracked
-        backend=smk.config["engine"]["backend"],
+        max_batch_rows=job["max_batch_rows"],  # runtime settings, deliberately untracked
+        backend=job["backend"],
+        lockstep=lockstep,
     )
     start = time.perf_counter()
+    mine = questions[share(questions.height, ranks.rank, ranks.world)]
     labels = label_questions(
         generator,
-        questions,
-        {relation: exemplars[relation]} if questions.height else {},
+        mine,
+        {job["relation"]: exemplars[job["relation"]]} if questions.height else {},
         n_samples=slick.n_samples,
         seed=slick.seed,
         full_p_correct=slick.full_p_correct,
     )
-    seconds = time.perf_counter() - start
+    # every rank's rows, in the chunk's order (each question was labelled by one rank)
+    rows = gather_answers(labels.to_dicts(), questions.height, ranks.world)
+    labels = pl.DataFrame(rows, schema=labels.schema)
     log.info(
-        "%s/%s: %d questions in %.1f s on %s (%s); %s; engine %s",
-        smk.wildcards.split,
-        relation,
+        "%s/%s: %d questions in %.1f s on %s (%s, %d process(es)); %s; engine %s",
+        job["split"],
+        job["relation"],
         questions.height,
-        seconds,
+        time.perf_counter() - start,
         device,
         model_spec.dtype,
+        ranks.world,
         dict(labels["category"].value_counts().iter_rows()),
         generator.stats,
     )
-    write_parquet(labels, smk.output[0])
+    if ranks.main:
+        write_parquet(labels, job["output"])
+
+
+def main(smk) -> None:
+    setup_logging(smk.log[0])
+    spec = Labelling.from_param(smk.params.spec)
+    job = {
+        "model": smk.input.model,
+        "questions": smk.input.questions,
+        "exemplars": smk.input.exemplars,
+        "split": smk.wildcards.split,
+        "relation": smk.wildcards.relation,
+        "spec": smk.params.spec,
+        "output": smk.output[0],
+        "max_batch_rows": smk.config["engine"]["max_batch_rows"],
+        "backend": smk.config["engine"]["backend"],
+    }
+    distributed.run_model_job(
+        label,
+        Path(__file__).resolve(),
+        job,
+        smk.wildcards.model,
+        smk.config["models"][smk.wildcards.model],  # scheduling keys: deliberately untracked
+        spec.model.device,
+        smk.threads,
+        Path(smk.log[0]),
+        Path(smk.output[0]).parent,
+    )
     write_provenance(smk.output[0], smk)
 
 
 if "snakemake" in globals():
     main(snakemake)  # noqa: F821
+elif __name__ == "__main__":  # a rank, started by torchrun
+    distributed.entry_point(distributed.rank_main)(sys.argv[1:], label)

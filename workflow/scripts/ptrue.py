@@ -1,10 +1,19 @@
-"""P(True) of the base model for every question of a labelled split (the Fig. 5 baseline)."""
+"""P(True) of the base model for every question of a labelled split (the Fig. 5 baseline).
 
+With `models.<name>.gpus` > 1 (and `multi_gpu: ranks`) this file runs again under torchrun, once
+per GPU (`ptrue.py --job <job.json>`): the model is sharded over the ranks (FSDP2), each rank
+scores its share of the proposals in lockstep, and rank 0 writes the split's scores."""
+
+import logging
+import sys
 import time
+from pathlib import Path
 
 import polars as pl
-import torch
+from transformers import AutoTokenizer
 
+from eqtools import distributed
+from eqtools.engine import Lockstep, gather_answers, share
 from eqtools.io import setup_logging, write_parquet
 from eqtools.models import load
 from eqtools.provenance import write_provenance
@@ -12,34 +21,65 @@ from eqtools.ptrue import proposals, question_scores, score_p_true
 from eqtools.settings import Ptrue
 
 
-def main(smk) -> None:
-    log = setup_logging(smk.log[0])
-    spec = Ptrue.from_param(smk.params.spec)
-    model_spec = spec.model
-    torch.set_num_threads(smk.threads)
-    labels = pl.read_parquet(smk.input.labels)
-    rows = proposals(labels, spec.ptrue.proposals)
-    model, tokenizer, device = load(
-        smk.input.model, dtype=model_spec.dtype, device=model_spec.device
-    )
+def score(job: dict, ranks: distributed.Ranks, device: str) -> None:
+    """Score the split of `job` (see `main`) on this rank; rank 0 writes the scores."""
+    log = logging.getLogger("workflow")
+    spec = Ptrue.from_param(job["spec"])
+    rows = proposals(pl.read_parquet(job["labels"]), spec.ptrue.proposals)
+    lockstep = None
+    if ranks.world == 1:
+        model, tokenizer, device = load(job["model"], dtype=spec.model.dtype, device=device)
+    else:  # sharded as it loads: no GPU ever holds the whole model
+        model = distributed.load_sharded(
+            lambda where: load(job["model"], dtype=spec.model.dtype, device=where)[0], device, ranks
+        ).eval()
+        tokenizer = AutoTokenizer.from_pretrained(job["model"])
+        lockstep = Lockstep(model, device)
     start = time.perf_counter()
+    mine = rows[share(rows.height, ranks.rank, ranks.world)]
     # rows per forward pass: the engine's runtime setting, deliberately untracked
-    scores = score_p_true(
-        model, tokenizer, rows, device, batch_rows=smk.config["engine"]["max_batch_rows"]
-    )
-    result = question_scores(rows, scores)
+    scores = score_p_true(model, tokenizer, mine, device, job["max_batch_rows"], lockstep)
+    result = question_scores(rows, gather_answers(scores, rows.height, ranks.world))
     log.info(
-        "%s: P(True) of %d questions (%d proposals) in %.1f s on %s; mean %.3f",
-        smk.wildcards.split,
+        "%s: P(True) of %d questions (%d proposals) in %.1f s on %s (%d process(es)); mean %.3f",
+        job["split"],
         result.height,
         rows.height,
         time.perf_counter() - start,
         device,
+        ranks.world,
         result["p_true"].mean() if result.height else float("nan"),
     )
-    write_parquet(result, smk.output[0])
+    if ranks.main:
+        write_parquet(result, job["output"])
+
+
+def main(smk) -> None:
+    setup_logging(smk.log[0])
+    spec = Ptrue.from_param(smk.params.spec)
+    job = {
+        "model": smk.input.model,
+        "labels": smk.input.labels,
+        "split": smk.wildcards.split,
+        "spec": smk.params.spec,
+        "output": smk.output[0],
+        "max_batch_rows": smk.config["engine"]["max_batch_rows"],
+    }
+    distributed.run_model_job(
+        score,
+        Path(__file__).resolve(),
+        job,
+        smk.wildcards.model,
+        smk.config["models"][smk.wildcards.model],  # scheduling keys: deliberately untracked
+        spec.model.device,
+        smk.threads,
+        Path(smk.log[0]),
+        Path(smk.output[0]).parent,
+    )
     write_provenance(smk.output[0], smk)
 
 
 if "snakemake" in globals():
     main(snakemake)  # noqa: F821
+elif __name__ == "__main__":  # a rank, started by torchrun
+    distributed.entry_point(distributed.rank_main)(sys.argv[1:], score)

@@ -9,12 +9,16 @@ counts therefore differ only in floating-point summation order, and in the dropo
 rank draws.
 """
 
+import argparse
 import datetime
+import json
 import logging
 import os
 import shlex
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from eqtools.io import setup_logging
 from eqtools.settings import Recipe, Schedule
 
 log = logging.getLogger(__name__)
@@ -126,30 +131,87 @@ def gather_dtype(recipe: Recipe) -> torch.dtype:
     return torch.bfloat16 if both else torch.float32
 
 
-def wrap(model, schedule: Schedule, recipe: Recipe, device: str, ranks: Ranks):
-    """The model to train: as it is (strategy none), in DistributedDataParallel, or sharded with
-    FSDP2 (`fully_shard` per decoder layer, then the root), which gathers the weights in
-    `gather_dtype(recipe)` and reduces gradients in fp32 over fp32 master weights."""
-    if schedule.activation_checkpointing:
-        base_model(model).gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
+def wrap(
+    build: Callable[[str], torch.nn.Module],
+    schedule: Schedule,
+    recipe: Recipe,
+    device: str,
+    ranks: Ranks,
+):
+    """The model to train, `build(device)`: as it is (strategy none), in
+    DistributedDataParallel, or sharded with FSDP2 as it loads (`load_sharded`: `fully_shard` per
+    decoder layer, then the root), gathering the weights in `gather_dtype(recipe)` and reducing
+    gradients in fp32 over fp32 master weights."""
+
+    def prepare(model):
+        if schedule.activation_checkpointing:
+            base_model(model).gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+
+    if schedule.strategy == "fsdp":
+        return load_sharded(build, device, ranks, gather_dtype(recipe), prepare)
+    model = build(device)
+    prepare(model)
     if schedule.strategy == "none":
         return model
-    if schedule.strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
+    from torch.nn.parallel import DistributedDataParallel
 
-        on_gpu = torch.device(device).type == "cuda"
-        return DistributedDataParallel(
-            model, device_ids=[ranks.local_rank] if on_gpu else None, find_unused_parameters=False
-        )
+    on_gpu = torch.device(device).type == "cuda"
+    return DistributedDataParallel(
+        model, device_ids=[ranks.local_rank] if on_gpu else None, find_unused_parameters=False
+    )
+
+
+def load_sharded(
+    build: Callable[[str], torch.nn.Module],
+    device: str,
+    ranks: Ranks,
+    param_dtype: torch.dtype | None = None,
+    prepare: Callable[[torch.nn.Module], None] | None = None,
+):
+    """The model `build(device)` makes, sharded over the ranks (`shard`) without any device ever
+    holding all of it: rank 0 builds it on the host ("cpu": the weights as loaded), every rank
+    builds a shape-only skeleton (`build("meta")`), prepares it (`prepare`, e.g. activation
+    checkpointing), shards it and allocates its own shards on `device`; then rank 0 sends the
+    weights one tensor at a time (each rank keeps its shard) and the buffers that are not
+    saved (e.g. rotary frequencies, computed at build time)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    full = build("cpu") if ranks.main else None
+    with torch.random.fork_rng():  # a skeleton draws no numbers from the training's streams
+        model = build("meta")
+    if prepare is not None:
+        prepare(model)
+    shard(model, param_dtype)
+    model.to_empty(device=device)
+    weights = full.state_dict() if full is not None else {}
+    set_model_state_dict(
+        model,
+        weights,
+        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+    )
+    saved = set(model.state_dict())
+    for name, buffer in model.named_buffers():
+        if name not in saved:
+            if full is not None:
+                buffer.copy_(full.get_buffer(name))
+            dist.broadcast(buffer, src=0)
+    del full, weights
+    return model
+
+
+def shard(model, param_dtype: torch.dtype | None = None):
+    """`model` sharded over the ranks with FSDP2, in place: `fully_shard` per decoder layer, then
+    the root; every forward gathers the weights in `param_dtype` (None: as they are), gradients
+    are reduced in fp32."""
     from torch.distributed.fsdp import (
         MixedPrecisionPolicy,
         fully_shard,
         register_fsdp_forward_method,
     )
 
-    policy = MixedPrecisionPolicy(param_dtype=gather_dtype(recipe), reduce_dtype=torch.float32)
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
@@ -164,16 +226,23 @@ def unwrapped(model):
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-def check_fits(recipe: str, schedule: Schedule, device: str, threads: int, env: dict) -> None:
-    """Refuse, before anything starts, a recipe that asks for more processes than this job has:
-    GPUs (or cores given to the job) per node, and nodes in the SLURM allocation."""
-    key = f"recipes.{recipe}.distributed"
+def check_fits(
+    key: str,
+    schedule: Schedule,
+    device: str,
+    threads: int,
+    env: dict,
+    processes: str = "nproc_per_node",
+) -> None:
+    """Refuse, before anything starts, a setting (`key`.`processes`, e.g.
+    recipes.<r>.distributed.nproc_per_node) that asks for more processes than this job has: GPUs
+    (or cores given to the job) per node, and nodes in the SLURM allocation."""
     on_gpu = torch.device(device).type == "cuda"
     have = torch.cuda.device_count() if on_gpu else threads
     what = "GPUs on this node" if on_gpu else "cores given to this job (threads)"
     if schedule.nproc_per_node > have:
         raise DistributedError(
-            f"{key}.nproc_per_node is {schedule.nproc_per_node}, but the job has {have} {what}"
+            f"{key}.{processes} is {schedule.nproc_per_node}, but the job has {have} {what}"
         )
     if schedule.nodes > 1:
         nodes = int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", "1")))
@@ -247,3 +316,62 @@ def launch(command: list[str], threads_per_rank: int, log_path: Path) -> None:
         raise DistributedError(
             f"a rank failed (torchrun exit status {result.returncode}); its error is in {log_path}"
         )
+
+
+def run_ranks(
+    worker: Path, job: dict, schedule: Schedule, threads: int, log_path: Path, workdir: Path
+) -> None:
+    """Start the ranks of `schedule` on `worker --job <file>` (the file, in `workdir`, holds
+    `job`) and wait for them; `threads` are the job's, shared by its ranks on a node."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(
+        "w", dir=workdir, prefix=".job.", suffix=".json", delete=False
+    ) as f:
+        json.dump(job, f)
+    try:
+        head = head_node(os.environ) if schedule.nodes > 1 else None
+        command = launch_command(schedule, worker, Path(f.name), os.environ, head)
+        launch(command, max(1, threads // schedule.nproc_per_node), log_path)
+    finally:
+        os.unlink(f.name)
+
+
+def rank_main(argv: list[str], work: Callable[[dict, Ranks, str], None]) -> None:
+    """One rank, started by torchrun on a worker script (eqtools is on its PYTHONPATH): joins
+    the process group and runs `work(job, ranks, device)` on the job file of `--job`."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--job", required=True, type=Path)
+    job = json.loads(parser.parse_args(argv).job.read_text())
+    ranks, device = start(job["device"])
+    setup_logging(None, rank=ranks.rank)
+    try:
+        work(job, ranks, device)
+    finally:
+        stop(ranks)
+
+
+def run_model_job(
+    work: Callable[[dict, Ranks, str], None],
+    worker: Path,
+    job: dict,
+    model: str,
+    entry: dict,
+    device: str,
+    threads: int,
+    log_path: Path,
+    workdir: Path,
+) -> None:
+    """A labelling or P(True) job of the registry entry `models.<model>` (`entry`, with its
+    scheduling keys): `work(job, ranks, device)` in this process, or with `gpus` > 1 and
+    `multi_gpu: ranks` once per GPU under torchrun (`worker` is the rule's script, which hands
+    `work` to `rank_main`)."""
+    if entry["gpus"] == 1 or entry["multi_gpu"] != "ranks":
+        torch.set_num_threads(threads)
+        work(job, ONE_PROCESS, device)
+        return
+    from eqtools.models import pick_device
+
+    device = pick_device(device)
+    schedule = Schedule(strategy="fsdp", nproc_per_node=entry["gpus"])
+    check_fits(f"models.{model}", schedule, device, threads, os.environ, processes="gpus")
+    run_ranks(worker, job | {"device": device}, schedule, threads, log_path, workdir)

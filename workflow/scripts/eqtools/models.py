@@ -210,10 +210,24 @@ def materialise(name: str, spec: dict, out_dir: str | Path, check=None) -> dict:
     return entry
 
 
+def skeleton(model_dir: str | Path, dtype, config=None):
+    """The model of `model_dir` with shapes only, on the meta device (its generation config
+    loaded): what a rank of a sharded model builds before it receives its shards."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = config or AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if (Path(model_dir) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(model_dir)
+    return model
+
+
 def load(model_dir: str | Path, dtype: str = "float32", device: str = "auto"):
     """(model, tokenizer, device) from a materialised directory, in eval mode, loaded straight onto
-    the device in `dtype`. A model too big for one of the node's GPUs is spread over them; the
-    device returned is then the one its inputs go to."""
+    the device in `dtype` (device "meta": a `skeleton`). A model too big for one of the node's
+    GPUs is spread over them; the device returned is then the one its inputs go to."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     device = pick_device(device)
@@ -222,6 +236,8 @@ def load(model_dir: str | Path, dtype: str = "float32", device: str = "auto"):
         raise ModelError(f"{model_dir} holds no materialised model (run the prepare_model rule)")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     dtype = torch_dtype(dtype)
+    if device == "meta":
+        return skeleton(model_dir, dtype).eval(), tokenizer, device
     placed = device_map(device, AutoConfig.from_pretrained(model_dir), dtype)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=placed).eval()
     if placed == "auto":

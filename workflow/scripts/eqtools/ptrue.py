@@ -69,13 +69,15 @@ def question_scores(rows: pl.DataFrame, scores: list[float]) -> pl.DataFrame:
 
 
 def continuation_logprobs(
-    model, tokenizer, prompts: list[str], continuations, device: str, batch_rows: int
+    model, tokenizer, prompts: list[str], continuations, device: str, batch_rows: int, lockstep=None
 ) -> list[list[float]]:
     """log P(continuation | prompt) for every prompt and each of `continuations`, teacher-forced.
 
     Prompts and continuations are tokenised separately and concatenated. Each batch of prompts
     (left-padded) is encoded once; the first token of every continuation is scored from the
-    prompt's last logits, the rest by a short forward pass over a copy of the prompts' KV cache."""
+    prompt's last logits, the rest by a short forward pass over a copy of the prompts' KV cache.
+    A model sharded over ranks scores in `lockstep` (eqtools.engine.lockstep): every rank calls
+    this with its own prompts, possibly none."""
     import copy
 
     import torch
@@ -95,7 +97,9 @@ def continuation_logprobs(
             mask[row, width - len(encoded[i]) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
-        with torch.inference_mode():
+        with torch.no_grad() if lockstep else torch.inference_mode():
+            if lockstep:
+                lockstep.step()
             prompt_out = model(
                 input_ids=ids,
                 attention_mask=mask,
@@ -108,6 +112,8 @@ def continuation_logprobs(
                 logp = first[:, cont[0]].clone()
                 if len(cont) > 1:
                     rest = torch.tensor(cont, device=device)
+                    if lockstep:
+                        lockstep.step()
                     step = model(
                         input_ids=rest[:-1].expand(len(batch), -1),
                         attention_mask=torch.cat(
@@ -126,14 +132,20 @@ def continuation_logprobs(
                 for row, i in enumerate(batch):
                     out[i][k] = float(logp[row])
         log.info("P(True): %d / %d prompts scored", min(start + batch_rows, len(order)), len(order))
+    if lockstep:
+        lockstep.drain()
     return out
 
 
-def score_p_true(model, tokenizer, rows: pl.DataFrame, device: str, batch_rows: int) -> list[float]:
+def score_p_true(
+    model, tokenizer, rows: pl.DataFrame, device: str, batch_rows: int, lockstep=None
+) -> list[float]:
     """P(True) of each (question, answer) row, one score per row."""
     prompts = [format_prompt(q, a) for q, a in zip(rows["question"], rows["answer"], strict=True)]
     unique = list(dict.fromkeys(prompts))  # equal greedy answers share one score
-    logps = continuation_logprobs(model, tokenizer, unique, TRUE + FALSE, device, batch_rows)
+    logps = continuation_logprobs(
+        model, tokenizer, unique, TRUE + FALSE, device, batch_rows, lockstep
+    )
     by_prompt = {}
     for prompt, lps in zip(unique, logps, strict=True):
         probs = [math.exp(x) for x in lps]

@@ -109,7 +109,8 @@ def label_questions(
     sampled = [0] * len(rows)
     sampled_correct = [0] * len(rows)
     todo = [full_p_correct or greedy_correct[qi] == 0 for qi in range(len(rows))]
-    if n_samples > 0 and any(todo):
+    # called with no requests too: under lockstep (a sharded model) every rank takes part
+    if n_samples > 0:
         # set by set, so that a question settled by an early set skips the later ones
         order = sorted((p for p in prompts if todo[p[0]]), key=lambda p: (p[1], p[2], len(p[3])))
         meta = [(p[0], s) for p in order for s in range(n_samples)]

@@ -431,6 +431,8 @@ def add_lora(model, lora: Lora | dict, dropout: float):
 def build_model(model_dir: str, recipe: Recipe | dict, device: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from eqtools.models import skeleton
+
     recipe = Recipe.coerce(recipe)
     config = AutoConfig.from_pretrained(model_dir)
     if keys := set_attention_dropout(config, recipe.dropout):
@@ -444,13 +446,15 @@ def build_model(model_dir: str, recipe: Recipe | dict, device: str):
     # float32 trained weights for every recipe: `dtype: bfloat16` trains under autocast (see
     # `autocast`); LoRA's frozen base is then kept in bf16 as well (half the memory: 70B fits),
     # its adapters in float32 (peft upcasts them). Straight onto the device: no host copy.
+    # A sharded run's ranks build a skeleton on the meta device (eqtools.distributed.load_sharded).
     frozen_bf16 = recipe.method == "lora" and recipe.dtype == "bfloat16"
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir,
-        config=config,
-        dtype=torch.bfloat16 if frozen_bf16 else torch.float32,
-        device_map=device,
-    )
+    dtype = torch.bfloat16 if frozen_bf16 else torch.float32
+    if device == "meta":
+        model = skeleton(model_dir, dtype, config)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, config=config, dtype=dtype, device_map=device
+        )
     if recipe.method == "lora":
         model = add_lora(model, recipe.lora, recipe.dropout)
     return model
@@ -506,7 +510,7 @@ def finetune(
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
     model = distributed.wrap(
-        build_model(model_dir, recipe, device), schedule, recipe, device, ranks
+        lambda where: build_model(model_dir, recipe, where), schedule, recipe, device, ranks
     )
     # every rank evaluates its share of the questions on the weights as they are trained: its own
     # copy (one process, DDP), or under FSDP the sharded model itself, in lockstep
@@ -518,7 +522,7 @@ def finetune(
         max_batch_rows=max_batch_rows,
         backend=backend,
         compute_dtype=torch.bfloat16 if recipe.eval_dtype == "bfloat16" else None,
-        lockstep=Lockstep(device) if schedule.strategy == "fsdp" else None,
+        lockstep=Lockstep(evaluated, device) if schedule.strategy == "fsdp" else None,
     )
     if not ranks.main:
         torch.manual_seed(recipe.seed * 1_000_003 + ranks.rank)  # its own dropout masks

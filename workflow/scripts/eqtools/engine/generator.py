@@ -7,7 +7,6 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
-from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
@@ -59,12 +58,18 @@ class Generator(PathChoice, LevelsPath, ReferencePath):
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         weights = next(model.parameters())
-        # bf16 compute over fp32 weights: autocast, as training's forward; the KV caches in bf16
-        self.dtype = compute_dtype or weights.dtype
-        self._autocast = self.dtype != weights.dtype
+        # bf16 compute over fp32 weights: autocast, as training's forward (and as there, the
+        # keys and values stay in the weights' dtype, cast for each matmul)
+        self.dtype = weights.dtype
+        self.compute_dtype = compute_dtype or weights.dtype
+        self._autocast = self.compute_dtype != weights.dtype
         # a sharded (FSDP2) model gathers its weights in every forward: inference tensors cannot
         # be gathered into, so its forwards run under no_grad
         self._sharded = isinstance(weights, DTensor)
+        if self._sharded and lockstep is None:
+            raise EngineError(
+                "the model is sharded (FSDP): its ranks must generate in lockstep (pass a Lockstep)"
+            )
         self.lockstep = lockstep
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
@@ -89,7 +94,8 @@ class Generator(PathChoice, LevelsPath, ReferencePath):
         self.attended_layers: set[int] = set()  # layers that attended in the last levels forward
         self.stats = Stats()
         self.backend, reason = self._choose_backend(backend, cfg)
-        self._reshard()
+        if lockstep is not None:
+            lockstep.release()
         if lockstep is not None:
             lockstep.agree("the engine's path", (self.backend, self.one_row))
         log.info(
@@ -100,21 +106,12 @@ class Generator(PathChoice, LevelsPath, ReferencePath):
             f"; in lockstep over {lockstep.world} ranks" if lockstep is not None else "",
         )
 
-    def _reshard(self) -> None:
-        """Give a sharded model back as training left it: FSDP keeps the root's weights gathered
-        after a forward (for the backward that usually follows), and while gathered they are the
-        parameters the module lists, which an optimizer or a state dict would then take."""
-        if self._sharded:
-            for module in self.model.modules():
-                if isinstance(module, FSDPModule):
-                    module.reshard()
-
     @contextlib.contextmanager
     def _computing(self):
         """The mode of every engine forward: no autograd, and bf16 autocast where asked."""
         with (
             torch.no_grad() if self._sharded else torch.inference_mode(),
-            torch.autocast(self.device.type, dtype=self.dtype, enabled=self._autocast),
+            torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self._autocast),
         ):
             yield
 
@@ -192,12 +189,7 @@ class Generator(PathChoice, LevelsPath, ReferencePath):
                 self.stats.rows += len(wave)
                 yield from wave_fn([requests[i] for i in wave], wave, keep)
         if self.lockstep is not None:  # done: step with the ranks that are not
-            self.lockstep.drain(
-                self._levels_placeholder
-                if self.backend == "levels"
-                else self._reference_placeholder
-            )
-        self._reshard()
+            self.lockstep.drain(None if self.backend == "levels" else self._reference_placeholder)
 
     def decode(self, tokens: list[int]) -> str:
         """The answer: generated text up to its first newline, stripped."""

@@ -144,7 +144,9 @@ class _LevelCache:
             self.target.keys[layer_idx][:, :, self.write_col] = key_states[:, :, 0]
             self.target.values[layer_idx][:, :, self.write_col] = value_states[:, :, 0]
             return key_states, value_states
-        k, v = key_states[0].transpose(0, 1), value_states[0].transpose(0, 1)
+        # under bf16 autocast the projections come out in bf16: stored in the cache's dtype
+        keys = self.target.keys[layer_idx]
+        k, v = (x[0].transpose(0, 1).to(keys.dtype) for x in (key_states, value_states))
         self.target.keys[layer_idx][self.write_entry, :, self.write_col] = k
         self.target.values[layer_idx][self.write_entry, :, self.write_col] = v
         return key_states, value_states
@@ -352,16 +354,6 @@ class LevelsPath:
         if self._trace is not None:
             self._trace.append(logits[-1:].detach())
         return logits
-
-    def _levels_placeholder(self) -> None:
-        """One forward of one token, thrown away: under lockstep it matches the collectives of a
-        rank still working (eqtools.engine.lockstep)."""
-        with self._computing():
-            self.model(
-                input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device),
-                use_cache=False,
-                logits_to_keep=1,
-            )
 
     def _levels_wave(
         self, reqs: list[Request], index: list[int], keep

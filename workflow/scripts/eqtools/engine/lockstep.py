@@ -25,9 +25,10 @@ log = logging.getLogger(__name__)
 
 
 class Lockstep:
-    """Keeps the ranks of a sharded model's generation in step; see the module docstring."""
+    """Keeps the ranks of a sharded `model`'s forwards in step; see the module docstring."""
 
-    def __init__(self, device: torch.device | str):
+    def __init__(self, model, device: torch.device | str):
+        self.model = model
         self.device = torch.device(device)
         self.world = dist.get_world_size()
         self.placeholders = 0  # placeholder forwards or generate calls this rank ran
@@ -41,12 +42,32 @@ class Lockstep:
         """Before each real forward (or generate call): this rank has work."""
         self._any_busy(True)
 
-    def drain(self, placeholder: Callable[[], None]) -> None:
-        """This rank is done: run `placeholder` while any other rank still has work; return
-        when every rank is done."""
+    def drain(self, placeholder: Callable[[], None] | None = None) -> None:
+        """This rank is done: run `placeholder` (by default one forward of one token) while any
+        other rank still has work; return when every rank is done, with the model resharded."""
         while self._any_busy(False):
-            placeholder()
+            (placeholder or self.forward_placeholder)()
             self.placeholders += 1
+        self.release()
+
+    def forward_placeholder(self) -> None:
+        """One forward of one token, thrown away: the collectives of a real forward."""
+        with torch.no_grad():
+            self.model(
+                input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device),
+                use_cache=False,
+                logits_to_keep=1,
+            )
+
+    def release(self) -> None:
+        """Give the model back as training left it: FSDP keeps the root's weights gathered after
+        a forward (for the backward that usually follows), and while gathered they are the
+        parameters the module lists, which an optimizer or a state dict would then take."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
 
     def agree(self, what: str, value) -> None:
         """Every rank must have taken the same decision (e.g. the engine's path): ranks on

@@ -188,4 +188,6 @@ class PathChoice:
     def _tolerance(self, logits: torch.Tensor) -> float:
         """How far two computations of the same logits may differ: rounding, not a different
         function (a missing window or softcap moves them by whole units)."""
-        return (1e-3 if self.dtype == torch.float32 else 5e-2) * max(1.0, float(logits.abs().max()))
+        return (1e-3 if self.compute_dtype == torch.float32 else 5e-2) * max(
+            1.0, float(logits.abs().max())
+        )
