@@ -9,7 +9,6 @@ another distributed run.
 
 import json
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -107,14 +106,19 @@ def run_one_process(job: dict) -> None:
     finetune.train(job, distributed.ONE_PROCESS, "cpu")
 
 
-def start_ranks(job: dict, nproc: int, workdir: Path) -> tuple[subprocess.Popen, Path, str]:
-    """torchrun with `nproc` ranks on the job, as the finetune rule starts it."""
+def start_ranks(
+    job: dict, nproc: int, workdir: Path, site: Path | None = None
+) -> tuple[subprocess.Popen, Path, str]:
+    """torchrun with `nproc` ranks on the job, as the finetune rule starts it; `site`: a
+    directory put first on the ranks' PYTHONPATH (a test's sitecustomize.py)."""
     job_file = workdir / f"job{time.monotonic_ns()}.json"
     job_file.write_text(json.dumps(job))
     schedule = Schedule.from_param(job["schedule"])
     command = distributed.launch_command(schedule, SCRIPT, job_file, dict(os.environ))
     log = workdir / f"{job_file.stem}.log"
     env = distributed.rank_environment(threads_per_rank=1)
+    if site is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(site), env["PYTHONPATH"]])
     with open(log, "w") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     return proc, log, job_file.stem
@@ -212,19 +216,6 @@ def test_two_processes_train_like_one(
     assert not (out / "state").exists()
 
 
-def wait_for_state_epoch(state: Path, epoch: int, proc: subprocess.Popen) -> None:
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if (state / "trainer.pt").exists():
-            try:
-                if torch.load(state / "trainer.pt", weights_only=False)["epoch"] >= epoch:
-                    return
-            except (EOFError, RuntimeError):  # replaced while being read
-                pass
-        time.sleep(0.05)
-    raise AssertionError(f"no state of epoch {epoch}")
-
-
 def rank_pids(job_name: str) -> dict[int, int]:
     """{rank: pid} of the worker processes of a job: their command line names the job file and
     their environment holds RANK."""
@@ -243,26 +234,49 @@ def rank_pids(job_name: str) -> dict[int, int]:
     return found
 
 
+# Loaded by every process of the killed run (first on its PYTHONPATH): rank 1 kills itself
+# (SIGKILL) as epoch 3's evaluation starts, when rank 0 is already in its first forward.
+KILL_IN_EVALUATION = """
+import os, signal
+if os.environ.get("RANK") == "1":
+    from eqtools.engine import generator
+
+    answer = generator.Generator.generate
+    calls = []
+
+    def generate(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return answer(self, *args, **kwargs)
+
+    generator.Generator.generate = generate
+"""
+
+
 def test_a_failed_rank_stops_the_job_and_the_run_resumes_to_the_same_metrics(
     tiny_model_dir, inputs, tmp_path
 ):
-    """Rank 1 dies (SIGKILL) during epoch 3 or later: torchrun stops rank 0 too, the log holds
-    the failure, and what is on disk is a complete earlier epoch; started again, the run resumes
-    there and ends with the metrics and weights of an uninterrupted 2-process run (dropout
-    included: every rank's RNG is part of the state). In bf16 mixed precision: FSDP gathers
-    bf16 weights over fp32 master weights."""
+    """Rank 1 dies (SIGKILL) during epoch 3's evaluation, while rank 0 waits for it in a
+    lockstep forward: torchrun stops rank 0 too, the log holds the failure, and what is on disk
+    is epoch 2, complete; started again, the run resumes there and ends with the metrics and
+    weights of an uninterrupted 2-process run (dropout included: every rank's RNG is part of the
+    state). In bf16 mixed precision, evaluation included: FSDP gathers bf16 weights over fp32
+    master weights."""
     recipe = dict(
-        RECIPE, method="full", learning_rate=1e-3, dropout=0.1, epochs=5, dtype="bfloat16"
-    )
+        RECIPE, method="full", learning_rate=1e-3, dropout=0.1, epochs=5, dtype="bfloat16",
+        eval_dtype="bfloat16",
+    )  # fmt: skip
     schedule = Schedule(micro_batch_size=1, strategy="fsdp", nproc_per_node=2)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     run_ranks(make_job(tiny_model_dir, inputs, straight, recipe, schedule), 2, tmp_path)
 
     job = make_job(tiny_model_dir, inputs, killed, recipe, schedule)
-    proc, log, name = start_ranks(job, 2, tmp_path)
-    wait_for_state_epoch(killed / "state", 2, proc)
-    os.kill(rank_pids(name)[1], signal.SIGKILL)  # rank 0 waits for it in a collective
-    assert proc.wait(timeout=120) != 0
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(KILL_IN_EVALUATION)
+    proc, log, name = start_ranks(job, 2, tmp_path, site)
+    assert proc.wait(timeout=600) != 0
     time.sleep(1)
     assert not rank_pids(name)  # torchrun stopped rank 0 too
     text = log.read_text()
@@ -271,7 +285,7 @@ def test_a_failed_rank_stops_the_job_and_the_run_resumes_to_the_same_metrics(
     assert (killed / "state/trainer.pt").exists() and (killed / "state/dcp/.metadata").exists()
     assert not (killed / "convergence").exists()
     done = json.loads((killed / "metrics.jsonl").read_text().splitlines()[-1])["epoch"]
-    assert 2 <= done < recipe["epochs"]
+    assert done == 2 and torch.load(killed / "state/trainer.pt", weights_only=False)["epoch"] == 2
 
     resumed = run_ranks(job, 2, tmp_path)  # the same command again
     assert "resuming after epoch" in resumed
