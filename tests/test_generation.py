@@ -45,17 +45,22 @@ def reference_greedy(model, tokenizer, prompt, max_new):
     )
 
 
-@pytest.mark.parametrize("backend", ["levels", "reference"])
-@pytest.mark.parametrize("rows", [1, 3, 64])
-def test_greedy_matches_generate(model, eager, rows, backend):
-    m, tok = model
-    gen = Generator(m, tok, max_new_tokens=6, max_batch_rows=rows, backend=backend)
+def greedy_answers(gen) -> tuple[list, dict]:
+    """(cases, {case index: the engine's greedy answer}) for every prefix and question."""
     cases = [(p, q) for p in PREFIXES for q in QUESTIONS]
     reqs = []
     for p, q in cases:
         pid = gen.add_prefix(p)
         reqs.append(Request(pid, gen.prompt_tokens(pid, q)))
-    got = {i: gen.decode(t) for i, t in gen.generate(reqs)}
+    return cases, {i: gen.decode(t) for i, t in gen.generate(reqs)}
+
+
+@pytest.mark.parametrize("backend", ["levels", "reference"])
+@pytest.mark.parametrize("rows", [1, 3, 64])
+def test_greedy_matches_generate(model, eager, rows, backend):
+    m, tok = model
+    gen = Generator(m, tok, max_new_tokens=6, max_batch_rows=rows, backend=backend)
+    cases, got = greedy_answers(gen)
     assert len(got) == len(cases)
     for i, (p, q) in enumerate(cases):
         assert got[i] == reference_greedy(eager, tok, p + q, 6), (p, q)
@@ -222,12 +227,7 @@ def test_bf16_compute_matches_generate_under_the_same_autocast(model, eager, bac
     m, tok = model
     gen = Generator(m, tok, max_new_tokens=6, backend=backend, compute_dtype=torch.bfloat16)
     assert gen.backend == backend and next(m.parameters()).dtype == torch.float32
-    cases = [(p, q) for p in PREFIXES for q in QUESTIONS]
-    reqs = []
-    for p, q in cases:
-        pid = gen.add_prefix(p)
-        reqs.append(Request(pid, gen.prompt_tokens(pid, q)))
-    got = {i: gen.decode(t) for i, t in gen.generate(reqs)}
+    cases, got = greedy_answers(gen)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want = [reference_greedy(eager, tok, p + q, 6) for p, q in cases]
     assert [got[i] for i in range(len(cases))] == want

@@ -8,8 +8,10 @@ the engine in one process, whose samples are checked against the reference path 
 (tests/test_generation.py)."""
 
 import json
+import sys
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import polars as pl
 import pytest
@@ -190,20 +192,23 @@ def test_a_chunk_labelled_by_two_ranks_is_byte_identical_to_one_process(tiny_mod
         "max_batch_rows": 16,
         "backend": "auto",
     }
-    outputs = {}
-    for gpus in (1, 2):
-        outputs[gpus] = tmp_path / f"labels{gpus}.parquet"
-        distributed.run_model_job(
-            label_questions.label,
-            Path(label_questions.__file__).resolve(),
-            job | {"output": str(outputs[gpus])},
-            "tiny",
-            {"gpus": gpus, "multi_gpu": "ranks"},
-            "cpu",
-            gpus,  # threads: one per rank
-            tmp_path / f"labels{gpus}.log",
-            tmp_path,
+
+    def run(work, job: dict, name: str, gpus: int) -> Path:
+        """The rule script's job as the rule runs it, with `gpus` for the model (a rule-like
+        namespace: the model entry's scheduling keys, a thread per rank, log and output)."""
+        output = tmp_path / f"{name}{gpus}.parquet"
+        smk = SimpleNamespace(
+            wildcards=SimpleNamespace(model="tiny"),
+            config={"models": {"tiny": {"gpus": gpus, "multi_gpu": "ranks", "device": "cpu"}}},
+            threads=gpus,
+            log=[str(tmp_path / f"{name}{gpus}.log")],
+            output=[str(output)],
         )
+        script = sys.modules[work.__module__].__file__
+        distributed.run_model_job(work, script, job | {"output": str(output)}, smk)
+        return output
+
+    outputs = {gpus: run(label_questions.label, job, "labels", gpus) for gpus in (1, 2)}
     assert "2 process(es)" in (tmp_path / "labels2.log").read_text()
     assert outputs[1].read_bytes() == outputs[2].read_bytes()
     labels = pl.read_parquet(outputs[1])
@@ -211,28 +216,14 @@ def test_a_chunk_labelled_by_two_ranks_is_byte_identical_to_one_process(tiny_mod
     assert labels["category"].n_unique() > 1 and labels["n_sampled"].sum() > 0
 
     questions.join(labels.drop("relation"), on="id").write_parquet(tmp_path / "labelled.parquet")
-    scores = {}
-    for gpus in (1, 2):
-        out = tmp_path / f"ptrue{gpus}.parquet"
-        distributed.run_model_job(
-            ptrue.score,
-            Path(ptrue.__file__).resolve(),
-            {
-                "model": str(tiny_model_dir),
-                "labels": str(tmp_path / "labelled.parquet"),
-                "split": "test",
-                "spec": PtrueSpec(PtrueOptions("all"), entry).param(),
-                "output": str(out),
-                "max_batch_rows": 4,
-            },
-            "tiny",
-            {"gpus": gpus, "multi_gpu": "ranks"},
-            "cpu",
-            gpus,  # threads: one per rank
-            tmp_path / f"ptrue{gpus}.log",
-            tmp_path,
-        )
-        scores[gpus] = pl.read_parquet(out)
+    scoring = {
+        "model": str(tiny_model_dir),
+        "labels": str(tmp_path / "labelled.parquet"),
+        "split": "test",
+        "spec": PtrueSpec(PtrueOptions("all"), entry).param(),
+        "max_batch_rows": 4,
+    }
+    scores = {gpus: pl.read_parquet(run(ptrue.score, scoring, "ptrue", gpus)) for gpus in (1, 2)}
     # the ranks' batches hold other prompts (left-padded to another width): rounding only
     assert scores[1]["id"].to_list() == scores[2]["id"].to_list()
     assert scores[2]["p_true"].to_numpy() == pytest.approx(scores[1]["p_true"].to_numpy(), abs=1e-6)

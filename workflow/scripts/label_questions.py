@@ -11,12 +11,10 @@ import time
 from pathlib import Path
 
 import polars as pl
-from transformers import AutoTokenizer
 
 from eqtools import distributed
-from eqtools.engine import Generator, Lockstep, gather_answers, share
+from eqtools.engine import Generator, gather_answers, share
 from eqtools.io import setup_logging, write_parquet
-from eqtools.models import load
 from eqtools.provenance import write_provenance
 from eqtools.settings import Labelling
 from eqtools.slick import label_questions
@@ -29,15 +27,9 @@ def label(job: dict, ranks: distributed.Ranks, device: str) -> None:
     slick, model_spec = spec.slick, spec.model
     questions = pl.read_parquet(job["questions"]).filter(pl.col("relation") == job["relation"])
     exemplars = json.loads(Path(job["exemplars"]).read_text())
-    lockstep = None
-    if ranks.world == 1:
-        model, tokenizer, device = load(job["model"], dtype=model_spec.dtype, device=device)
-    else:  # sharded as it loads: no GPU ever holds the whole model
-        model = distributed.load_sharded(
-            lambda where: load(job["model"], dtype=model_spec.dtype, device=where)[0], device, ranks
-        ).eval()
-        tokenizer = AutoTokenizer.from_pretrained(job["model"])
-        lockstep = Lockstep(model, device)
+    model, tokenizer, device, lockstep = distributed.load_model(
+        job["model"], model_spec.dtype, device, ranks
+    )
     generator = Generator(
         model,
         tokenizer,
@@ -79,7 +71,6 @@ def label(job: dict, ranks: distributed.Ranks, device: str) -> None:
 
 def main(smk) -> None:
     setup_logging(smk.log[0])
-    spec = Labelling.from_param(smk.params.spec)
     job = {
         "model": smk.input.model,
         "questions": smk.input.questions,
@@ -91,17 +82,7 @@ def main(smk) -> None:
         "max_batch_rows": smk.config["engine"]["max_batch_rows"],
         "backend": smk.config["engine"]["backend"],
     }
-    distributed.run_model_job(
-        label,
-        Path(__file__).resolve(),
-        job,
-        smk.wildcards.model,
-        smk.config["models"][smk.wildcards.model],  # scheduling keys: deliberately untracked
-        spec.model.device,
-        smk.threads,
-        Path(smk.log[0]),
-        Path(smk.output[0]).parent,
-    )
+    distributed.run_model_job(label, __file__, job, smk)
     write_provenance(smk.output[0], smk)
 
 

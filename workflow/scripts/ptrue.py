@@ -7,15 +7,12 @@ scores its share of the proposals in lockstep, and rank 0 writes the split's sco
 import logging
 import sys
 import time
-from pathlib import Path
 
 import polars as pl
-from transformers import AutoTokenizer
 
 from eqtools import distributed
-from eqtools.engine import Lockstep, gather_answers, share
+from eqtools.engine import gather_answers, share
 from eqtools.io import setup_logging, write_parquet
-from eqtools.models import load
 from eqtools.provenance import write_provenance
 from eqtools.ptrue import proposals, question_scores, score_p_true
 from eqtools.settings import Ptrue
@@ -26,15 +23,9 @@ def score(job: dict, ranks: distributed.Ranks, device: str) -> None:
     log = logging.getLogger("workflow")
     spec = Ptrue.from_param(job["spec"])
     rows = proposals(pl.read_parquet(job["labels"]), spec.ptrue.proposals)
-    lockstep = None
-    if ranks.world == 1:
-        model, tokenizer, device = load(job["model"], dtype=spec.model.dtype, device=device)
-    else:  # sharded as it loads: no GPU ever holds the whole model
-        model = distributed.load_sharded(
-            lambda where: load(job["model"], dtype=spec.model.dtype, device=where)[0], device, ranks
-        ).eval()
-        tokenizer = AutoTokenizer.from_pretrained(job["model"])
-        lockstep = Lockstep(model, device)
+    model, tokenizer, device, lockstep = distributed.load_model(
+        job["model"], spec.model.dtype, device, ranks
+    )
     start = time.perf_counter()
     mine = rows[share(rows.height, ranks.rank, ranks.world)]
     # rows per forward pass: the engine's runtime setting, deliberately untracked
@@ -56,7 +47,6 @@ def score(job: dict, ranks: distributed.Ranks, device: str) -> None:
 
 def main(smk) -> None:
     setup_logging(smk.log[0])
-    spec = Ptrue.from_param(smk.params.spec)
     job = {
         "model": smk.input.model,
         "labels": smk.input.labels,
@@ -65,17 +55,7 @@ def main(smk) -> None:
         "output": smk.output[0],
         "max_batch_rows": smk.config["engine"]["max_batch_rows"],
     }
-    distributed.run_model_job(
-        score,
-        Path(__file__).resolve(),
-        job,
-        smk.wildcards.model,
-        smk.config["models"][smk.wildcards.model],  # scheduling keys: deliberately untracked
-        spec.model.device,
-        smk.threads,
-        Path(smk.log[0]),
-        Path(smk.output[0]).parent,
-    )
+    distributed.run_model_job(score, __file__, job, smk)
     write_provenance(smk.output[0], smk)
 
 

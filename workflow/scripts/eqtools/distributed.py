@@ -350,28 +350,42 @@ def rank_main(argv: list[str], work: Callable[[dict, Ranks, str], None]) -> None
         stop(ranks)
 
 
-def run_model_job(
-    work: Callable[[dict, Ranks, str], None],
-    worker: Path,
-    job: dict,
-    model: str,
-    entry: dict,
-    device: str,
-    threads: int,
-    log_path: Path,
-    workdir: Path,
-) -> None:
-    """A labelling or P(True) job of the registry entry `models.<model>` (`entry`, with its
-    scheduling keys): `work(job, ranks, device)` in this process, or with `gpus` > 1 and
-    `multi_gpu: ranks` once per GPU under torchrun (`worker` is the rule's script, which hands
-    `work` to `rank_main`)."""
-    if entry["gpus"] == 1 or entry["multi_gpu"] != "ranks":
-        torch.set_num_threads(threads)
-        work(job, ONE_PROCESS, device)
-        return
+def load_model(model_dir: str, dtype: str, device: str, ranks: Ranks):
+    """(model, tokenizer, device, lockstep) for a labelling or P(True) rank: in one process as
+    `eqtools.models.load` loads it (lockstep None); over several ranks sharded as it loads (no
+    GPU ever holds the whole model), with the Lockstep its forwards need."""
+    from transformers import AutoTokenizer
+
+    from eqtools.engine import Lockstep
+    from eqtools.models import load
+
+    if ranks.world == 1:
+        return (*load(model_dir, dtype=dtype, device=device), None)
+    model = load_sharded(lambda where: load(model_dir, dtype=dtype, device=where)[0], device, ranks)
+    return model.eval(), AutoTokenizer.from_pretrained(model_dir), device, Lockstep(model, device)
+
+
+def run_model_job(work: Callable[[dict, Ranks, str], None], worker: str, job: dict, smk) -> None:
+    """A labelling or P(True) job of the rule `smk` (its {model}'s registry entry with the
+    scheduling keys, threads, log and output): `work(job, ranks, device)` in this process, or
+    with `gpus` > 1 and `multi_gpu: ranks` once per GPU under torchrun (`worker` is the rule's
+    script, which hands `work` to `rank_main`)."""
     from eqtools.models import pick_device
 
-    device = pick_device(device)
+    model = smk.wildcards.model
+    entry = smk.config["models"][model]  # its scheduling keys: deliberately untracked
+    if entry["gpus"] == 1 or entry["multi_gpu"] != "ranks":
+        torch.set_num_threads(smk.threads)
+        work(job, ONE_PROCESS, entry["device"])
+        return
+    device = pick_device(entry["device"])
     schedule = Schedule(strategy="fsdp", nproc_per_node=entry["gpus"])
-    check_fits(f"models.{model}", schedule, device, threads, os.environ, processes="gpus")
-    run_ranks(worker, job | {"device": device}, schedule, threads, log_path, workdir)
+    check_fits(f"models.{model}", schedule, device, smk.threads, os.environ, processes="gpus")
+    run_ranks(
+        Path(worker).resolve(),
+        job | {"device": device},
+        schedule,
+        smk.threads,
+        Path(smk.log[0]),
+        Path(smk.output[0]).parent,
+    )
