@@ -309,15 +309,18 @@ def test_killed_run_resumes_to_the_same_metrics(tiny_model_dir, tmp_path, device
     assert not (tmp_path / "straight/state").exists()  # removed once the run is complete
 
 
-def test_a_bf16_lora_recipe_keeps_its_frozen_base_in_bf16(tiny_model_dir):
-    """`dtype: bfloat16`: LoRA's frozen base in bf16 (half the memory), its adapters in float32
-    (the trained weights and AdamW state); full fine-tuning keeps float32 master weights."""
+def test_a_bf16_lora_recipe_keeps_its_frozen_base_in_bf16_for_a_bf16_evaluation(tiny_model_dir):
+    """`dtype` and `eval_dtype` bfloat16: LoRA's frozen base in bf16 (half the memory), its
+    adapters in float32 (the trained weights and AdamW state). With a float32 evaluation the base
+    stays float32 (the engine computes in the weights' dtype); full fine-tuning keeps float32
+    master weights."""
     from eqtools.training import build_model
 
-    lora = build_model(str(tiny_model_dir), dict(RECIPE, dtype="bfloat16"), "cpu")
-    assert {p.dtype for p in lora.parameters() if not p.requires_grad} == {torch.bfloat16}
-    assert {p.dtype for p in lora.parameters() if p.requires_grad} == {torch.float32}
-    full = build_model(str(tiny_model_dir), dict(RECIPE, method="full", dtype="bfloat16"), "cpu")
-    assert {p.dtype for p in full.parameters()} == {torch.float32}
-    fp32 = build_model(str(tiny_model_dir), RECIPE, "cpu")
-    assert {p.dtype for p in fp32.parameters()} == {torch.float32}
+    def dtypes(recipe, trainable):
+        model = build_model(str(tiny_model_dir), recipe, "cpu")
+        return {p.dtype for p in model.parameters() if p.requires_grad == trainable}
+
+    bf16 = dict(RECIPE, dtype="bfloat16", eval_dtype="bfloat16")
+    assert dtypes(bf16, False) == {torch.bfloat16} and dtypes(bf16, True) == {torch.float32}
+    assert dtypes(dict(RECIPE, dtype="bfloat16"), False) == {torch.float32}
+    assert dtypes(dict(bf16, method="full"), True) == {torch.float32}

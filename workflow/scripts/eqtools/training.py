@@ -444,10 +444,14 @@ def build_model(model_dir: str, recipe: Recipe | dict, device: str):
             config.model_type,
         )
     # float32 trained weights for every recipe: `dtype: bfloat16` trains under autocast (see
-    # `autocast`); LoRA's frozen base is then kept in bf16 as well (half the memory: 70B fits),
-    # its adapters in float32 (peft upcasts them). Straight onto the device: no host copy.
-    # A sharded run's ranks build a skeleton on the meta device (eqtools.distributed.load_sharded).
-    frozen_bf16 = recipe.method == "lora" and recipe.dtype == "bfloat16"
+    # `autocast`). LoRA's frozen base is kept in bf16 (half the memory) only where evaluation
+    # computes in bf16 too: the engine computes in the weights' dtype, and a float32 evaluation
+    # must not silently become a bf16 one. Its adapters stay float32 (peft upcasts them).
+    # Straight onto the device: no host copy. A sharded run's ranks build a skeleton on the
+    # meta device (eqtools.distributed.load_sharded).
+    frozen_bf16 = (
+        recipe.method == "lora" and recipe.dtype == "bfloat16" and recipe.eval_dtype == "bfloat16"
+    )
     dtype = torch.bfloat16 if frozen_bf16 else torch.float32
     if device == "meta":
         model = skeleton(model_dir, dtype, config)
