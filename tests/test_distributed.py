@@ -397,7 +397,8 @@ def test_fsdp_resumed_after_its_last_epoch_saves_the_trained_weights(
     tiny_model_dir, world_of_one, tmp_path
 ):
     """A run killed after its last epoch's state but before the checkpoints resumes with no
-    epoch left to train: FSDP's evaluation copy must still receive the trained weights."""
+    epoch left to train: the checkpoints written from the sharded model must hold the trained
+    weights, restored from the state."""
     from safetensors.torch import load_file
     from test_training import frames
 

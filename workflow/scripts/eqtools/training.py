@@ -261,7 +261,8 @@ def save_state(
 ) -> None:
     """Every rank writes its shards and RNG state into the temporary directory that rank 0
     swaps into place once all are done. `predictions` maps "early_stop" and "convergence" (the
-    latest epoch) to {split: graded frame}; rank 0 holds them, the metrics and `best`."""
+    latest epoch) to {split: graded frame}; every rank holds them, the metrics and `best`, and
+    rank 0 writes them."""
     import torch.distributed.checkpoint as dcp
 
     def save(tmp: Path) -> None:
