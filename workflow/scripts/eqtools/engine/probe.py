@@ -134,6 +134,11 @@ class PathChoice:
         try:
             return self._probe(cfg)
         except Exception as e:  # whatever breaks the fast path on this model makes it step aside
+            if self.lockstep is not None and not isinstance(e, EngineError):
+                # ranks in lockstep step aside together only where the fast path refused (the
+                # same on every rank); anything else (e.g. one GPU out of memory) may have left
+                # the others inside a collective: stop the job rather than let them diverge
+                raise
             message = str(e).splitlines()[0][:200] if str(e) else ""
             return f"the probe failed: {type(e).__name__}: {message}"
         finally:
