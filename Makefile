@@ -84,6 +84,7 @@ bench: setup
 	$(BIN)/python benchmarks/prepare_memory.py --json benchmarks/runs/prepare_memory.json
 	$(BIN)/python benchmarks/fsdp_memory.py --json benchmarks/runs/fsdp_memory.json
 	$(BIN)/python benchmarks/distributed_parity.py --json benchmarks/runs/distributed_parity.json
+	$(BIN)/python benchmarks/distributed_eval.py --json benchmarks/runs/distributed_eval.json
 
 # Lineage of a result file back to the dataset archive, with every input checked against its
 # recorded sha256: make audit FIGURE=results/figures/<model>/<run>/fig1_fitting_known_unknown.png

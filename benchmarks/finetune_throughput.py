@@ -44,6 +44,19 @@ from eqtools.training import (  # noqa: E402
 )
 
 MAX_NEW = 16
+# the keys a Recipe needs (eqtools.settings) that the recipes below leave out; build_model reads
+# dtype and eval_dtype: float32 gives the fp32 weights a `dtype: bfloat16` recipe (eval_dtype
+# float32) trains too, --dtype sets the autocast of train_epoch
+RECIPE_REST = {
+    "batch_size": 16,
+    "epochs": 1,
+    "seed": 0,
+    "warmup_steps": 0,
+    "dtype": "float32",
+    "eval_dtype": "float32",
+    "max_new_tokens": MAX_NEW,
+    "lora": {"rank": 8, "alpha": 16, "target_modules": "all-linear"},
+}
 RECIPES = {
     "lora": {
         "method": "lora",
@@ -66,6 +79,7 @@ RECIPES = {
     },
     "full": {"method": "full", "learning_rate": 1e-5, "dropout": 0.05, "weight_decay": 0.0},
 }
+RECIPES = {name: RECIPE_REST | recipe for name, recipe in RECIPES.items()}
 
 
 def train_throughput(
