@@ -26,14 +26,16 @@ CPU; 2 processes meet over gloo (torchrun --standalone). Then, one after the oth
    processes; each rank's peak resident memory (VmHWM), and that of 1 process for context.
 3. Labelling: one chunk of --label-questions questions of one relation through
    `label_questions.label` (the rule's code: `distributed.run_model_job`, in this process for 1
-   process, under torchrun with FSDP2 and lockstep for 2), 2 exemplar sets of 2, 2 samples at
-   T = 0.5, random gold answers (the random model knows none: the questions are Unknown and every
-   sample is drawn). The two chunk files must be byte-identical (asserted). Timed: the labelling
-   the job logs (after the Generator is built, to the gathered labels); the whole job's wall
-   time, loading included, is reported apart.
+   process; under torchrun for 2, once sharded with FSDP2 in lockstep (`multi_gpu: fsdp`), once
+   tensor parallel (`multi_gpu: tp`, which `auto` picks for a Llama)), 2 exemplar sets of 2, 2
+   samples at T = 0.5, random gold answers (the random model knows none: the questions are
+   Unknown and every sample is drawn). The chunk files must be byte-identical to 1 process's
+   (asserted). Timed: the labelling the job logs (after the Generator is built, to the gathered
+   labels); the whole job's wall time, loading included, is reported apart.
 
-The last four lines are the speedups (1-process time over 2-process time), and rank 0's peak
-memory over rank 1's.
+The last lines are the speedups (1-process time over 2-process time) and rank 0's peak memory
+over rank 1's; the last line is labelling's with the strategy `multi_gpu: auto` takes (tp), the
+line before it FSDP's.
 """
 
 import argparse
@@ -318,7 +320,8 @@ def memory(args, tmp: Path) -> dict:
 
 
 def labelling(args, tmp: Path) -> dict:
-    """One chunk labelled by `label_questions.label` in 1 and 2 processes."""
+    """One chunk labelled by `label_questions.label` in 1 process and in 2, each way the ranks
+    can share the model (`models.<name>.multi_gpu`: fsdp, tp)."""
     import logging
 
     import label_questions
@@ -359,8 +362,9 @@ def labelling(args, tmp: Path) -> dict:
         "backend": "auto",
     }
     runs = {}
-    for nproc in (1, 2):
-        out, log_path = tmp / f"labels{nproc}.parquet", tmp / f"labels{nproc}.log"
+    for nproc, multi_gpu in ((1, "auto"), (2, "fsdp"), (2, "tp")):
+        name = "one" if nproc == 1 else multi_gpu
+        out, log_path = tmp / f"labels-{name}.parquet", tmp / f"labels-{name}.log"
         handler = logging.FileHandler(log_path)  # the log line of the 1-process job (this process)
         workflow_log = logging.getLogger("workflow")
         workflow_log.addHandler(handler)
@@ -371,7 +375,7 @@ def labelling(args, tmp: Path) -> dict:
             # scheduling keys, a thread per rank, log and output)
             smk = SimpleNamespace(
                 wildcards=SimpleNamespace(model="random-llama"),
-                config={"models": {"random-llama": {"gpus": nproc, "multi_gpu": "ranks",
+                config={"models": {"random-llama": {"gpus": nproc, "multi_gpu": multi_gpu,
                                                     "device": "cpu"}}},
                 threads=nproc,
                 log=[str(log_path)],
@@ -389,22 +393,27 @@ def labelling(args, tmp: Path) -> dict:
         found = re.search(r"(\d+) questions in ([\d.]+) s .*?; (\{.*?\}); engine (.*)", text)
         if not found:
             raise RuntimeError(f"no labelling time in {log_path}:\n{text[-3000:]}")
-        runs[nproc] = {
+        runs[name] = {
             "seconds": float(found.group(2)),
             "job_seconds": wall,
             "categories": found.group(3),
             "engine": found.group(4).strip(),
         }
         print(
-            f"labelling, {nproc} process(es): {runs[nproc]['seconds']:.1f} s for {m} questions "
-            f"(whole job {wall:.1f} s); {runs[nproc]['categories']}; rank 0's engine "
-            f"{runs[nproc]['engine']}",
+            f"labelling, {nproc} process(es) ({name}): {runs[name]['seconds']:.1f} s for {m} "
+            f"questions (whole job {wall:.1f} s); {runs[name]['categories']}; rank 0's engine "
+            f"{runs[name]['engine']}",
             flush=True,
         )
-    identical = (tmp / "labels1.parquet").read_bytes() == (tmp / "labels2.parquet").read_bytes()
-    assert identical, "the chunk labelled by 2 processes differs from 1 process's"
-    print("labelling: the 2-process chunk is byte-identical to the 1-process chunk", flush=True)
-    return {"runs": runs, "speedup": runs[1]["seconds"] / runs[2]["seconds"], "identical": True}
+    one = (tmp / "labels-one.parquet").read_bytes()
+    for name in ("fsdp", "tp"):
+        identical = (tmp / f"labels-{name}.parquet").read_bytes() == one
+        assert identical, f"the chunk labelled by 2 processes ({name}) differs from 1 process's"
+        print(
+            f"labelling ({name}): the 2-process chunk is byte-identical to 1 process's", flush=True
+        )
+    speedup = {name: runs["one"]["seconds"] / runs[name]["seconds"] for name in ("fsdp", "tp")}
+    return {"runs": runs, "speedup": speedup, "identical": True}
 
 
 def main() -> None:
@@ -452,7 +461,10 @@ def main() -> None:
     print(f"evaluation speedup, 2 vs 1 processes (ddp): {evaluation_runs['ddp']['speedup']:.2f}")
     print(f"evaluation speedup, 2 vs 1 processes (fsdp): {evaluation_runs['fsdp']['speedup']:.2f}")
     print(f"rank 0 / rank 1 peak memory (fsdp, 2 processes): {fsdp['rank_ratio']:.2f}")
-    print(f"labelling speedup, 2 vs 1 processes (fsdp): {results['labelling']['speedup']:.2f}")
+    # the strategy `multi_gpu: auto` picks for this model (it has a tensor-parallel plan) last
+    for name in ("fsdp", "tp"):
+        speedup = results["labelling"]["speedup"][name]
+        print(f"labelling speedup, 2 vs 1 processes ({name}): {speedup:.2f}")
 
 
 if __name__ == "__main__":

@@ -150,9 +150,16 @@ def test_each_item_is_on_exactly_one_rank_and_gathered_in_order():
     assert gather_answers(["a", "b"], 2, 1) == ["a", "b"]
 
 
-def test_a_chunk_labelled_by_two_ranks_is_byte_identical_to_one_process(tiny_model_dir, tmp_path):
-    """label_questions.py's ranks (torchrun, FSDP2, lockstep) against the same script in one
-    process without torch.distributed; then P(True) of the labelled questions likewise."""
+@pytest.mark.parametrize(
+    ("multi_gpu", "strategy"),
+    [("fsdp", "FSDP, in lockstep"), ("auto", "tensor parallel")],  # the tiny Llama has a TP plan
+)
+def test_a_chunk_labelled_by_two_ranks_is_byte_identical_to_one_process(
+    multi_gpu, strategy, tiny_model_dir, tmp_path
+):
+    """label_questions.py's ranks (torchrun; sharded with FSDP2, in lockstep, or tensor
+    parallel) against the same script in one process without torch.distributed; then P(True) of
+    the labelled questions likewise."""
     import label_questions
     import ptrue
 
@@ -199,7 +206,7 @@ def test_a_chunk_labelled_by_two_ranks_is_byte_identical_to_one_process(tiny_mod
         output = tmp_path / f"{name}{gpus}.parquet"
         smk = SimpleNamespace(
             wildcards=SimpleNamespace(model="tiny"),
-            config={"models": {"tiny": {"gpus": gpus, "multi_gpu": "ranks", "device": "cpu"}}},
+            config={"models": {"tiny": {"gpus": gpus, "multi_gpu": multi_gpu, "device": "cpu"}}},
             threads=gpus,
             log=[str(tmp_path / f"{name}{gpus}.log")],
             output=[str(output)],
@@ -209,7 +216,8 @@ def test_a_chunk_labelled_by_two_ranks_is_byte_identical_to_one_process(tiny_mod
         return output
 
     outputs = {gpus: run(label_questions.label, job, "labels", gpus) for gpus in (1, 2)}
-    assert "2 process(es)" in (tmp_path / "labels2.log").read_text()
+    log = (tmp_path / "labels2.log").read_text()
+    assert "2 process(es)" in log and f"2 ranks: {strategy}" in log
     assert outputs[1].read_bytes() == outputs[2].read_bytes()
     labels = pl.read_parquet(outputs[1])
     assert labels["id"].to_list() == questions["id"].to_list()

@@ -132,9 +132,9 @@ def model_gpus(wildcards):
 
 def model_threads(wildcards):
     """CPU threads of a labelling or P(True) job: engine.threads per process, one process per
-    GPU with `multi_gpu: ranks` (scheduling only)."""
+    GPU unless `multi_gpu: device_map` (scheduling only)."""
     entry = config["models"][wildcards.model]
-    ranks = entry["gpus"] if entry["multi_gpu"] == "ranks" else 1
+    ranks = 1 if entry["multi_gpu"] == "device_map" else entry["gpus"]
     return config["engine"]["threads"] * ranks
 
 

@@ -1,8 +1,9 @@
 """SliCK labels of one (split, relation) chunk with the shared generation engine.
 
-With `models.<name>.gpus` > 1 (and `multi_gpu: ranks`) this file runs again under torchrun, once
-per GPU (`label_questions.py --job <job.json>`): the model is sharded over the ranks (FSDP2),
-each rank labels its share of the chunk's questions in lockstep, and rank 0 writes the chunk."""
+With `models.<name>.gpus` > 1 (unless `multi_gpu: device_map`) this file runs again under
+torchrun, once per GPU (`--job <job.json>`): the model is spread over the ranks, tensor parallel
+(every rank runs every request on its share of the heads) or sharded with FSDP2 (each rank
+labels its share of the chunk's questions in lockstep), and rank 0 writes."""
 
 import json
 import logging
@@ -27,8 +28,8 @@ def label(job: dict, ranks: distributed.Ranks, device: str) -> None:
     slick, model_spec = spec.slick, spec.model
     questions = pl.read_parquet(job["questions"]).filter(pl.col("relation") == job["relation"])
     exemplars = json.loads(Path(job["exemplars"]).read_text())
-    model, tokenizer, device, lockstep = distributed.load_model(
-        job["model"], model_spec.dtype, device, ranks
+    model, tokenizer, device, lockstep, shares = distributed.load_model(
+        job["model"], model_spec.dtype, device, ranks, job.get("multi_gpu", "auto")
     )
     generator = Generator(
         model,
@@ -41,7 +42,7 @@ def label(job: dict, ranks: distributed.Ranks, device: str) -> None:
         lockstep=lockstep,
     )
     start = time.perf_counter()
-    mine = questions[share(questions.height, ranks.rank, ranks.world)]
+    mine = questions[share(questions.height, shares.rank, shares.world)]
     labels = label_questions(
         generator,
         mine,
@@ -51,7 +52,7 @@ def label(job: dict, ranks: distributed.Ranks, device: str) -> None:
         full_p_correct=slick.full_p_correct,
     )
     # every rank's rows, in the chunk's order (each question was labelled by one rank)
-    rows = gather_answers(labels.to_dicts(), questions.height, ranks.world)
+    rows = gather_answers(labels.to_dicts(), questions.height, shares.world)
     labels = pl.DataFrame(rows, schema=labels.schema)
     log.info(
         "%s/%s: %d questions in %.1f s on %s (%s, %d process(es)); %s; engine %s",

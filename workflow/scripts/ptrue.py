@@ -1,8 +1,9 @@
 """P(True) of the base model for every question of a labelled split (the Fig. 5 baseline).
 
-With `models.<name>.gpus` > 1 (and `multi_gpu: ranks`) this file runs again under torchrun, once
-per GPU (`ptrue.py --job <job.json>`): the model is sharded over the ranks (FSDP2), each rank
-scores its share of the proposals in lockstep, and rank 0 writes the split's scores."""
+With `models.<name>.gpus` > 1 (unless `multi_gpu: device_map`) this file runs again under
+torchrun, once per GPU (`--job <job.json>`): the model is spread over the ranks, tensor parallel
+(every rank runs every request on its share of the heads) or sharded with FSDP2 (each rank
+scores its share of the proposals in lockstep), and rank 0 writes."""
 
 import logging
 import sys
@@ -23,14 +24,14 @@ def score(job: dict, ranks: distributed.Ranks, device: str) -> None:
     log = logging.getLogger("workflow")
     spec = Ptrue.from_param(job["spec"])
     rows = proposals(pl.read_parquet(job["labels"]), spec.ptrue.proposals)
-    model, tokenizer, device, lockstep = distributed.load_model(
-        job["model"], spec.model.dtype, device, ranks
+    model, tokenizer, device, lockstep, shares = distributed.load_model(
+        job["model"], spec.model.dtype, device, ranks, job.get("multi_gpu", "auto")
     )
     start = time.perf_counter()
-    mine = rows[share(rows.height, ranks.rank, ranks.world)]
+    mine = rows[share(rows.height, shares.rank, shares.world)]
     # rows per forward pass: the engine's runtime setting, deliberately untracked
     scores = score_p_true(model, tokenizer, mine, device, job["max_batch_rows"], lockstep)
-    result = question_scores(rows, gather_answers(scores, rows.height, ranks.world))
+    result = question_scores(rows, gather_answers(scores, rows.height, shares.world))
     log.info(
         "%s: P(True) of %d questions (%d proposals) in %.1f s on %s (%d process(es)); mean %.3f",
         job["split"],

@@ -350,31 +350,64 @@ def rank_main(argv: list[str], work: Callable[[dict, Ranks, str], None]) -> None
         stop(ranks)
 
 
-def load_model(model_dir: str, dtype: str, device: str, ranks: Ranks):
-    """(model, tokenizer, device, lockstep) for a labelling or P(True) rank: in one process as
-    `eqtools.models.load` loads it (lockstep None); over several ranks sharded as it loads (no
-    GPU ever holds the whole model), with the Lockstep its forwards need."""
-    from transformers import AutoTokenizer
+def tensor_parallel_obstacle(config, world: int) -> str | None:
+    """Why transformers' tensor parallelism (the architecture's `base_model_tp_plan`) cannot
+    spread a model of `config` over `world` ranks, or None."""
+    text = config.get_text_config()
+    if not getattr(text, "base_model_tp_plan", None):
+        return f"{text.model_type} has no tensor-parallel plan in transformers"
+    heads = getattr(text, "num_attention_heads", None)
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    if not isinstance(heads, int) or heads % world or kv % world:
+        return f"its {heads} attention / {kv} key-value heads do not divide over {world} ranks"
+    return None
+
+
+def load_model(model_dir: str, dtype: str, device: str, ranks: Ranks, multi_gpu: str = "auto"):
+    """(model, tokenizer, device, lockstep, shares) for a labelling or P(True) rank. One process:
+    as `eqtools.models.load` loads it. Several ranks (`multi_gpu`): tensor parallel ("tp";
+    "auto" where the architecture has a plan whose heads divide over the ranks): each rank loads
+    its share of every layer, and every rank runs every request (`shares` is one process);
+    else sharded with FSDP2 as it loads ("fsdp": no GPU ever holds the whole model), each rank
+    its share of the requests (`shares` are the ranks), in the lockstep its forwards need."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from eqtools.engine import Lockstep
-    from eqtools.models import load
+    from eqtools.models import load, torch_dtype
 
     if ranks.world == 1:
-        return (*load(model_dir, dtype=dtype, device=device), None)
+        return (*load(model_dir, dtype=dtype, device=device), None, ranks)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    strategy, reason = multi_gpu, "multi_gpu: fsdp"
+    if multi_gpu in ("auto", "tp"):
+        reason = tensor_parallel_obstacle(AutoConfig.from_pretrained(model_dir), ranks.world)
+        if reason and multi_gpu == "tp":
+            raise DistributedError(f"multi_gpu is tp, but {reason}; use fsdp or auto")
+        strategy = "fsdp" if reason else "tp"
+    log.info(
+        "%d ranks: %s",
+        ranks.world,
+        "tensor parallel" if strategy == "tp" else f"FSDP, in lockstep ({reason})",
+    )
+    if strategy == "tp":
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch_dtype(dtype), tp_plan="auto"
+        )
+        return model.eval(), tokenizer, device, None, ONE_PROCESS
     model = load_sharded(lambda where: load(model_dir, dtype=dtype, device=where)[0], device, ranks)
-    return model.eval(), AutoTokenizer.from_pretrained(model_dir), device, Lockstep(model, device)
+    return model.eval(), tokenizer, device, Lockstep(model, device), ranks
 
 
 def run_model_job(work: Callable[[dict, Ranks, str], None], worker: str, job: dict, smk) -> None:
     """A labelling or P(True) job of the rule `smk` (its {model}'s registry entry with the
     scheduling keys, threads, log and output): `work(job, ranks, device)` in this process, or
-    with `gpus` > 1 and `multi_gpu: ranks` once per GPU under torchrun (`worker` is the rule's
-    script, which hands `work` to `rank_main`)."""
+    with `gpus` > 1 (unless `multi_gpu: device_map`) once per GPU under torchrun (`worker` is
+    the rule's script, which hands `work` to `rank_main`)."""
     from eqtools.models import pick_device
 
     model = smk.wildcards.model
     entry = smk.config["models"][model]  # its scheduling keys: deliberately untracked
-    if entry["gpus"] == 1 or entry["multi_gpu"] != "ranks":
+    if entry["gpus"] == 1 or entry["multi_gpu"] == "device_map":
         torch.set_num_threads(smk.threads)
         work(job, ONE_PROCESS, entry["device"])
         return
@@ -383,7 +416,7 @@ def run_model_job(work: Callable[[dict, Ranks, str], None], worker: str, job: di
     check_fits(f"models.{model}", schedule, device, smk.threads, os.environ, processes="gpus")
     run_ranks(
         Path(worker).resolve(),
-        job | {"device": device},
+        job | {"device": device, "multi_gpu": entry["multi_gpu"]},
         schedule,
         smk.threads,
         Path(smk.log[0]),

@@ -63,9 +63,13 @@ class Generator(PathChoice, LevelsPath, ReferencePath):
         self.dtype = weights.dtype
         self.compute_dtype = compute_dtype or weights.dtype
         self._autocast = self.compute_dtype != weights.dtype
+        self.base = _pretrained(model)
+        # tensor parallel (transformers' tp_plan): every rank runs every request, on its share
+        # of the attention heads, and the layers' all-reduces keep the ranks in step
+        self.tp_size = getattr(self.base, "_tp_size", None) or 1
         # a sharded (FSDP2) model gathers its weights in every forward: inference tensors cannot
         # be gathered into, so its forwards run under no_grad
-        self._sharded = isinstance(weights, DTensor)
+        self._sharded = isinstance(weights, DTensor) and self.tp_size == 1
         if self._sharded and lockstep is None:
             raise EngineError(
                 "the model is sharded (FSDP): its ranks must generate in lockstep (pass a Lockstep)"
@@ -75,12 +79,13 @@ class Generator(PathChoice, LevelsPath, ReferencePath):
         self.temperature = temperature
         self.top_k = top_k
         self.max_batch_rows = max_batch_rows
-        self.base = _pretrained(model)
         cfg = self.base.config.get_text_config()
         self.architecture = type(self.base).__name__
         self.n_layers = _setting(cfg, "num_hidden_layers")
         heads = _setting(cfg, "num_attention_heads")
         self.kv_heads = _setting(cfg, "num_key_value_heads") or heads
+        if isinstance(self.kv_heads, int):
+            self.kv_heads //= self.tp_size  # the heads of this rank's share
         hidden = _setting(cfg, "hidden_size")
         self.head_dim = _setting(cfg, "head_dim") or (hidden // heads if heads and hidden else None)
         self.one_row = False  # the reference path decodes one row per call (see _check_reference)
