@@ -62,6 +62,7 @@ class Study:
     cfg: Path  # the config file the study ran with
     killed: dict  # {"incomplete": outputs marked incomplete at the kill, "times": mtimes}
     resumed: str  # the output of the --rerun-incomplete run
+    resumed_times: dict  # mtimes right after it (the study then rewrites the train labels)
     relabelled: int  # train questions relabelled HighlyKnown
 
     def run(self, *args: str, config: dict | None = None, check: bool = True):
@@ -162,6 +163,9 @@ def build(work: Path, model_dir: Path) -> Study:
     resumed = snakemake(
         work, "--rerun-incomplete", *LABEL_TARGETS, configfile=cfg, snakefile=work / "Snakefile"
     )
+    resumed_times = file_times(work)
     relabelled = give_the_model_some_knowledge(work / f"results/labels/{MODEL}/train.parquet")
     snakemake(work, configfile=cfg, snakefile=work / "Snakefile")
-    return Study(work, config, cfg, killed, resumed.stdout + resumed.stderr, relabelled)
+    return Study(
+        work, config, cfg, killed, resumed.stdout + resumed.stderr, resumed_times, relabelled
+    )
