@@ -57,25 +57,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "workflow" / "scripts"), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 from conftest import embedded_gguf  # noqa: E402
+from fsdp_memory import RECIPE as FSDP_MEMORY_RECIPE  # noqa: E402
 from prepare_memory import high_water_gib  # noqa: E402
 
 from eqtools import distributed  # noqa: E402
 from eqtools.settings import Recipe, Schedule  # noqa: E402
 
-RECIPE = {
-    "method": "full",
-    "learning_rate": 1e-5,
-    "batch_size": 8,
-    "dropout": 0.0,
-    "epochs": 1,
-    "seed": 0,
-    "warmup_steps": 0,
-    "weight_decay": 0.0,
-    "dtype": "float32",
-    "eval_dtype": "float32",
-    "max_new_tokens": 8,
-    "lora": {"rank": 8, "alpha": 16, "target_modules": "all-linear"},
-}
+# the memory benchmark's full fp32 recipe, with a recipe's evaluation length
+RECIPE = dict(FSDP_MEMORY_RECIPE, max_new_tokens=8)
 ALL_GATHER_RANGES = ("FSDP::all_gather",)  # also matches FSDP::all_gather_copy_out
 
 
