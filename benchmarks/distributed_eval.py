@@ -2,7 +2,7 @@
 chunk at 1 and 2 processes, and the memory of a sharded fine-tune that evaluates, with the code
 the `finetune` and `label_questions` rules run.
 
-    python benchmarks/distributed_eval.py [--questions 512 --max-new-tokens 8 --json out.json]
+    python benchmarks/distributed_eval.py [--questions 2048 --max-new-tokens 8 --json out.json]
 
 A random-init Llama of about 0.5 B parameters built from a config (hidden 1536, 16 layers, the
 embedded SmolLM2 tokenizer; no download), saved once as fp32 safetensors in a temporary
@@ -411,7 +411,9 @@ def main() -> None:
     )
     ap.add_argument("--hidden", type=int, default=1536)
     ap.add_argument("--layers", type=int, default=16)
-    ap.add_argument("--questions", type=int, default=512, help="evaluation questions")
+    # 2048: each of 2 ranks runs a wave of 1024 rows, as an epoch's evaluation does at the
+    # default engine.max_batch_rows (with 512 the forwards are too small to outweigh gathering)
+    ap.add_argument("--questions", type=int, default=2048, help="evaluation questions")
     ap.add_argument("--max-new-tokens", type=int, default=8, help="the recipe's max_new_tokens")
     ap.add_argument("--train-examples", type=int, default=8, help="fine-tune: one batch of these")
     ap.add_argument("--eval-questions", type=int, default=8, help="fine-tune: dev questions")
