@@ -94,3 +94,15 @@ def pytest_configure(config):
         import torch
 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+@pytest.fixture
+def world_of_one():
+    """A gloo process group of one process in this process (FSDP needs a group)."""
+    import torch.distributed as dist
+
+    from eqtools import distributed
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    yield distributed.Ranks(0, 1, 0)
+    dist.destroy_process_group()

@@ -38,14 +38,6 @@ def save_model(model, target: Path) -> None:
         config.write_text(json.dumps(data, indent=2, sort_keys=True))
 
 
-@pytest.fixture
-def world_of_one():
-    """A gloo process group of one process in this process (FSDP needs a group)."""
-    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
-    yield distributed.Ranks(0, 1, 0)
-    dist.destroy_process_group()
-
-
 def build(model_dir: Path, method: str = "full", seed: int = 0):
     """The tiny model (LoRA adapters on every linear layer), every trainable weight moved by
     noise drawn from `seed`: a model whose weights differ from the file's and from another
@@ -63,8 +55,15 @@ def build(model_dir: Path, method: str = "full", seed: int = 0):
     return model
 
 
-def shard(model, ranks):
-    return distributed.shard(model)
+def saved_by_us(model_dir: Path, method: str, sharded: bool, request, target: Path) -> Path:
+    """`save_checkpoint` of the model `build` makes, sharded in a world of one or not."""
+    model = build(model_dir, method)
+    ranks = distributed.ONE_PROCESS
+    if sharded:
+        ranks = request.getfixturevalue("world_of_one")
+        model = distributed.shard(model)
+    save_checkpoint(model, target, ranks)
+    return target
 
 
 def full_weights(model) -> dict[str, torch.Tensor]:
@@ -93,14 +92,7 @@ def test_full_checkpoint_is_what_save_pretrained_writes(tiny_model_dir, tmp_path
 
     reference = build(tiny_model_dir)
     reference.save_pretrained(tmp_path / "reference")
-    model = build(tiny_model_dir)
-    ranks = distributed.ONE_PROCESS
-    if sharded:
-        ranks = request.getfixturevalue("world_of_one")
-        model = shard(model, ranks)
-    save_checkpoint(model, tmp_path / "ours", ranks)
-
-    ours = tmp_path / "ours"
+    ours = saved_by_us(tiny_model_dir, "full", sharded, request, tmp_path / "ours")
     assert_same_tensors(ours / "model.safetensors", tmp_path / "reference/model.safetensors")
     assert "lm_head.weight" not in load_file(ours / "model.safetensors")  # tied: written once
     with safe_open(ours / "model.safetensors", framework="pt") as f:
@@ -120,16 +112,8 @@ def test_full_checkpoint_is_what_save_pretrained_writes(tiny_model_dir, tmp_path
 def test_lora_checkpoint_is_the_adapter_save_model_writes(
     tiny_model_dir, tmp_path, sharded, request
 ):
-    reference = build(tiny_model_dir, "lora")
-    save_model(reference, tmp_path / "reference")
-    model = build(tiny_model_dir, "lora")
-    ranks = distributed.ONE_PROCESS
-    if sharded:
-        ranks = request.getfixturevalue("world_of_one")
-        model = shard(model, ranks)
-    save_checkpoint(model, tmp_path / "ours", ranks)
-
-    ours = tmp_path / "ours"
+    save_model(build(tiny_model_dir, "lora"), tmp_path / "reference")
+    ours = saved_by_us(tiny_model_dir, "lora", sharded, request, tmp_path / "ours")
     assert not (ours / "model.safetensors").exists()
     weights = load_file(ours / "adapter_model.safetensors")
     assert any(".lora_B.weight" in k for k in weights)
@@ -150,7 +134,8 @@ def test_load_checkpoint_restores_the_saved_weights(
     save_checkpoint(saved, tmp_path / "checkpoint", distributed.ONE_PROCESS)
     model = build(tiny_model_dir, method, seed=2)
     if sharded:
-        model = shard(model, request.getfixturevalue("world_of_one"))
+        request.getfixturevalue("world_of_one")
+        model = distributed.shard(model)
     expected, before = full_weights(saved), full_weights(model)
     assert not all(torch.equal(before[k], v) for k, v in expected.items())
 
@@ -219,12 +204,14 @@ def two_ranks(rank: int, model_dir: str, out: str, store: str) -> None:
     )
     ranks = distributed.Ranks(rank, 2, rank)
     try:
-        model = shard(build(Path(model_dir)), ranks)
+        model = distributed.shard(build(Path(model_dir)))
         save_checkpoint(model, Path(out) / "saved", ranks)
-        other = shard(build(Path(model_dir), seed=4), ranks)
+        other = distributed.shard(build(Path(model_dir), seed=4))
         load_checkpoint(other, Path(out) / "saved")
         save_checkpoint(other, Path(out) / "reloaded", ranks)
-        save_checkpoint(shard(build(Path(model_dir), "lora"), ranks), Path(out) / "adapter", ranks)
+        save_checkpoint(
+            distributed.shard(build(Path(model_dir), "lora")), Path(out) / "adapter", ranks
+        )
     finally:
         dist.destroy_process_group()
 

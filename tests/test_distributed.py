@@ -382,17 +382,6 @@ def test_two_processes_train_the_embedded_model_like_one(embedded_model_dir, tmp
         assert a.equals(pl.read_parquet(two / f"eval/{stop}/test.parquet")), stop
 
 
-@pytest.fixture
-def world_of_one():
-    """A gloo process group of one process in this process (FSDP needs a group)."""
-    import torch.distributed as dist
-
-    store = dist.HashStore()
-    dist.init_process_group("gloo", rank=0, world_size=1, store=store)
-    yield distributed.Ranks(0, 1, 0)
-    dist.destroy_process_group()
-
-
 def test_fsdp_resumed_after_its_last_epoch_saves_the_trained_weights(
     tiny_model_dir, world_of_one, tmp_path
 ):

@@ -17,7 +17,7 @@ import polars as pl
 import pytest
 import torch
 import torch.distributed as dist
-from test_checkpoint import build, shard
+from test_checkpoint import build
 from transformers import AutoTokenizer
 
 from eqtools import distributed
@@ -81,7 +81,7 @@ def rank_answers(rank: int, model_dir: str, out: str, store: str) -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     try:
         for method, backend in CASES:
-            model = shard(build(Path(model_dir), method), ranks).eval()
+            model = distributed.shard(build(Path(model_dir), method)).eval()
             generator = Generator(
                 model, tokenizer, max_new_tokens=MAX_NEW_TOKENS, backend=backend,
                 lockstep=Lockstep(model, "cpu"),
