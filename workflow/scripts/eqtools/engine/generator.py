@@ -99,9 +99,8 @@ class Generator(PathChoice, LevelsPath, ReferencePath):
         self.attended_layers: set[int] = set()  # layers that attended in the last levels forward
         self.stats = Stats()
         self.backend, reason = self._choose_backend(backend, cfg)
-        if lockstep is not None:
+        if lockstep is not None:  # the probe's forwards left the root gathered
             lockstep.release()
-        if lockstep is not None:
             lockstep.agree("the engine's path", (self.backend, self.one_row))
         log.info(
             "generation engine: %s path for %s (%s)%s",
