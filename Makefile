@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORES ?= all
 
-.PHONY: setup quickstart study study-models study-both test test-slurm lint format bench audit clean-results
+.PHONY: setup quickstart study study-models study-both test test-e2e test-slurm lint format bench audit clean-results
 
 # The venv is rebuilt when the pins in pyproject.toml change.
 $(STAMP): pyproject.toml
@@ -65,8 +65,13 @@ format: setup
 PYTEST_WORKERS ?= auto --maxprocesses 4
 
 test: setup
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --durations=15
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -m "not e2e" --durations=15
 	$(MAKE) --no-print-directory lint
+
+# Recovery as it happens on a cluster: jobs killed through snakemake (SIGKILL at the points that
+# matter), rerun, and compared byte for byte with an uninterrupted run (minutes; .ci/run runs it).
+test-e2e: setup
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -m e2e --durations=15
 
 # The slurm profile against a real single-node SLURM cluster on localhost (tests/slurm/README.md):
 # installs slurm-wlm + munge when missing, starts the daemons, runs the demo and the tiny workflow

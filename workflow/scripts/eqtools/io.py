@@ -97,14 +97,35 @@ class _Tee:
         return False
 
 
+def attempt_logs(log_path: str | Path) -> Path:
+    """The folder of a rule log's per-attempt copies: `<log>.attempts/` beside it. Snakemake
+    deletes a job's declared log before it runs the job again, so a failed attempt's traceback
+    lives on there (`1.log`, `2.log`, ...)."""
+    log_path = Path(log_path)
+    return log_path.with_name(log_path.name + ".attempts")
+
+
 def setup_logging(log_path: str | Path | None, rank: int | None = None) -> logging.Logger:
     """Send logging and stderr (tracebacks, tqdm) to the rule's log file and to the console.
     The file is opened for appending (after emptying it), so that the processes a job starts
-    (torchrun and its ranks) can add to it. A rank of a distributed run (`rank`) logs to stderr,
-    which torchrun passes on; ranks other than 0 log warnings and errors only."""
+    (torchrun and its ranks) can add to it. It is a hard link to this attempt's copy in
+    `attempt_logs(log_path)`, which outlives Snakemake's deletion of the log before a rerun; the
+    first line names the earlier attempts' copies. A rank of a distributed run (`rank`) logs to
+    stderr, which torchrun passes on; ranks other than 0 log warnings and errors only."""
+    earlier: list[Path] = []
     if log_path:
-        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(log_path).write_text("")
+        log_path = Path(log_path)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.unlink(missing_ok=True)
+        folder = attempt_logs(log_path)
+        folder.mkdir(exist_ok=True)
+        earlier = sorted(folder.glob("*.log"), key=lambda p: int(p.stem) if p.stem.isdigit() else 0)
+        attempt = folder / f"{len(earlier) + 1}.log"
+        attempt.write_text("")
+        try:
+            os.link(attempt, log_path)
+        except OSError:  # a filesystem without hard links: the log alone
+            log_path.write_text("")
         log_file = open(log_path, "a", buffering=1)  # noqa: SIM115 - lives as long as the job
         sys.stderr = _Tee(log_file, sys.__stderr__)
     where = "" if rank is None else f"[rank {rank}] "
@@ -114,4 +135,11 @@ def setup_logging(log_path: str | Path | None, rank: int | None = None) -> loggi
         handlers=[logging.StreamHandler(sys.stderr)],
         force=True,
     )
-    return logging.getLogger("workflow")
+    logger = logging.getLogger("workflow")
+    if earlier:
+        logger.info(
+            "attempt %d of this job; the earlier attempts' logs: %s",
+            len(earlier) + 1,
+            ", ".join(str(p) for p in earlier),
+        )
+    return logger
