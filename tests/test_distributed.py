@@ -282,10 +282,15 @@ def test_a_failed_rank_stops_the_job_and_the_run_resumes_to_the_same_metrics(
     text = log.read_text()
     assert "Signal 9 (SIGKILL)" in text and "local_rank: 1" in text, text[-3000:]
     # on disk: a complete earlier epoch, never a half-written state; no convergence checkpoint
-    assert (killed / "state/trainer.pt").exists() and (killed / "state/dcp/.metadata").exists()
+    assert (killed / "state/epoch/trainer.pt").exists() and (
+        killed / "state/epoch/dcp/.metadata"
+    ).exists()
     assert not (killed / "convergence").exists()
     done = json.loads((killed / "metrics.jsonl").read_text().splitlines()[-1])["epoch"]
-    assert done == 2 and torch.load(killed / "state/trainer.pt", weights_only=False)["epoch"] == 2
+    assert (
+        done == 2
+        and torch.load(killed / "state/epoch/trainer.pt", weights_only=False)["epoch"] == 2
+    )
 
     resumed = run_ranks(job, 2, tmp_path)  # the same command again
     assert "resuming after epoch" in resumed

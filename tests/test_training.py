@@ -260,7 +260,7 @@ def run(
         output, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, output
         return
-    state = out_dir / "state" / "trainer.pt"
+    state = out_dir / "state" / "epoch" / "trainer.pt"
     deadline = time.time() + 600
     while time.time() < deadline:
         if (

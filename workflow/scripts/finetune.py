@@ -14,11 +14,12 @@ import torch
 
 from eqtools import distributed
 from eqtools.io import setup_logging
+from eqtools.jobstate import claim_state, job_stamp
 from eqtools.models import pick_device
 from eqtools.provenance import write_provenance
 from eqtools.settings import Finetune, Schedule
 from eqtools.study import STOPS, TEST_SPLITS
-from eqtools.training import finetune
+from eqtools.training import TrainingError, finetune
 
 
 def eval_frame(labels_path: str) -> pl.DataFrame:
@@ -46,7 +47,18 @@ def train(job: dict, ranks: distributed.Ranks, device: str) -> None:
         max_batch_rows=job["max_batch_rows"],
         backend=job["backend"],
         ranks=ranks,
+        save_every=job["save_every"],
+        keep_weights=job["keep_weights"],
     )
+
+
+def state_root(smk) -> Path:
+    """The run's resumable state: `finetune.state_dir` (scheduling only) or next to its metrics."""
+    where = smk.config["finetune"]["state_dir"]
+    if where is None:
+        return Path(smk.output.metrics).parent / "state"
+    w = smk.wildcards
+    return Path(where) / w.model / f"{w.recipe}{w.seed}" / w.mixture
 
 
 def main(smk) -> None:
@@ -63,6 +75,17 @@ def main(smk) -> None:
         schedule,
         device,
     )
+    state = state_root(smk)
+    stamp = job_stamp(
+        {"spec": smk.params.spec, "code": smk.params.code},
+        {name: smk.input[name] for name in ("model", "mixture", "dev", "test", "ood_test")},
+    )
+    try:
+        w = smk.wildcards
+        resumes = claim_state(state, stamp, f"finetune {w.model}/{w.recipe}{w.seed}/{w.mixture}")
+    except OSError as e:
+        raise TrainingError(f"finetune.state_dir: {e}") from e
+    log.info("state directory %s (%s)", state, "resuming" if resumes else "a new run")
     job = {
         "model": smk.input.model,
         "mixture": smk.input.mixture,
@@ -73,7 +96,7 @@ def main(smk) -> None:
             "metrics": smk.output.metrics,
             "early_stop": smk.output.early_stop,
             "convergence": smk.output.convergence,
-            "state": str(Path(smk.output.metrics).parent / "state"),
+            "state": str(state),
             "predictions": {
                 stop: {split: smk.output[f"{stop}_{split}"] for split in TEST_SPLITS}
                 for stop in STOPS
@@ -82,6 +105,8 @@ def main(smk) -> None:
         # runtime settings, deliberately untracked
         "max_batch_rows": smk.config["engine"]["max_batch_rows"],
         "backend": smk.config["engine"]["backend"],
+        "save_every": smk.config["finetune"]["save_every"],
+        "keep_weights": smk.config["finetune"]["keep_weights"],
     }
     if schedule.strategy == "none":
         torch.set_num_threads(smk.threads)

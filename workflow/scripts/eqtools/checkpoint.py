@@ -55,17 +55,19 @@ def gathered(tensor: torch.Tensor, ranks: Ranks) -> torch.Tensor | None:
     return tensor.detach().cpu() if ranks.main else None
 
 
-def save_checkpoint(model, target: str | Path, ranks: Ranks) -> None:
+def save_checkpoint(
+    model, target: str | Path, ranks: Ranks, dtype: torch.dtype | None = None
+) -> None:
     """Write `model` (sharded or not) to the checkpoint directory `target`, atomically. Every
     rank calls it (it gathers the shards); rank 0 writes, and every rank returns once the
-    checkpoint is in place, so that any rank may load it next."""
+    checkpoint is in place, so that any rank may load it next. A full model's floating-point
+    tensors are written in `dtype` when given (a LoRA adapter, a few MB, as trained)."""
     model = distributed.unwrapped(model)
-    save = _save_adapter if is_lora(model) else _save_full
     if ranks.main:
         with atomic_path(target, directory=True) as tmp:
-            save(model, tmp, ranks)
+            _save(model, tmp, ranks, dtype)
     else:
-        save(model, part_path(Path(target)), ranks)
+        _save(model, part_path(Path(target)), ranks, dtype)
     distributed.barrier(ranks)
 
 
@@ -108,6 +110,13 @@ def _copy_into(tensor: torch.Tensor, full: torch.Tensor) -> None:
             tensor.to_local().copy_(shard.to_local())
         else:
             tensor.copy_(full)
+
+
+def _save(model, directory: Path, ranks: Ranks, dtype: torch.dtype | None) -> None:
+    if is_lora(model):
+        _save_adapter(model, directory, ranks)
+    else:
+        _save_full(model, directory, ranks, dtype)
 
 
 # LoRA: the adapter, written by peft
@@ -212,17 +221,21 @@ def _header(tensors: dict[str, torch.Tensor]) -> tuple[bytes, dict[str, int]]:
     return struct.pack("<Q", len(text)) + text, starts
 
 
-def _save_full(model, directory: Path, ranks: Ranks) -> None:
+def _save_full(model, directory: Path, ranks: Ranks, dtype: torch.dtype | None = None) -> None:
     """model.safetensors streamed one gathered tensor at a time (rank 0 writes each at its
-    place; the other ranks only join the gathers), and the configs `save_pretrained` writes."""
+    place; the other ranks only join the gathers), its floating-point tensors in `dtype` when
+    given, and the configs `save_pretrained` writes."""
     from transformers.core_model_loading import revert_weight_conversion
+
+    def cast(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
     sources = _file_layout(model)
     if not ranks.main:
         for source in sources:
             gathered(source.tensor, ranks)
         return
-    header, starts = _header({k: v for s in sources for k, v in s.becomes.items()})
+    header, starts = _header({k: cast(v) for s in sources for k, v in s.becomes.items()})
     with open(directory / WEIGHTS, "wb") as out:
         out.write(header)
         for source in sources:
@@ -234,14 +247,14 @@ def _save_full(model, directory: Path, ranks: Ranks) -> None:
             )
             for name, piece in pieces.items():
                 out.seek(len(header) + starts[name])
-                out.write(piece.contiguous().reshape(-1).view(torch.uint8).numpy().data)
-    _save_config(model, directory)
+                out.write(cast(piece).contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    _save_config(model, directory, dtype)
 
 
-def _save_config(base, directory: Path) -> None:
+def _save_config(base, directory: Path, dtype: torch.dtype | None = None) -> None:
     """config.json and generation_config.json as `save_pretrained` writes them: it records the
-    weights' dtype and the model class (which FSDP2 renames FSDP<class>)."""
-    base.config.dtype = str(base.dtype).split(".")[1]
+    weights' dtype (as written) and the model class (which FSDP2 renames FSDP<class>)."""
+    base.config.dtype = str(dtype or base.dtype).split(".")[1]
     base.config.architectures = [type(base).__name__.removeprefix("FSDP")]
     if base.is_remote_code():
         from transformers.dynamic_module_utils import custom_object_save

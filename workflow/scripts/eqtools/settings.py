@@ -226,6 +226,14 @@ class Recipe(Settings):
     eval_dtype: str
     max_new_tokens: int
     lora: Lora
+    # left out of the param when null (the recipe's dtype), as before the key existed
+    checkpoint_dtype: str | None = _omit_none()
+
+    @property
+    def written_dtype(self) -> str:
+        """The dtype of the checkpoints' weights: `checkpoint_dtype`, else the recipe's `dtype`
+        (a mixed-precision recipe writes bf16, half the disk)."""
+        return self.checkpoint_dtype or self.dtype
 
 
 # keys of a model entry that only schedule its jobs (config `models.<name>`): never tracked

@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 import warnings
@@ -32,6 +33,7 @@ from eqtools import distributed
 from eqtools.distributed import Ranks
 from eqtools.em import exact_match
 from eqtools.io import atomic_path, part_path, write_parquet, write_text
+from eqtools.progress import Progress, duration
 from eqtools.settings import Lora, Recipe, Schedule
 
 log = logging.getLogger(__name__)
@@ -111,8 +113,10 @@ def train_epoch(
     epoch=0,
     dtype="float32",
     ranks: Ranks = distributed.ONE_PROCESS,
+    progress: Progress | None = None,
 ):
-    """One pass over `examples` in `order`, one optimizer step per batch of `batch_size`.
+    """One pass over `examples` in `order`, one optimizer step per batch of `batch_size`
+    (`progress` counts the steps).
 
     Each rank takes every world-th example of a batch, in micro-batches of `micro`; the loss is
     the sum over the answer tokens divided by the answer tokens of the whole batch (times the
@@ -150,6 +154,8 @@ def train_epoch(
                 positions += int(mask.sum())
         optimizer.step()
         scheduler.step()
+        if progress is not None:
+            progress.advance()
     optimizer.zero_grad(set_to_none=True)
     total, tokens, positions = distributed.all_sum(ranks, [total, tokens, positions], device)
     return total, int(tokens), int(positions)
@@ -163,31 +169,48 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def answer_questions(
-    generator, questions: list[str], ranks: Ranks = distributed.ONE_PROCESS
+    generator,
+    questions: list[str],
+    ranks: Ranks = distributed.ONE_PROCESS,
+    what: str = "evaluation",
 ) -> list[str]:
     """Zero-shot greedy answers in the training format, through the shared engine. Each rank
     answers its share (every world-th question) and every rank returns all the answers; every
-    rank calls it."""
+    rank calls it. Rank 0 logs its progress as `what`."""
     from eqtools.engine import Request, gather_answers, share
 
     prefix = generator.add_prefix("")
     mine = [questions[i] for i in share(len(questions), ranks.rank, ranks.world)]
     requests = [Request(prefix, generator.prompt_tokens(prefix, format_prompt(q))) for q in mine]
     answers = [""] * len(mine)
+    progress = Progress(
+        f"{what} evaluation"
+        + (f" (rank 0's share of {len(questions)})" if ranks.world > 1 else ""),
+        len(mine),
+        "questions",
+    )
     for i, tokens in generator.generate(requests):
         answers[i] = generator.decode(tokens)
+        progress.advance()
+    progress.finish()
     return gather_answers(answers, len(questions), ranks.world)
 
 
 def grade_together(
-    generator, frames: dict[str, pl.DataFrame], ranks: Ranks = distributed.ONE_PROCESS
+    generator,
+    frames: dict[str, pl.DataFrame],
+    ranks: Ranks = distributed.ONE_PROCESS,
+    what: str = "evaluation",
 ) -> dict[str, tuple[pl.DataFrame, dict]]:
     """`accuracy_by_category` of each frame (columns question, gold, optional category), from one
     engine call over all their questions: one full batch instead of one per set, which the small
     sets (the training mixture, dev) would leave mostly empty (35% faster per epoch in the
     quickstart). Each question's answer does not depend on its batch."""
     answers = answer_questions(
-        generator, [q for frame in frames.values() for q in frame["question"].to_list()], ranks
+        generator,
+        [q for frame in frames.values() for q in frame["question"].to_list()],
+        ranks,
+        what,
     )
     graded, start = {}, 0
     for name, frame in frames.items():
@@ -478,18 +501,23 @@ def finetune(
     backend: str = "auto",
     on_epoch: Callable[[int], None] | None = None,
     ranks: Ranks = distributed.ONE_PROCESS,
+    save_every: int = 1,
+    keep_weights: bool = True,
 ) -> list[dict]:
     """Train for `recipe.epochs` epochs (a Recipe, or its dict); after each, evaluate and append a
     metrics line.
 
     `train` has columns id, question, answer (the training target), gold (for grading) and
     category; `evals` maps a name (dev, test, ood_test) to frames with question, gold and
-    optionally category. `out` holds paths: metrics (jsonl), state (resumable state dir),
+    optionally category. `out` holds paths: metrics (jsonl), state (the resumable state's
+    directory: the latest saved epoch in epoch/, the best epoch's weights in best-epoch-<k>/),
     early_stop and convergence (checkpoint dirs), and optionally predictions: {stop: {split:
     parquet path}} for the per-question predictions of `evals[split]` at each stop. `schedule`
     sets the micro-batch and the strategy (one process when None); in a distributed run every
-    rank calls this with its `ranks` (eqtools.distributed.start). Returns the metrics lines
-    (on rank 0; the other ranks return an empty list)."""
+    rank calls this with its `ranks` (eqtools.distributed.start). The state is saved every
+    `save_every` epochs and after the last; `keep_weights=False` drops the checkpoints' weights
+    once the predictions are written. Returns the metrics lines (on rank 0; the other ranks
+    return an empty list)."""
     from transformers import AutoTokenizer, get_constant_schedule_with_warmup
 
     from eqtools.checkpoint import load_checkpoint, save_checkpoint
@@ -497,6 +525,7 @@ def finetune(
 
     recipe = Recipe.coerce(recipe)
     schedule = schedule or Schedule()
+    checkpoint_dtype = torch.bfloat16 if recipe.written_dtype == "bfloat16" else torch.float32
     prediction_paths: dict[str, dict[str, Path]] = out.get("predictions", {})
     predicted = sorted({split for paths in prediction_paths.values() for split in paths})
     if unknown := [split for split in predicted if split not in evals]:
@@ -539,7 +568,8 @@ def finetune(
     steps_per_epoch = math.ceil(train.height / recipe.batch_size)
     examples = encode_examples(tokenizer, train["question"].to_list(), train["answer"].to_list())
 
-    metrics_path, state_dir = Path(out["metrics"]), Path(out["state"])
+    metrics_path, state_root = Path(out["metrics"]), Path(out["state"])
+    state_dir = state_root / "epoch"
     start_epoch, best = 0, {"dev_accuracy": -1.0, "epoch": None}
     lines: list[dict] = []
     # per stop {split: graded frame}; "convergence" holds the latest epoch's until the run ends
@@ -547,20 +577,35 @@ def finetune(
     if resumable(state_dir):
         start_epoch, best, lines, saved = load_state(state_dir, model, optimizer, scheduler, ranks)
         predictions.update(saved)
+        if best["epoch"] is not None and not best_dir(state_root, best["epoch"]).is_dir():
+            raise TrainingError(
+                f"{state_dir} says epoch {best['epoch']} was the best, but its weights "
+                f"{best_dir(state_root, best['epoch'])} are missing; delete {state_root} to "
+                "start over"
+            )
         log.info(
-            "resuming after epoch %d (best dev %.4f at epoch %s)",
+            "resuming after epoch %d of %d (best dev %.4f at epoch %s)",
             start_epoch,
+            recipe.epochs,
             best["dev_accuracy"],
             best["epoch"],
         )
+    if ranks.main:
+        drop_other_bests(state_root, best["epoch"])
     log.info(
-        "%s: %d process(es) (%s), global batch %d, micro-batch %d per process",
+        "%s: %d process(es) (%s), global batch %d, micro-batch %d per process, %d epochs of "
+        "%d optimizer steps; the state is saved every %d epoch(s) to %s",
         device,
         ranks.world,
         schedule.strategy,
         recipe.batch_size,
         schedule.micro_batch_size,
+        recipe.epochs,
+        steps_per_epoch,
+        save_every,
+        state_root,
     )
+    run_started = time.perf_counter()
 
     for epoch in range(start_epoch + 1, recipe.epochs + 1):
         # forward, backward, update
@@ -579,6 +624,9 @@ def finetune(
             epoch,
             recipe.dtype,
             ranks,
+            progress=Progress(
+                f"epoch {epoch}/{recipe.epochs} training", steps_per_epoch, "optimizer steps"
+            ),
         )
         train_seconds = time.perf_counter() - started
         # evaluate: every rank its share; every rank gets all the answers and grades them
@@ -594,7 +642,7 @@ def finetune(
             for name, frame in evals.items()
             if epoch % eval_every.get(name, 1) == 0 or epoch == recipe.epochs
         }
-        graded = grade_together(generator, due, ranks)
+        graded = grade_together(generator, due, ranks, what=f"epoch {epoch}/{recipe.epochs}")
         for name, (_, summary) in graded.items():
             line.update({f"{name}_{k}": v for k, v in summary.items()})
         lines.append(line)
@@ -604,34 +652,41 @@ def finetune(
         if best_epoch(lines) == epoch:
             best = {"dev_accuracy": line["dev_accuracy"], "epoch": epoch}
             predictions["early_stop"] = dict(predictions["convergence"])
-            save_checkpoint(evaluated, out["early_stop"], ranks)
+            # in the state, not in the declared output: Snakemake deletes a job's outputs
+            # before it runs it again, and a resumed run must still find the best weights
+            save_checkpoint(evaluated, best_dir(state_root, epoch), ranks, checkpoint_dtype)
         if ranks.main:
             log.info(
                 "epoch %d: %s",
                 epoch,
                 {k: round(v, 4) if isinstance(v, float) else v for k, v in line.items()},
             )
+            elapsed = time.perf_counter() - run_started
             log.info(
-                "epoch %d timing: train %.1f s (%.0f tokens/s), evaluation %.1f s",
+                "epoch %d of %d done: train %.1f s (%.0f tokens/s), evaluation %.1f s; run ETA %s",
                 epoch,
+                recipe.epochs,
                 train_seconds,
                 positions / max(train_seconds, 1e-9),
                 time.perf_counter() - started - train_seconds,
+                duration(elapsed / (epoch - start_epoch) * (recipe.epochs - epoch)),
             )
             # metrics first, then the state that says this epoch is complete
             write_text("".join(json.dumps(x, sort_keys=True) + "\n" for x in lines), metrics_path)
-        # checkpoint
-        save_state(state_dir, model, optimizer, scheduler, epoch, best, lines, predictions, ranks)
+        # checkpoint (every `save_every` epochs and the last: what a kill can cost)
+        if epoch % save_every == 0 or epoch == recipe.epochs:
+            save_state(
+                state_dir, model, optimizer, scheduler, epoch, best, lines, predictions, ranks
+            )
+            if ranks.main:
+                drop_other_bests(state_root, best["epoch"])
         if on_epoch is not None:
             on_epoch(epoch)
-    save_checkpoint(evaluated, out["convergence"], ranks)
+    save_checkpoint(evaluated, out["convergence"], ranks, checkpoint_dtype)
     if best["epoch"] is None:  # no dev set: the last epoch is the early stop too
-        save_checkpoint(evaluated, out["early_stop"], ranks)
+        save_checkpoint(evaluated, best_dir(state_root, recipe.epochs), ranks, checkpoint_dtype)
+        best = {"dev_accuracy": None, "epoch": recipe.epochs}
         predictions["early_stop"] = dict(predictions["convergence"])
-    if not Path(out["early_stop"]).exists():
-        raise TrainingError(
-            f"{out['early_stop']} is missing although epoch {best['epoch']} was the best"
-        )
     if missing := [
         split
         for split in prediction_paths.get("early_stop", {})
@@ -639,15 +694,70 @@ def finetune(
     ]:
         # eval_every > 1 skipped these at the best epoch: evaluate the early-stop weights once
         log.info("evaluating %s at the early stop (epoch %s)", missing, best["epoch"])
-        load_checkpoint(evaluated, out["early_stop"])
+        load_checkpoint(evaluated, best_dir(state_root, best["epoch"]))
         evaluated.eval()
-        graded = grade_together(generator, {split: evals[split] for split in missing}, ranks)
+        graded = grade_together(
+            generator, {split: evals[split] for split in missing}, ranks, what="early stop"
+        )
         predictions["early_stop"].update({split: graded[split][0] for split in missing})
     if not ranks.main:
         return []
+    # the best weights enter the declared output by hard links (no copy of the data); the state
+    # keeps its own names until the very end, so a kill before then still finds them
+    link_tree(best_dir(state_root, best["epoch"]), Path(out["early_stop"]))
     for stop, paths in prediction_paths.items():
         for split, path in paths.items():
             write_parquet(predictions[stop][split], path)
+    if not keep_weights:
+        for stop in ("early_stop", "convergence"):
+            drop_weights(Path(out[stop]))
     # the run is complete: its resumable state (optimizer moments: twice the trained weights) goes
-    shutil.rmtree(state_dir, ignore_errors=True)
+    shutil.rmtree(state_root, ignore_errors=True)
     return lines
+
+
+def best_dir(state_root: Path, epoch: int) -> Path:
+    """Where the state keeps the weights of the best epoch so far."""
+    return Path(state_root) / f"best-epoch-{epoch}"
+
+
+def drop_other_bests(state_root: Path, keep: int | None) -> None:
+    """Remove the best-epoch weights other than those of epoch `keep`: earlier bests, and one a
+    kill left behind before its epoch's state was saved."""
+    for folder in Path(state_root).glob("best-epoch-*"):
+        if folder.name != f"best-epoch-{keep}":
+            shutil.rmtree(folder)
+
+
+def link_tree(source: Path, target: Path) -> None:
+    """`target` as a copy of the directory `source` made of hard links to its files (a rename's
+    cost; a copy where `target` is on another filesystem, one log line says so), atomically."""
+    copied = []
+    with atomic_path(target, directory=True) as tmp:
+        for path in sorted(source.rglob("*")):
+            destination = tmp / path.relative_to(source)
+            if path.is_dir():
+                destination.mkdir(parents=True, exist_ok=True)
+                continue
+            try:
+                os.link(path, destination)
+            except OSError:
+                shutil.copy2(path, destination)
+                copied.append(path.name)
+    if copied:
+        log.info("copied %s into %s (another filesystem: no hard links)", copied, target)
+
+
+WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors")
+
+
+def drop_weights(checkpoint: Path) -> None:
+    """Remove a checkpoint's weights once its evaluation is written (`finetune.keep_weights:
+    false`); its configs stay, with a note of what was dropped."""
+    dropped = [name for name in WEIGHT_FILES if (checkpoint / name).exists()]
+    for name in dropped:
+        (checkpoint / name).unlink()
+    write_text(
+        f"{', '.join(dropped)} dropped after the evaluation (finetune.keep_weights: false)\n",
+        checkpoint / "WEIGHTS_DROPPED.txt",
+    )
