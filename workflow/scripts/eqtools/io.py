@@ -112,6 +112,9 @@ def setup_logging(log_path: str | Path | None, rank: int | None = None) -> loggi
     `attempt_logs(log_path)`, which outlives Snakemake's deletion of the log before a rerun; the
     first line names the earlier attempts' copies. A rank of a distributed run (`rank`) logs to
     stderr, which torchrun passes on; ranks other than 0 log warnings and errors only."""
+    # tqdm's bars (transformers' "Loading weights") redraw with carriage returns: unreadable in
+    # a log file; progress is logged as lines (eqtools.progress)
+    os.environ.setdefault("TQDM_DISABLE", "1")
     earlier: list[Path] = []
     if log_path:
         log_path = Path(log_path)
