@@ -108,6 +108,25 @@ def test_full_checkpoint_is_what_save_pretrained_writes(tiny_model_dir, tmp_path
         assert torch.equal(loaded(ids).logits, reference.eval()(ids).logits)
 
 
+def test_a_full_checkpoint_in_bf16_is_what_save_pretrained_writes_of_a_bf16_copy(
+    tiny_model_dir, tmp_path
+):
+    """`checkpoint_dtype` (or a mixed-precision recipe's dtype) bfloat16: the float32 trained
+    weights written in bf16, as transformers writes the model cast to bf16."""
+    reference = build(tiny_model_dir).to(torch.bfloat16)
+    reference.save_pretrained(tmp_path / "reference")
+    save_checkpoint(
+        build(tiny_model_dir), tmp_path / "ours", distributed.ONE_PROCESS, torch.bfloat16
+    )
+    assert_same_tensors(
+        tmp_path / "ours/model.safetensors", tmp_path / "reference/model.safetensors"
+    )
+    assert {t.dtype for t in load_file(tmp_path / "ours/model.safetensors").values()} == {
+        torch.bfloat16
+    }
+    assert read_json(tmp_path / "ours/config.json") == read_json(tmp_path / "reference/config.json")
+
+
 @pytest.mark.parametrize("sharded", [False, True], ids=["one", "fsdp"])
 def test_lora_checkpoint_is_the_adapter_save_model_writes(
     tiny_model_dir, tmp_path, sharded, request

@@ -83,6 +83,14 @@ def test_defaults_are_filled_in():
             {"recipes": {"lora": {"distributed": {"nodes": 0}}}},
             "config key 'recipes.lora.distributed.nodes': 0 is less than the minimum of 1",
         ),
+        (
+            {"finetune": {"state_dir": "/proc/version/states"}},
+            "config key 'finetune.state_dir': '/proc/version/states' is not a directory",
+        ),
+        (
+            {"recipes": {"lora": {"checkpoint_dtype": "float16"}}},
+            "config key 'recipes.lora.checkpoint_dtype': 'float16' is not one of",
+        ),
     ],
 )
 def test_bad_values_name_the_key(override, message):

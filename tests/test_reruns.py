@@ -301,6 +301,8 @@ def test_editing_docs_tests_or_bookkeeping_reruns_nothing(state, path):
         ),
         ("models.tiny", {"gpus": 4}),
         ("models.tiny", {"gpus": 2, "multi_gpu": "device_map"}),
+        # disk: the resumable states on scratch, saved less often, the weights dropped
+        ("finetune", {"state_dir": "scratch/states", "save_every": 5, "keep_weights": False}),
     ],
     ids=[
         "memory-runtime",
@@ -309,6 +311,7 @@ def test_editing_docs_tests_or_bookkeeping_reruns_nothing(state, path):
         "ddp-checkpointing",
         "model-gpus",
         "model-gpus-device-map",
+        "finetune-disk",
     ],
 )
 def test_scheduling_settings_rerun_nothing(state, section, setting):
@@ -316,7 +319,9 @@ def test_scheduling_settings_rerun_nothing(state, section, setting):
     fine-tune over more processes and nodes, or a model over more GPUs: nothing that finished
     reruns. The engine's settings only schedule work too."""
     config = changed(state)
-    kind, name = section.split(".")
-    config[kind][name].update(setting)
+    target = config
+    for key in section.split("."):
+        target = target.setdefault(key, {})
+    target.update(setting)
     config["engine"] = {"threads": 2, "max_batch_rows": 3, "backend": "reference"}
     assert pending(state["work"], config) == {}

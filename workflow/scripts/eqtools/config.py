@@ -1,5 +1,6 @@
 """Validation of the workflow config against its JSON schema, with messages that name the key."""
 
+import os
 from pathlib import Path
 
 import jsonschema
@@ -103,4 +104,21 @@ def _semantic_problems(config: dict) -> list[str]:
             problems.append(
                 f"config key 'mixtures.relations': {rel} is not an in-distribution relation"
             )
+    if (state_dir := finetune.get("state_dir")) is not None and (
+        reason := _unwritable(Path(state_dir).expanduser())
+    ):
+        problems.append(f"config key 'finetune.state_dir': {state_dir!r} {reason}")
     return problems
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why the directory `folder` cannot be created or written to, or None. The check creates
+    nothing: it looks at the nearest existing parent."""
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"is not a directory ({existing} is a file)"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot be written ({existing} is not writable)"
+    return None
