@@ -103,3 +103,38 @@ def test_all_problems_reported_at_once():
     with pytest.raises(ConfigError) as err:
         validate_config(tiny_config(subsample={"seed": "x"}, dataset={"timeout_s": -1}), SCHEMA)
     assert "subsample.seed" in str(err.value) and "dataset.timeout_s" in str(err.value)
+
+
+def command_line(text: str) -> dict:
+    """A `--config key={...}` value as Snakemake hands it over: read with YAML's BaseLoader,
+    every scalar a string."""
+    return yaml.load(text, Loader=yaml.BaseLoader)
+
+
+def test_overrides_from_the_command_line_are_read_as_in_a_file():
+    config = tiny_config(
+        finetune=command_line("{seeds: [1, 2], eval_every: {test: 2}, keep_weights: false}"),
+        recipes={"lora": command_line("{learning_rate: 1e-4, checkpoint_dtype: null}")},
+        subsample=command_line("{max_per_relation: {train: 5, dev: null}}"),
+        slick=command_line("{temperature: 0.7, full_p_correct: true}"),
+    )
+    validate_config(config, SCHEMA)
+    assert config["finetune"]["seeds"] == [1, 2]
+    assert config["finetune"]["eval_every"]["test"] == 2
+    assert config["finetune"]["keep_weights"] is False
+    assert config["recipes"]["lora"]["learning_rate"] == 1e-4
+    assert config["recipes"]["lora"]["checkpoint_dtype"] is None
+    assert config["subsample"]["max_per_relation"] == {
+        **config["subsample"]["max_per_relation"],
+        "train": 5,
+        "dev": None,
+    }
+    assert config["slick"]["temperature"] == 0.7 and config["slick"]["full_p_correct"] is True
+
+
+def test_a_string_the_schema_accepts_stays_a_string_and_a_wrong_one_is_still_an_error():
+    config = tiny_config(models={"smollm2-135m": command_line("{dtype: float32}")})
+    validate_config(config, SCHEMA)
+    assert config["models"]["smollm2-135m"]["dtype"] == "float32"
+    with pytest.raises(ConfigError, match="'finetune.seeds.0': 'one' is not of type 'integer'"):
+        validate_config(tiny_config(finetune=command_line("{seeds: [one]}")), SCHEMA)

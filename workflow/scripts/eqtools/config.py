@@ -57,6 +57,7 @@ def validate_config(config: dict, schema: dict) -> dict:
     Raises ConfigError listing every problem, each with the dotted key that causes it.
     """
     validator = _with_defaults(Draft202012Validator)(schema)
+    _parse_command_line_strings(config, validator)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.path)))
     problems = [_describe(e) for e in errors]
     if not problems:
@@ -64,6 +65,51 @@ def validate_config(config: dict, schema: dict) -> dict:
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
     return config
+
+
+def _parse_command_line_strings(config: dict, validator) -> None:
+    """Snakemake hands the nested values of `--config key={...}` over as strings (it reads them
+    with YAML's BaseLoader): "1", "true", "null". Where the schema rejects such a string and the
+    value read as YAML is what it asks for, use that value, so that an override from the command
+    line works as it does in a config file. A string the schema accepts stays a string."""
+
+    def failures(errors):
+        for error in errors:
+            yield error
+            yield from failures(error.context or ())
+
+    for _ in range(1000):  # each round fixes what the last one uncovered (nested defaults)
+        fixes = []
+        for error in failures(validator.iter_errors(config)):
+            if error.validator not in ("type", "enum", "const") or not isinstance(
+                error.instance, str
+            ):
+                continue
+            value = _read_scalar(error.instance)
+            if not isinstance(value, str) and validator.evolve(schema=error.schema).is_valid(value):
+                fixes.append((list(error.absolute_path), value))
+        if not fixes:
+            return
+        for path, value in fixes:
+            parent = config
+            for key in path[:-1]:
+                parent = parent[key]
+            parent[path[-1]] = value
+
+
+def _read_scalar(text: str):
+    """`text` as YAML reads it, or as a number ("1e-4", which YAML 1.1 leaves a string)."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        for number in (int, float):
+            try:
+                return number(text)
+            except ValueError:
+                pass
+    return value
 
 
 def _semantic_problems(config: dict) -> list[str]:
