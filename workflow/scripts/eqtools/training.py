@@ -81,15 +81,87 @@ def answer_tokens(example) -> int:
     return sum(1 for label in example[1][1:] if label != -100)
 
 
-def token_loss(logits, labels):
-    """The summed cross-entropy of the answer tokens, in float32."""
-    logits = logits[:, :-1].float()
+def token_loss(logits, labels, answer_only: bool = False):
+    """The summed cross-entropy of the answer tokens, in float32. `logits` are the model's at
+    every position, or with `answer_only` only at the positions whose next token is an answer
+    token (`answer_logits`), in row-major order."""
+    targets = labels[:, 1:]
+    if answer_only:
+        logits, targets = logits.reshape(-1, logits.size(-1)), targets[targets != -100]
+    else:
+        logits = logits[:, :-1]
+    logits = logits.float()
     return torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.size(-1)),
-        labels[:, 1:].reshape(-1),
+        targets.reshape(-1),
         ignore_index=-100,
         reduction="sum",
     )
+
+
+@contextlib.contextmanager
+def answer_logits(model, labels):
+    """Within the block, the model's output layer sees only the hidden states of the positions
+    whose next token is an answer token (about a fifth of a training prompt), gathered into one
+    row: the logits the loss needs, without computing (and casting to float32) those of every
+    other position, which a large vocabulary makes the largest tensor of a step. What the model
+    does after its output layer (final-logit softcapping, logit scaling) applies elementwise, so
+    it stays the model's own; `check_answer_logits` makes sure of it."""
+    head = distributed.unwrapped(model).get_output_embeddings()
+    rows, columns = (labels[:, 1:] != -100).nonzero(as_tuple=True)
+
+    def gather(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("input")
+        return (hidden[rows, columns].unsqueeze(0), *args[1:]), kwargs
+
+    handle = head.register_forward_pre_hook(gather, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def release_gathered(model) -> None:
+    """FSDP2 keeps the root's weights gathered after a forward without a backward; while
+    gathered they are the parameters the module lists (an optimizer or a state dict would take
+    them)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def check_answer_logits(model, example_batch, pad_id, device, dtype, ranks) -> bool:
+    """Whether `answer_logits` gives the model's own logits at the answer positions (within
+    float32 rounding) on one batch, in eval mode (no dropout: no random numbers drawn, so a
+    resumed run draws the masks of an uninterrupted one). A model without a separate output
+    layer, or whose forward does more than elementwise work after it, keeps full logits; one log
+    line says which. Every rank calls it and all take the same decision."""
+    head = distributed.unwrapped(model).get_output_embeddings()
+    ids, labels, mask = (t.to(device) for t in collate(example_batch, pad_id))
+    fits = False
+    if isinstance(head, torch.nn.Module):
+        model.eval()
+        with torch.no_grad(), autocast(device, dtype):
+            full = model(input_ids=ids, attention_mask=mask).logits.float()
+            with answer_logits(model, labels):
+                selected = model(input_ids=ids, attention_mask=mask).logits.float()
+        model.train()
+        release_gathered(model)
+        reference = full[:, :-1][labels[:, 1:] != -100]
+        fits = selected.shape[1:] == reference.shape and torch.allclose(
+            selected[0], reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max())
+        )
+    fits = distributed.all_sum(ranks, [float(fits)], device)[0] == ranks.world
+    log.info(
+        "training loss: %s",
+        "logits at the answer positions only (checked against the full logits)"
+        if fits
+        else f"full logits ({type(distributed.unwrapped(model)).__name__}: the output layer "
+        "alone does not give its logits)",
+    )
+    return fits
 
 
 def autocast(device: str, dtype: str):
@@ -114,9 +186,11 @@ def train_epoch(
     dtype="float32",
     ranks: Ranks = distributed.ONE_PROCESS,
     progress: Progress | None = None,
+    answer_only: bool = False,
 ):
     """One pass over `examples` in `order`, one optimizer step per batch of `batch_size`
-    (`progress` counts the steps).
+    (`progress` counts the steps). With `answer_only` the output layer computes the logits of
+    the answer positions only (`answer_logits`).
 
     Each rank takes every world-th example of a batch, in micro-batches of `micro`; the loss is
     the sum over the answer tokens divided by the answer tokens of the whole batch (times the
@@ -138,9 +212,12 @@ def train_epoch(
             chunk = share[step * micro : (step + 1) * micro]
             ids, labels, mask = collate([examples[i] for i in chunk or batch[:1]], pad_id)
             ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
-            with autocast(device, dtype):
+            with (
+                autocast(device, dtype),
+                answer_logits(model, labels) if answer_only else contextlib.nullcontext(),
+            ):
                 logits = model(input_ids=ids, attention_mask=mask).logits
-            loss = token_loss(logits, labels)
+            loss = token_loss(logits, labels, answer_only)
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"epoch {epoch}, batch {start // batch_size}: loss is {loss.item()}; lower "
@@ -567,6 +644,9 @@ def finetune(
     scheduler = get_constant_schedule_with_warmup(optimizer, recipe.warmup_steps)
     steps_per_epoch = math.ceil(train.height / recipe.batch_size)
     examples = encode_examples(tokenizer, train["question"].to_list(), train["answer"].to_list())
+    answer_only = check_answer_logits(
+        model, examples[: schedule.micro_batch_size], pad_id, device, recipe.dtype, ranks
+    )
 
     metrics_path, state_root = Path(out["metrics"]), Path(out["state"])
     state_dir = state_root / "epoch"
@@ -627,6 +707,7 @@ def finetune(
             progress=Progress(
                 f"epoch {epoch}/{recipe.epochs} training", steps_per_epoch, "optimizer steps"
             ),
+            answer_only=answer_only,
         )
         train_seconds = time.perf_counter() - started
         # evaluate: every rank its share; every rank gets all the answers and grades them
