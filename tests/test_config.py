@@ -80,6 +80,16 @@ def test_defaults_are_filled_in():
             "config key 'recipes.lora.distributed.strategy': 'deepspeed' is not one of",
         ),
         (
+            {"run_models": ["smollm2-135m", "llama-8b"]},
+            "config key 'run_models': 'llama-8b' is not a key of 'models' (smollm2-135m)",
+        ),
+        ({"cluster": {"max_mem_mb": 0}}, "config key 'cluster.max_mem_mb': 0 is less than"),
+        ({"cluster": {"max_runtme": 60}}, "config key 'cluster': Additional properties"),
+        (
+            {"models": {"smollm2-135m": {"mem_mb": "lots"}}},
+            "config key 'models.smollm2-135m.mem_mb': 'lots' is not of type 'integer'",
+        ),
+        (
             {"recipes": {"lora": {"distributed": {"nodes": 0}}}},
             "config key 'recipes.lora.distributed.nodes': 0 is less than the minimum of 1",
         ),
@@ -97,6 +107,14 @@ def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:
         validate_config(tiny_config(**override), SCHEMA)
     assert message in str(err.value)
+
+
+def test_run_models_and_caps_default_to_every_model_and_no_cap():
+    config = tiny_config(models={"other": {"path": "/x"}})
+    validate_config(config, SCHEMA)
+    assert config["run_models"] == ["smollm2-135m", "other"]
+    assert config["cluster"] == {"max_runtime": None, "max_mem_mb": None}
+    assert config["models"]["other"]["mem_mb"] == 8000
 
 
 def test_all_problems_reported_at_once():

@@ -301,6 +301,8 @@ def test_editing_docs_tests_or_bookkeeping_reruns_nothing(state, path):
         ),
         ("models.tiny", {"gpus": 4}),
         ("models.tiny", {"gpus": 2, "multi_gpu": "device_map"}),
+        ("models.tiny", {"mem_mb": 160000}),
+        ("cluster", {"max_mem_mb": 64000, "max_runtime": 1000}),
         # disk: the resumable states on scratch, saved less often, the weights dropped
         ("finetune", {"state_dir": "scratch/states", "save_every": 5, "keep_weights": False}),
     ],
@@ -311,6 +313,8 @@ def test_editing_docs_tests_or_bookkeeping_reruns_nothing(state, path):
         "ddp-checkpointing",
         "model-gpus",
         "model-gpus-device-map",
+        "model-memory",
+        "cluster-caps",
         "finetune-disk",
     ],
 )
@@ -325,3 +329,19 @@ def test_scheduling_settings_rerun_nothing(state, section, setting):
     target.update(setting)
     config["engine"] = {"threads": 2, "max_batch_rows": 3, "backend": "reference"}
     assert pending(state["work"], config) == {}
+
+
+def test_selecting_models_reruns_nothing_for_the_models_kept(state):
+    """A second registry entry joins the study's model (as config.yaml's embedded model stays
+    beside a user's own, the files merging key by key); run_models keeps the study's model
+    only: nothing reruns. Without the selection only the other model's study (and the
+    comparison of the two) would be new."""
+    config = changed(state)
+    config["models"]["other"] = dict(config["models"]["tiny"])
+    config["run_models"] = ["tiny"]
+    assert pending(state["work"], config, cross_check=True) == {}
+    del config["run_models"]
+    plan = pending(state["work"], config)
+    new = [f for f in plan if {"other", "comparison"} & set(f.split("/"))]
+    assert "resources/models/other" in new and "results/labels/other/train.parquet" in new
+    assert set(plan) == set(new), plan

@@ -26,6 +26,7 @@ def test_cluster_settings():
     assert PROFILE["slurm-status-command"] == "squeue"
     defaults = PROFILE["default-resources"]
     assert "attempt" in defaults["mem_mb"]  # memory grows with each retry
+    assert "attempt" in defaults["runtime"]  # and the time limit
     assert defaults["slurm_partition"] == "'cpu'"
     assert not {"tasks", "mpi", "gpu", "gres"} & set(defaults)
 
@@ -44,7 +45,7 @@ def test_every_gpu_rule_asks_for_its_gpus_on_the_gpu_partition():
         # Memory grows with the attempt in the rule itself (set-resources does not set it).
         mem = rules[rule].resources["mem_mb"]
         assert callable(mem), f"{rule}: mem_mb={mem}"
-        assert mem.__qualname__.startswith(("retry_mem_mb.", "recipe_mem_mb")), rule
+        assert mem.__qualname__.startswith(("model_mem_mb.", "recipe_mem_mb")), rule
     for rule in ("label_questions", "ptrue"):
         assert rules[rule].resources["gpu"].__qualname__ == "model_gpus", rule
     for key in ("gpu", "nodes", "mpi", "tasks"):
@@ -106,7 +107,7 @@ def test_gpu_counts_follow_the_model_entry_and_the_recipe(tmp_path):
     rule = rules["finetune"]
     wildcards = SimpleNamespace(recipe="big", model="m", seed="", mixture="natural")
     values = {
-        key: (value(wildcards, 1) if key == "mem_mb" else value(wildcards))
+        key: (value(wildcards, 1) if key in ("mem_mb", "runtime") else value(wildcards))
         if callable(value)
         else value
         for key, value in rule.resources.items()

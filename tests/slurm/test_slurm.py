@@ -293,6 +293,6 @@ def test_workflow_memory_is_the_rules_first_attempt(workflow_run):
         rule: {re.search(r"--mem (\d+)", call).group(1) for _, call in subs}
         for rule, subs in jobs.items()
     }
-    assert mem["label_questions"] == {"8000"}  # retry_mem_mb(8000), attempt 1
+    assert mem["label_questions"] == {"8000"}  # models.<name>.mem_mb (default), attempt 1
     assert mem["finetune"] == {"2000"}  # the tiny recipe's mem_mb
     assert mem["prepare_splits"] == {"4000"}  # the profile's default, attempt 1

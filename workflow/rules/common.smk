@@ -23,6 +23,9 @@ except ConfigError as e:
     raise WorkflowError(str(e)) from None
 
 STUDY = Study.from_config(config)
+# The models whose study runs (config `run_models`, default every entry; scheduling only): the
+# targets of rule all iterate these, never config["models"].
+RUN_MODELS = list(config["run_models"])
 SPLITS = list(study.SPLITS)
 LABELLED_SPLITS = list(study.LABELLED_SPLITS)
 
@@ -115,12 +118,59 @@ def finetune_spec(wildcards):
     return STUDY.finetuning(wildcards.recipe, wildcards.seed).param()
 
 
-def retry_mem_mb(mb):
-    """mem_mb that grows with each attempt (the slurm profile retries failed jobs): an
-    out-of-memory kill is retried with 2x, then 3x the memory."""
+# A job's mem_mb and runtime grow with the attempt (the slurm profile retries failed jobs): an
+# out-of-memory kill or a time-out is retried with 2x, then 3x the first request, up to the
+# cluster's caps (config `cluster`, scheduling only). A cap below a first request stops the run
+# before any job, naming the cap and the setting that asks for more.
+RESOURCE_CAPS = {"mem_mb": "max_mem_mb", "runtime": "max_runtime"}
+
+
+def check_cap(resource, first, what, setting):
+    """Raise a WorkflowError if `first`, the first-attempt `resource` of `what` (asked for by
+    `setting`), exceeds its cap."""
+    key = RESOURCE_CAPS[resource]
+    cap = config["cluster"][key]
+    if cap is not None and first > cap:
+        raise WorkflowError(
+            f"config key 'cluster.{key}' is {cap}, below the {resource} that {what} asks for "
+            f"on its first attempt ({first}, {setting}): raise the cap to at least {first} if "
+            "the cluster allows it, or lower the request"
+        )
+
+
+def attempt_request(resource, first, attempt, what, setting):
+    """`first` x `attempt`, at most the cap of `resource` (cluster.max_mem_mb / max_runtime)."""
+    check_cap(resource, first, what, setting)
+    cap = config["cluster"][RESOURCE_CAPS[resource]]
+    return first * attempt if cap is None else min(first * attempt, cap)
+
+
+def retry_runtime(minutes, rule):
+    """runtime (minutes) of `rule`, declared in the rule: grows with each attempt."""
+    setting = f"the runtime of rule {rule} in workflow/rules"
+    check_cap("runtime", minutes, f"rule {rule}", setting)
+
+    def runtime(wildcards, attempt):
+        return attempt_request("runtime", minutes, attempt, f"rule {rule}", setting)
+
+    return runtime
+
+
+def model_mem_mb(rule):
+    """mem_mb of a labelling or P(True) job: the model entry's `mem_mb` (scheduling only),
+    growing with each attempt. The models that run are checked against the cap here, before
+    any job."""
+
+    def request(model, attempt):
+        first = config["models"][model]["mem_mb"]
+        what = f"rule {rule} for model {model!r}"
+        return attempt_request("mem_mb", first, attempt, what, f"models.{model}.mem_mb")
+
+    for model in RUN_MODELS:
+        request(model, 1)
 
     def mem_mb(wildcards, attempt):
-        return mb * attempt
+        return request(wildcards.model, attempt)
 
     return mem_mb
 
@@ -138,12 +188,26 @@ def model_threads(wildcards):
     return config["engine"]["threads"] * ranks
 
 
+def recipe_request(resource, recipe, attempt):
+    first = config["recipes"][recipe][resource]
+    return attempt_request(
+        resource, first, attempt, f"recipe {recipe!r}", f"recipes.{recipe}.{resource}"
+    )
+
+
 def recipe_mem_mb(wildcards, attempt):
-    return config["recipes"][wildcards.recipe]["mem_mb"] * attempt
+    return recipe_request("mem_mb", wildcards.recipe, attempt)
 
 
-def recipe_runtime(wildcards):
-    return config["recipes"][wildcards.recipe]["runtime"]
+def recipe_runtime(wildcards, attempt):
+    return recipe_request("runtime", wildcards.recipe, attempt)
+
+
+# The recipes that run are checked against the caps before any job (a recipe requested by
+# path alone is checked when its job is planned).
+for _recipe in STUDY.finetune_recipes:
+    for _resource in RESOURCE_CAPS:
+        recipe_request(_resource, _recipe, 1)
 
 
 # The resources of a fine-tune follow its recipe's `distributed` block (scheduling only, so never
@@ -180,7 +244,7 @@ def run_name(wildcards):
 
 def finetune_targets():
     ft = dict(
-        model=config["models"],
+        model=RUN_MODELS,
         recipe=STUDY.finetune_recipes,
         seed=seed_suffixes(),
         mixture=STUDY.mixture_names,
@@ -197,9 +261,7 @@ def all_targets():
     return (
         expand("results/data/{split}.parquet", split=SPLITS)
         + ["results/data/split_sizes.csv"]
-        + expand(
-            "results/labels/{model}/{split}.parquet", model=config["models"], split=LABELLED_SPLITS
-        )
-        + expand("results/labels/{model}/category_summary.csv", model=config["models"])
+        + expand("results/labels/{model}/{split}.parquet", model=RUN_MODELS, split=LABELLED_SPLITS)
+        + expand("results/labels/{model}/category_summary.csv", model=RUN_MODELS)
         + finetune_targets()
     )

@@ -22,8 +22,8 @@ rule ptrue:
     threads: model_threads
     resources:
         gpu=model_gpus,
-        mem_mb=retry_mem_mb(8000),
-        runtime=120,
+        mem_mb=model_mem_mb("ptrue"),
+        runtime=retry_runtime(120, "ptrue"),
     params:
         spec=ptrue_spec,
         code=script_code("ptrue"),

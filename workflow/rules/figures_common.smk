@@ -42,13 +42,13 @@ def figure_inputs(figure):
 
 def comparison_spec(wildcards):
     title = f"all models, {run_name(wildcards)}"
-    return STUDY.figure("comparison", title, models=list(config["models"])).param()
+    return STUDY.figure("comparison", title, models=list(RUN_MODELS)).param()
 
 
 def comparison_inputs(wildcards):
     unknown = study.fig3a_mixtures(STUDY.mixture_names)
     inputs = {}
-    for model in config["models"]:
+    for model in RUN_MODELS:
         inputs |= run_inputs(model, run_name(wildcards), unknown)
     return inputs
 
@@ -73,7 +73,7 @@ def figure_report(figure, path):
 
 
 def figures_targets():
-    runs = dict(model=config["models"], recipe=STUDY.finetune_recipes, seed=seed_suffixes())
+    runs = dict(model=RUN_MODELS, recipe=STUDY.finetune_recipes, seed=seed_suffixes())
     names = STUDY.mixture_names
     targets = []
     for figure in study.available_figures(names, STUDY.ptrue_run["mixture"]):
@@ -83,7 +83,7 @@ def figures_targets():
             name=study.FIGURE_FILES[figure],
             ext=["png", "svg"],
         )
-    if len(config["models"]) > 1 and len(study.fig3a_mixtures(names)) >= 2:
+    if len(RUN_MODELS) > 1 and len(study.fig3a_mixtures(names)) >= 2:
         targets += expand(
             "results/figures/comparison/{recipe}{seed}/accuracy_vs_unknown_share.{ext}",
             recipe=STUDY.finetune_recipes,

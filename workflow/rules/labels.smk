@@ -53,8 +53,8 @@ rule label_questions:
     threads: model_threads
     resources:
         gpu=model_gpus,
-        mem_mb=retry_mem_mb(8000),
-        runtime=240,
+        mem_mb=model_mem_mb("label_questions"),
+        runtime=retry_runtime(240, "label_questions"),
     params:
         spec=label_spec,
         code=script_code("label_questions"),

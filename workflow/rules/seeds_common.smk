@@ -138,7 +138,7 @@ def seeds_targets():
         for f in study.available_figures(names, STUDY.ptrue_run["mixture"])
         if f in ("fig1", "fig3a", "fig4")
     ]
-    runs = dict(model=config["models"], recipe=STUDY.finetune_recipes)
+    runs = dict(model=RUN_MODELS, recipe=STUDY.finetune_recipes)
     return expand(
         "results/tables/{model}/{recipe}-seeds/{name}.{ext}", **runs, name=tables, ext=["csv", "md"]
     ) + expand(

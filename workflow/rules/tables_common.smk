@@ -24,7 +24,7 @@ def table8_inputs(wildcards):
 
 
 def tables_targets():
-    runs = dict(model=config["models"], recipe=STUDY.finetune_recipes, seed=seed_suffixes())
+    runs = dict(model=RUN_MODELS, recipe=STUDY.finetune_recipes, seed=seed_suffixes())
     run_dir = "results/tables/{model}/{recipe}{seed}/"
     names = []
     if STUDY.table("table2").mixtures:
@@ -35,6 +35,6 @@ def tables_targets():
         names += ["table8_idk_answered"]
     return expand(
         "results/tables/{model}/category_distribution.{ext}",
-        model=config["models"],
+        model=RUN_MODELS,
         ext=["csv", "md"],
     ) + expand(run_dir + "{name}.{ext}", **runs, name=names, ext=["csv", "md"])

@@ -137,6 +137,13 @@ def _semantic_problems(config: dict) -> list[str]:
                 f"config key 'finetune.recipes': {name!r} is not a key of 'recipes' "
                 f"({', '.join(recipes)})"
             )
+    models = config["models"]
+    config.setdefault("run_models", list(models))
+    for name in config["run_models"]:
+        if name not in models:
+            problems.append(
+                f"config key 'run_models': {name!r} is not a key of 'models' ({', '.join(models)})"
+            )
     for name, recipe in recipes.items():
         parallel = recipe["distributed"]
         if parallel["strategy"] == "none" and parallel["nproc_per_node"] * parallel["nodes"] > 1:
