@@ -296,3 +296,74 @@ def test_workflow_memory_is_the_rules_first_attempt(workflow_run):
     assert mem["label_questions"] == {"8000"}  # models.<name>.mem_mb (default), attempt 1
     assert mem["finetune"] == {"2000"}  # the tiny recipe's mem_mb
     assert mem["prepare_splits"] == {"4000"}  # the profile's default, attempt 1
+
+
+# ---------------------------------------------------------------------------------------------
+# A fine-tune longer than its runtime: SLURM's time limit kills it, the profile retries it with
+# more time (runtime x attempt), and it resumes from its saved state to the files of a run that
+# was never interrupted.
+
+SLOW = "slow"
+SLOW_EPOCHS = 200  # about 1 s each with the tiny model: well past the first attempt's minute
+
+
+def slow_config(workdir_config: dict) -> dict:
+    config = dict(workdir_config, finetune={"recipes": [SLOW]})
+    config["recipes"] = dict(
+        config["recipes"],
+        **{
+            SLOW: dict(
+                config["recipes"]["lora"],
+                method="full",
+                epochs=SLOW_EPOCHS,
+                dropout=0.1,
+                runtime=1,  # minutes: SLURM kills the first attempt after 60-120 s
+                mem_mb=2000,
+            )
+        },
+    )
+    return config
+
+
+SLOW_TARGETS = [f"results/finetune/tiny/{SLOW}/natural/metrics.jsonl"] + [
+    f"results/eval/tiny/{SLOW}/natural/{stop}/{split}.parquet"
+    for stop in ("early_stop", "convergence")
+    for split in ("test", "ood_test")
+]
+
+
+def finetune_files(workdir: Path) -> dict[str, bytes]:
+    roots = [workdir / f"results/finetune/tiny/{SLOW}", workdir / f"results/eval/tiny/{SLOW}"]
+    return {
+        p.relative_to(workdir).as_posix(): p.read_bytes()
+        for root in roots
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.name.endswith(".prov.json")
+    }
+
+
+def test_a_finetune_past_its_time_limit_is_retried_with_more_time_and_resumes(
+    workflow_run, tmp_path
+):
+    from helpers import snakemake
+
+    workdir, _, _ = workflow_run
+    config = slow_config(yaml.safe_load((workdir / "config.yaml").read_text()))
+    # the reference: the same fine-tune, never interrupted, in a copy (no SLURM, same threads)
+    straight = tmp_path / "straight"
+    shutil.copytree(workdir, straight, symlinks=True, ignore=shutil.ignore_patterns("logs"))
+    snakemake(straight, *SLOW_TARGETS, configfile=write_config(straight, config, "slow.yaml"))
+
+    cfg = write_config(workdir, config, "slow.yaml")
+    proc = run_profile(workdir, ROOT / "Snakefile", cfg, extra_args=SLOW_TARGETS, timeout=1500)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-20000:]
+    attempts = [(j, call) for j, call in slurm_jobs(output).get("finetune", []) if SLOW in call]
+    states = [scontrol_job(j)["JobState"] for j, _ in attempts]
+    times = [re.search(r" -t (\d+)", call).group(1) for _, call in attempts]
+    print(f"\n{SLOW}: attempts {states}, time limits {times} min")
+    assert states[0] == "TIMEOUT" and states[-1] == "COMPLETED", states
+    assert times == [str(n) for n in range(1, len(attempts) + 1)]  # runtime x attempt
+    log = (workdir / f"logs/finetune/tiny/{SLOW}/natural.log").read_text()
+    assert "resuming after epoch" in log and f"attempt {len(attempts)} of this job" in log
+    assert finetune_files(workdir) == finetune_files(straight)
