@@ -28,6 +28,8 @@ PROMPT = (
     "Question: {question}\nProposed Answer: {answer}\nIs the proposed answer:\n"
     "(A) True\n(B) False\nThe proposed answer is:"
 )
+# One row per question, as `question_scores` returns it and the P(True) file is written.
+SCORE_SCHEMA = {"id": pl.String, "p_true": pl.Float64, "n_proposals": pl.Int32}
 TRUE = (" (A)", " A")
 FALSE = (" (B)", " B")
 
