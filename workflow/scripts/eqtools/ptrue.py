@@ -133,7 +133,10 @@ def continuation_logprobs(
                     )
                 for row, i in enumerate(batch):
                     out[i][k] = float(logp[row])
-        log.info("P(True): %d / %d prompts scored", min(start + batch_rows, len(order)), len(order))
+        # the job's progress lines count questions (eqtools.progress); batches only when debugging
+        log.debug(
+            "P(True): %d / %d prompts scored", min(start + batch_rows, len(order)), len(order)
+        )
     if lockstep:
         lockstep.drain()
     return out
