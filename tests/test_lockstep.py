@@ -198,6 +198,8 @@ def test_a_chunk_labelled_by_two_ranks_is_byte_identical_to_one_process(
         "spec": Labelling(slick, entry).param(),
         "max_batch_rows": 16,
         "backend": "auto",
+        "stamp": {"spec": "labelling"},
+        "questions_per_save": 3,  # several groups, the last one short
     }
 
     def run(work, job: dict, name: str, gpus: int) -> Path:
@@ -230,6 +232,8 @@ def test_a_chunk_labelled_by_two_ranks_is_byte_identical_to_one_process(
         "split": "test",
         "spec": PtrueSpec(PtrueOptions("all"), entry).param(),
         "max_batch_rows": 4,
+        "stamp": {"spec": "ptrue"},
+        "questions_per_save": 3,
     }
     scores = {gpus: pl.read_parquet(run(ptrue.score, scoring, "ptrue", gpus)) for gpus in (1, 2)}
     # the ranks' batches hold other prompts (left-padded to another width): rounding only

@@ -126,7 +126,8 @@ def run_and_kill_while_labelling(work: Path, cfg: Path) -> dict:
                 assert proc.poll() is None, (work / "interrupted.log").read_text()
                 assert time.monotonic() < deadline, "no labelling job finished in 600 s"
                 done = (
-                    {p.relative_to(work).as_posix() for p in chunks.rglob("*.parquet")}
+                    # chunks/{split}/{relation}.parquet, not the parts of a chunk's partial state
+                    {p.relative_to(work).as_posix() for p in chunks.glob("*/*.parquet")}
                     if chunks.exists()
                     else set()
                 )

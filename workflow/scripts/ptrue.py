@@ -3,7 +3,10 @@
 With `models.<name>.gpus` > 1 (unless `multi_gpu: device_map`) this file runs again under
 torchrun, once per GPU (`--job <job.json>`): the model is spread over the ranks, tensor parallel
 (every rank runs every request on its share of the heads) or sharded with FSDP2 (each rank
-scores its share of the proposals in lockstep), and rank 0 writes."""
+scores its share of the proposals in lockstep), and rank 0 writes.
+
+The split is scored in groups of `engine.questions_per_save` questions; rank 0 saves each
+finished group (eqtools.partial), so that a killed job resumes after its last saved group."""
 
 import logging
 import sys
@@ -13,9 +16,18 @@ import polars as pl
 
 from eqtools import distributed
 from eqtools.engine import gather_answers, share
-from eqtools.io import setup_logging, write_parquet
+from eqtools.io import setup_logging
+from eqtools.partial import (
+    PartialResults,
+    group_bounds,
+    job_stamp,
+    model_files,
+    partial_dir,
+    shared_by_main,
+    start_progress,
+)
 from eqtools.provenance import write_provenance
-from eqtools.ptrue import proposals, question_scores, score_p_true
+from eqtools.ptrue import SCORE_SCHEMA, proposals, question_scores, score_p_true
 from eqtools.settings import Ptrue
 
 
@@ -27,23 +39,36 @@ def score(job: dict, ranks: distributed.Ranks, device: str) -> None:
     model, tokenizer, device, lockstep, shares = distributed.load_model(
         job["model"], spec.model.dtype, device, ranks, job.get("multi_gpu", "auto")
     )
+    # rank 0 keeps the finished groups of questions; every rank scores its share of every group
+    ids = rows["id"].unique(maintain_order=True).to_list()
+    saved = PartialResults(partial_dir(job["output"]), job["stamp"], ids, SCORE_SCHEMA)
+    done = shared_by_main(ranks, saved.resume() if ranks.main else 0)
+    progress = start_progress("P(True) of", job["split"], len(ids), "questions", done, "scored")
     start = time.perf_counter()
-    mine = rows[share(rows.height, shares.rank, shares.world)]
-    # rows per forward pass: the engine's runtime setting, deliberately untracked
-    scores = score_p_true(model, tokenizer, mine, device, job["max_batch_rows"], lockstep)
-    result = question_scores(rows, gather_answers(scores, rows.height, shares.world))
-    log.info(
-        "%s: P(True) of %d questions (%d proposals) in %.1f s on %s (%d process(es)); mean %.3f",
-        job["split"],
-        result.height,
-        rows.height,
-        time.perf_counter() - start,
-        device,
-        ranks.world,
-        result["p_true"].mean() if result.height else float("nan"),
-    )
+    for first, end in group_bounds(done, len(ids), job["questions_per_save"]):
+        group = rows.filter(pl.col("id").is_in(ids[first:end]))
+        mine = group[share(group.height, shares.rank, shares.world)]
+        # rows per forward pass: the engine's runtime setting, deliberately untracked
+        scores = score_p_true(model, tokenizer, mine, device, job["max_batch_rows"], lockstep)
+        result = question_scores(group, gather_answers(scores, group.height, shares.world))
+        if ranks.main:
+            saved.save(first, result)
+        progress.advance(end - first)
+    progress.finish()
     if ranks.main:
-        write_parquet(result, job["output"])
+        result = saved.complete(job["output"])
+        log.info(
+            "%s: P(True) of %d questions (%d proposals; %d questions in this attempt) in %.1f s "
+            "on %s (%d process(es)); mean %.3f",
+            job["split"],
+            result.height,
+            rows.height,
+            len(ids) - done,
+            time.perf_counter() - start,
+            device,
+            ranks.world,
+            result["p_true"].mean() if result.height else float("nan"),
+        )
 
 
 def main(smk) -> None:
@@ -54,6 +79,13 @@ def main(smk) -> None:
         "split": smk.wildcards.split,
         "spec": smk.params.spec,
         "output": smk.output[0],
+        "stamp": job_stamp(
+            smk.params.spec,
+            smk.params.code,
+            {"labels": smk.input.labels, **model_files(smk.input.model)},
+        ),
+        # scheduling settings, deliberately untracked
+        "questions_per_save": smk.config["engine"]["questions_per_save"],
         "max_batch_rows": smk.config["engine"]["max_batch_rows"],
     }
     distributed.run_model_job(score, __file__, job, smk)

@@ -8,9 +8,9 @@ dependency once the function runs, and over-counting only reruns a job, never sk
 A subpackage (eqtools/engine/) is one module: any import of it or of its modules names it, and
 its hash covers all of its files.
 
-The bookkeeping modules `io` (atomic writes, logging), `progress` (progress lines) and
-`provenance` (the sidecars) are left
-out: they change no result, and hashing them would rerun the whole study for a logging tweak.
+The bookkeeping modules `io` (atomic writes, logging), `progress` (progress lines), `partial`
+(a killed job's saved groups) and `provenance` (the sidecars) are left out: they change no
+result, and hashing them would rerun the whole study for a logging tweak.
 Each sidecar records the commit of the code that actually wrote it.
 """
 
@@ -20,7 +20,7 @@ import hashlib
 from pathlib import Path
 
 PACKAGE = "eqtools"
-BOOKKEEPING = frozenset({"io", "progress", "provenance"})
+BOOKKEEPING = frozenset({"io", "partial", "progress", "provenance"})
 ROOT = Path(__file__).resolve().parent
 
 

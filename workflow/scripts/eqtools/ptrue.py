@@ -28,6 +28,8 @@ PROMPT = (
     "Question: {question}\nProposed Answer: {answer}\nIs the proposed answer:\n"
     "(A) True\n(B) False\nThe proposed answer is:"
 )
+# One row per question, as `question_scores` returns it and the P(True) file is written.
+SCORE_SCHEMA = {"id": pl.String, "p_true": pl.Float64, "n_proposals": pl.Int32}
 TRUE = (" (A)", " A")
 FALSE = (" (B)", " B")
 
@@ -131,7 +133,10 @@ def continuation_logprobs(
                     )
                 for row, i in enumerate(batch):
                     out[i][k] = float(logp[row])
-        log.info("P(True): %d / %d prompts scored", min(start + batch_rows, len(order)), len(order))
+        # the job's progress lines count questions (eqtools.progress); batches only when debugging
+        log.debug(
+            "P(True): %d / %d prompts scored", min(start + batch_rows, len(order)), len(order)
+        )
     if lockstep:
         lockstep.drain()
     return out

@@ -14,6 +14,21 @@ from eqtools.study import CATEGORIES, categorize
 log = logging.getLogger(__name__)
 
 
+# One row per question, as `label_questions` returns it and a labelled chunk is written.
+LABEL_SCHEMA = {
+    "id": pl.String,
+    "relation": pl.String,
+    "n_greedy": pl.Int32,
+    "n_greedy_correct": pl.Int32,
+    "n_sampled": pl.Int32,
+    "n_sampled_correct": pl.Int32,
+    "p_correct_greedy": pl.Float64,
+    "p_correct_sampled": pl.Float64,
+    "category": pl.Enum(CATEGORIES),
+    "greedy_answers": pl.List(pl.String),
+}
+
+
 class ExemplarError(ValueError):
     pass
 
@@ -152,18 +167,4 @@ def label_questions(
                 "greedy_answers": greedy_answers[qi],
             }
         )
-    return pl.DataFrame(
-        out,
-        schema={
-            "id": pl.String,
-            "relation": pl.String,
-            "n_greedy": pl.Int32,
-            "n_greedy_correct": pl.Int32,
-            "n_sampled": pl.Int32,
-            "n_sampled_correct": pl.Int32,
-            "p_correct_greedy": pl.Float64,
-            "p_correct_sampled": pl.Float64,
-            "category": pl.Enum(CATEGORIES),
-            "greedy_answers": pl.List(pl.String),
-        },
-    )
+    return pl.DataFrame(out, schema=LABEL_SCHEMA)
