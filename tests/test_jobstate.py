@@ -3,76 +3,54 @@
 import json
 import logging
 import sys
+from pathlib import Path
 
 import pytest
 
 from eqtools.io import attempt_logs, setup_logging
-from eqtools.jobstate import STAMP, claim_state, input_checksum, job_stamp, stamp_differences
+from eqtools.jobstate import STAMP, claim_state, job_stamp
 from eqtools.progress import Progress, duration
 
 
-def inputs(tmp_path):
-    (tmp_path / "in").mkdir(exist_ok=True)
-    data = tmp_path / "in/mixture.parquet"
-    data.write_bytes(b"rows")
-    model = tmp_path / "in/model"
-    model.mkdir(exist_ok=True)
-    (model / "registry_entry.json").write_text('{"linked": []}')
-    (model / "config.json").write_text("{}")
-    (model / "model.safetensors").write_bytes(b"weights")
-    return {"mixture": data, "model": model}
-
-
-def test_a_stamp_names_what_differs(tmp_path):
-    paths = inputs(tmp_path)
-    stamp = job_stamp({"spec": "a", "code": "c"}, paths)
-    assert stamp_differences(stamp, stamp) == []
-    assert stamp_differences(None, stamp) == ["no stamp"]
-    other = job_stamp({"spec": "b", "code": "c"}, paths)
-    assert stamp_differences(stamp, other) == ["params.spec"]
-    paths["mixture"].write_bytes(b"other rows")
-    assert stamp_differences(stamp, job_stamp({"spec": "a", "code": "c"}, paths)) == [
-        "inputs.mixture"
-    ]
-
-
-def test_a_model_directory_is_identified_by_its_registry_entry_not_its_weights(tmp_path):
-    model = inputs(tmp_path)["model"]
-    before = input_checksum(model)
-    (model / "model.safetensors").write_bytes(b"not read: the entry records its sha256")
-    assert input_checksum(model) == before
-    (model / "registry_entry.json").write_text('{"linked": [1]}')
-    assert input_checksum(model) != before
+def stamp(learning_rate: float, data: Path) -> dict:
+    spec = json.dumps({"recipe": {"learning_rate": learning_rate}})
+    return job_stamp(spec, "code", {"mixture": data})
 
 
 def test_claim_state_resumes_its_own_and_discards_another(tmp_path, caplog):
-    paths = inputs(tmp_path)
+    data = tmp_path / "mixture.parquet"
+    data.write_bytes(b"rows")
     state = tmp_path / "state"
-    mine = job_stamp({"spec": "a"}, paths)
+    mine = stamp(1e-3, data)
     assert not claim_state(state, mine, "job")  # a new run: the stamp is written
     assert json.loads((state / STAMP).read_text()) == mine
     (state / "epoch").mkdir()
     assert claim_state(state, mine, "job")  # the same job resumes
     assert (state / "epoch").exists()
     with caplog.at_level(logging.WARNING, logger="workflow"):
-        assert not claim_state(state, job_stamp({"spec": "b"}, paths), "job")
+        assert not claim_state(state, stamp(5e-4, data), "job")
     assert not (state / "epoch").exists()  # the other job's state is gone
-    assert "differs in: params.spec" in caplog.text
+    assert "spec.recipe.learning_rate: 0.001 -> 0.0005" in caplog.text
+    (state / "epoch").mkdir()
+    data.write_bytes(b"other rows")
+    with caplog.at_level(logging.WARNING, logger="workflow"):
+        assert not claim_state(state, stamp(5e-4, data), "job")
+    assert "inputs.mixture: other content" in caplog.text
 
 
 def test_a_state_without_a_stamp_is_discarded(tmp_path, caplog):
     state = tmp_path / "state"
     (state / "epoch").mkdir(parents=True)  # a state of the version before stamps
     with caplog.at_level(logging.WARNING, logger="workflow"):
-        assert not claim_state(state, job_stamp({"spec": "a"}, {}), "job")
-    assert "no stamp" in caplog.text and not (state / "epoch").exists()
+        assert not claim_state(state, stamp(1e-3, tmp_path / "none"), "job")
+    assert "no stamp.json" in caplog.text and not (state / "epoch").exists()
 
 
 def test_an_unwritable_state_directory_is_a_clear_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(OSError, match="cannot write its state directory"):
-        claim_state(blocker / "state", job_stamp({"spec": "a"}, {}), "job")
+        claim_state(blocker / "state", stamp(1e-3, blocker), "job")
 
 
 def test_progress_lines_are_throttled_and_count_this_attempt(caplog):

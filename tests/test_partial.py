@@ -7,14 +7,12 @@ import logging
 import polars as pl
 import pytest
 
+from eqtools.jobstate import job_stamp, model_files, stamp_differences
 from eqtools.partial import (
     PartialResults,
     assemble,
     group_bounds,
-    job_stamp,
-    model_files,
     partial_dir,
-    stamp_differences,
     start_progress,
 )
 from eqtools.slick import LABEL_SCHEMA

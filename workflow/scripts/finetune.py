@@ -14,7 +14,7 @@ import torch
 
 from eqtools import distributed
 from eqtools.io import setup_logging
-from eqtools.jobstate import claim_state, job_stamp
+from eqtools.jobstate import claim_state, job_stamp, model_files
 from eqtools.models import pick_device
 from eqtools.provenance import write_provenance
 from eqtools.settings import Finetune, Schedule
@@ -77,8 +77,10 @@ def main(smk) -> None:
     )
     state = state_root(smk)
     stamp = job_stamp(
-        {"spec": smk.params.spec, "code": smk.params.code},
-        {name: smk.input[name] for name in ("model", "mixture", "dev", "test", "ood_test")},
+        smk.params.spec,
+        smk.params.code,
+        {name: smk.input[name] for name in ("mixture", "dev", "test", "ood_test")}
+        | model_files(smk.input.model),
     )
     try:
         w = smk.wildcards

@@ -17,11 +17,10 @@ import polars as pl
 from eqtools import distributed
 from eqtools.engine import gather_answers, share
 from eqtools.io import setup_logging
+from eqtools.jobstate import job_stamp, model_files
 from eqtools.partial import (
     PartialResults,
     group_bounds,
-    job_stamp,
-    model_files,
     partial_dir,
     shared_by_main,
     start_progress,

@@ -9,10 +9,10 @@ Bookkeeping like eqtools.io: it decides whether earlier work is reused, never wh
 (a resumed run ends with the files of an uninterrupted one, tested), so it is left out of the
 code hashes."""
 
-import hashlib
 import json
 import logging
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 from eqtools.io import sha256_file, write_text
@@ -20,44 +20,49 @@ from eqtools.io import sha256_file, write_text
 log = logging.getLogger("workflow")
 
 STAMP = "stamp.json"
-# the small files that identify a materialised model (resources/models/{model}/): its registry
-# entry records the sha256 of every weight file it links, and hashing 140 GB of weights on every
-# start of a job would cost minutes
-MODEL_IDENTITY = ("registry_entry.json", "config.json")
 
 
-def input_checksum(path: str | Path) -> str:
-    """The sha256 of a file; of a directory, over its identity files (a materialised model) or
-    else over every file's relative path and sha256."""
-    path = Path(path)
-    if path.is_file():
-        return sha256_file(path)
-    h = hashlib.sha256()
-    files = [path / name for name in MODEL_IDENTITY if (path / name).is_file()]
-    for f in files or sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(f.relative_to(path).as_posix().encode())
-        h.update(sha256_file(f).encode())
-    return h.hexdigest()
-
-
-def job_stamp(params: dict[str, str], inputs: dict[str, str | Path]) -> dict:
-    """The stamp of a job: its tracked params (the rule's spec and code hash) as given, and the
-    checksum of each named input."""
+def input_digests(files: Mapping[str, str | Path]) -> dict[str, str | None]:
+    """{name: sha256} of input files (None for one that does not exist)."""
     return {
-        "params": dict(sorted(params.items())),
-        "inputs": {name: input_checksum(p) for name, p in sorted(inputs.items())},
+        name: sha256_file(path) if Path(path).is_file() else None
+        for name, path in sorted(files.items())
     }
 
 
-def stamp_differences(saved: dict | None, current: dict) -> list[str]:
-    """What differs between two stamps, as dotted keys ("params.spec", "inputs.mixture");
-    ["no stamp"] for a state without one."""
-    if saved is None:
-        return ["no stamp"]
-    keys = sorted(
-        {(s, k) for s in ("params", "inputs") for k in {**saved.get(s, {}), **current.get(s, {})}}
-    )
-    return [f"{s}.{k}" for s, k in keys if saved.get(s, {}).get(k) != current.get(s, {}).get(k)]
+def model_files(model_dir: str | Path) -> dict[str, Path]:
+    """The files that identify a materialised model without reading its weights (hashing 140 GB
+    on every start of a job would cost minutes): the registry entry (source and sha256 of every
+    linked file) and the architecture's config."""
+    model_dir = Path(model_dir)
+    return {f"model/{name}": model_dir / name for name in ("registry_entry.json", "config.json")}
+
+
+def job_stamp(spec: str, code: str, inputs: Mapping[str, str | Path]) -> dict:
+    """The stamp of a job: its tracked settings (the rule's params.spec, a canonical JSON text,
+    and params.code) and the sha256 of its `inputs`."""
+    return {"spec": json.loads(spec), "code": code, "inputs": input_digests(inputs)}
+
+
+def stamp_differences(saved, current, key: str = "") -> list[str]:
+    """What differs between two stamps, as dotted keys with both values (e.g.
+    `spec.slick.seed: 7 -> 8`); a digest that differs is named without its values."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out = []
+        for name in sorted(set(saved) | set(current), key=str):
+            where = f"{key}.{name}" if key else str(name)
+            if name not in saved:
+                out.append(f"{where}: new")
+            elif name not in current:
+                out.append(f"{where}: gone")
+            else:
+                out += stamp_differences(saved[name], current[name], where)
+        return out
+    if saved == current:
+        return []
+    if key.startswith("inputs."):
+        return [f"{key}: other content"]
+    return [f"{key}: {json.dumps(saved)} -> {json.dumps(current)}"]
 
 
 def read_stamp(folder: Path) -> dict | None:
@@ -78,14 +83,15 @@ def claim_state(folder: str | Path, stamp: dict, what: str) -> bool:
     except OSError as e:
         raise OSError(f"{what}: cannot read its state directory {folder}: {e}") from e
     if has_content:
-        differences = stamp_differences(read_stamp(folder), stamp)
+        saved = read_stamp(folder)
+        differences = stamp_differences(saved, stamp) if saved else [f"no {STAMP}"]
         if not differences:
             return True
         log.warning(
-            "%s: discarding the saved state in %s, written by another job (differs in: %s)",
+            "%s: discarding the saved state in %s, written by another job: %s",
             what,
             folder,
-            ", ".join(differences),
+            "; ".join(differences),
         )
         shutil.rmtree(folder)
     try:

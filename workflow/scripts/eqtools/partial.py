@@ -4,8 +4,9 @@ killed job (preempted, timed out) resumes where it stopped instead of from zero.
 Snakemake deletes a job's declared outputs before it runs the job and after it fails, so the
 finished groups live in an undeclared hidden directory next to the output
 (`partial_dir(output)`): one parquet file per group of items (`rows-<start>-<end>.parquet`) and
-`stamp.json`, the job's tracked settings and the sha256 of its inputs. A state is resumed only
-by a job with the same stamp; any other is discarded with one log line naming what differs.
+`stamp.json`, the job's tracked settings and the sha256 of its inputs (eqtools.jobstate). A
+state is resumed only by a job with the same stamp; any other is discarded with one log line
+naming what differs.
 Scheduling settings (GPUs, ranks, group size, batch rows) are not in the stamp: changing them
 keeps the state. When the job completes, the output is written once from all groups, in the
 items' order, and the directory is removed.
@@ -23,12 +24,12 @@ from pathlib import Path
 
 import polars as pl
 
-from eqtools.io import sha256_file, write_parquet, write_text
+from eqtools.io import write_parquet, write_text
+from eqtools.jobstate import STAMP, stamp_differences
 from eqtools.progress import Progress
 
 log = logging.getLogger("workflow")
 
-STAMP = "stamp.json"
 PART = re.compile(r"rows-(\d+)-(\d+)\.parquet")
 
 
@@ -37,48 +38,6 @@ def partial_dir(output: str | Path) -> Path:
     (undeclared, so that Snakemake leaves it alone)."""
     output = Path(output)
     return output.with_name(f".{output.stem}.partial")
-
-
-def input_digests(files: Mapping[str, str | Path]) -> dict[str, str | None]:
-    """{name: sha256} of input files (None for one that does not exist)."""
-    return {
-        name: sha256_file(path) if Path(path).is_file() else None
-        for name, path in sorted(files.items())
-    }
-
-
-def model_files(model_dir: str | Path) -> dict[str, Path]:
-    """The files that identify a materialised model without reading its weights: the registry
-    entry (source and sha256 of every linked file) and the architecture's config."""
-    model_dir = Path(model_dir)
-    return {f"model/{name}": model_dir / name for name in ("registry_entry.json", "config.json")}
-
-
-def job_stamp(spec: str, code: str, inputs: Mapping[str, str | Path]) -> dict:
-    """The stamp of a job: its tracked settings (the rule's params.spec, a canonical JSON text,
-    and params.code) and the sha256 of its `inputs`."""
-    return {"spec": json.loads(spec), "code": code, "inputs": input_digests(inputs)}
-
-
-def stamp_differences(saved, current, key: str = "") -> list[str]:
-    """What differs between two stamps, as dotted keys with both values (e.g.
-    `spec.slick.seed: 7 -> 8`); a digest that differs is named without its values."""
-    if isinstance(saved, dict) and isinstance(current, dict):
-        out = []
-        for name in sorted(set(saved) | set(current), key=str):
-            where = f"{key}.{name}" if key else str(name)
-            if name not in saved:
-                out.append(f"{where}: new")
-            elif name not in current:
-                out.append(f"{where}: gone")
-            else:
-                out += stamp_differences(saved[name], current[name], where)
-        return out
-    if saved == current:
-        return []
-    if key.startswith("inputs."):
-        return [f"{key}: other content"]
-    return [f"{key}: {json.dumps(saved)} -> {json.dumps(current)}"]
 
 
 def group_bounds(start: int, total: int, size: int) -> Iterator[tuple[int, int]]:
