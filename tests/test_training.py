@@ -324,3 +324,34 @@ def test_a_bf16_lora_recipe_keeps_its_frozen_base_in_bf16_for_a_bf16_evaluation(
     assert dtypes(bf16, False) == {torch.bfloat16} and dtypes(bf16, True) == {torch.float32}
     assert dtypes(dict(RECIPE, dtype="bfloat16"), False) == {torch.float32}
     assert dtypes(dict(bf16, method="full"), True) == {torch.float32}
+
+
+@pytest.mark.parametrize("backend", ["levels", "reference"])
+def test_evaluation_caches_the_instruction_and_sorts_waves_without_changing_answers(
+    tiny_model_dir, backend
+):
+    """Evaluation encodes the instruction every question shares once (a cached prefix) and runs
+    waves of similar prompt lengths: each question's greedy answer is the one of its whole
+    prompt, in a wave of its own."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from eqtools.engine import Generator, Request
+    from eqtools.training import answer_questions, format_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    questions = [f"Which country is {name} located in?" for name in ("Lyon", "Kyoto", "Ur")]
+    questions += ["What is the capital of " + " and ".join(["the Kingdom of Spain"] * 9) + "?"]
+    questions += [f"Who is {name} married to?" for name in ("Ada", "Bo", "Cy", "Di", "Ed")]
+    generator = Generator(model, tokenizer, max_new_tokens=5, max_batch_rows=3, backend=backend)
+    answers = answer_questions(generator, questions)
+    assert (
+        len(generator.prefixes[generator.add_prefix("Answer the following question.")].tokens) > 3
+    )
+
+    alone = Generator(model, tokenizer, max_new_tokens=5, max_batch_rows=1, backend=backend)
+    whole = alone.add_prefix("")
+    for question, answer in zip(questions, answers, strict=True):
+        request = Request(whole, alone.prompt_tokens(whole, format_prompt(question)))
+        [(_, tokens)] = list(alone.generate([request]))
+        assert answer == alone.decode(tokens), question

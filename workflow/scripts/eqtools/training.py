@@ -49,6 +49,26 @@ def format_prompt(question: str) -> str:
     return PROMPT.format(question=question)
 
 
+# the part of PROMPT every question shares: the engine encodes it once, as labelling's exemplars
+INSTRUCTION = PROMPT.split("{question}")[0].rstrip()
+
+
+def instructed_request(generator, question: str, instruction: int, whole: int):
+    """The engine request of a question's prompt: the shared instruction as a cached prefix
+    (`instruction`, registered from INSTRUCTION), the rest as the prompt; the whole prompt after
+    the empty prefix `whole` where the tokenizer merges tokens across their boundary (the prompt
+    must stay exactly what training saw)."""
+    from eqtools.engine import Request
+
+    prompt = format_prompt(question)
+    try:
+        return Request(
+            instruction, generator.prompt_tokens(instruction, prompt[len(INSTRUCTION) :])
+        )
+    except ValueError:
+        return Request(whole, generator.prompt_tokens(whole, prompt))
+
+
 def encode_examples(
     tokenizer, questions: list[str], answers: list[str]
 ) -> list[tuple[list[int], list[int]]]:
@@ -254,11 +274,14 @@ def answer_questions(
     """Zero-shot greedy answers in the training format, through the shared engine. Each rank
     answers its share (every world-th question) and every rank returns all the answers; every
     rank calls it. Rank 0 logs its progress as `what`."""
-    from eqtools.engine import Request, gather_answers, share
+    from eqtools.engine import gather_answers, share
 
-    prefix = generator.add_prefix("")
+    # every rank registers the prefixes (a forward: a collective under lockstep)
+    instruction, whole = generator.add_prefix(INSTRUCTION), generator.add_prefix("")
     mine = [questions[i] for i in share(len(questions), ranks.rank, ranks.world)]
-    requests = [Request(prefix, generator.prompt_tokens(prefix, format_prompt(q))) for q in mine]
+    requests = [instructed_request(generator, q, instruction, whole) for q in mine]
+    # waves of similar prompt lengths: a wave's buffers are as wide as its longest prompt
+    order = sorted(range(len(requests)), key=lambda i: len(requests[i].prompt))
     answers = [""] * len(mine)
     progress = Progress(
         f"{what} evaluation"
@@ -266,8 +289,8 @@ def answer_questions(
         len(mine),
         "questions",
     )
-    for i, tokens in generator.generate(requests):
-        answers[i] = generator.decode(tokens)
+    for i, tokens in generator.generate([requests[j] for j in order]):
+        answers[order[i]] = generator.decode(tokens)
         progress.advance()
     progress.finish()
     return gather_answers(answers, len(questions), ranks.world)
