@@ -55,6 +55,15 @@ def test_seed_bands_group_by_keys():
     assert bands["low"][1] == pytest.approx(0.5) and bands["high"][1] == pytest.approx(0.5)
 
 
+def test_seed_bands_of_an_accuracy_stay_within_0_and_1():
+    """Three seeds at 0.9, 1.0, 1.0 (Fig. 1's Known examples): the t interval passes 1."""
+    long = pl.DataFrame({"epoch": [1, 1, 1, 2], "value": [0.9, 1.0, 1.0, 0.4]})
+    assert replicates.seed_bands(long, ["epoch"], "value")["high"][0] > 1
+    bands = replicates.seed_bands(long, ["epoch"], "value", bounds=(0.0, 1.0))
+    assert bands["high"][0] == 1.0 and 0 <= bands["low"][0] < bands["mean"][0]
+    assert math.isnan(bands["low"][1]) and math.isnan(bands["high"][1])  # one seed: no band
+
+
 # ------------------------------------------------------------------------------- intervals
 
 

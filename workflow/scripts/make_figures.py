@@ -451,10 +451,10 @@ def _run_metrics(inputs: dict, run: str, model: str, mixture: str) -> list[dict]
 
 def seeds_fitting(runs_lines: list[list[dict]]) -> pl.DataFrame:
     """Fig. 1 over seeds: fitting_by_epoch's columns as the mean over the seeds, each with
-    <col>_low / <col>_high, the t interval over seeds."""
+    <col>_low / <col>_high, the t interval over seeds clipped to [0, 1]."""
     frames = [fitting_by_epoch(lines) for lines in runs_lines]
     long = pl.concat(frames).unpivot(index="epoch", variable_name="series")
-    bands = seed_bands(long, ["series", "epoch"], "value")
+    bands = seed_bands(long, ["series", "epoch"], "value", bounds=(0.0, 1.0))
     wide = None
     for col in ("train_known", "train_unknown", "dev"):
         part = bands.filter(pl.col("series") == col).select(
@@ -472,7 +472,7 @@ def seeds_category_fitting(runs: list[dict[str, list[dict]]]) -> pl.DataFrame:
     accuracy_high, n)."""
     long = pl.concat([category_fitting(lines) for lines in runs])
     n = long.group_by("mixture", "category").agg(pl.col("n").max())
-    bands = seed_bands(long, ["mixture", "epoch", "category"], "accuracy")
+    bands = seed_bands(long, ["mixture", "epoch", "category"], "accuracy", bounds=(0.0, 1.0))
     return bands.join(n, on=["mixture", "category"], how="left").select(
         "mixture",
         "epoch",
@@ -521,7 +521,9 @@ def seeds_share_points(inputs, model, runs, mixtures) -> pl.DataFrame:
 
 def seeds_figure_fitting(inputs, spec: Figure, model, runs):
     data = seeds_fitting([_run_metrics(inputs, r, model, spec.mixture) for r in runs])
-    return plot_fitting(data, spec.title, f"{spec.mixture}; bands: 95 % over seeds")
+    return plot_fitting(
+        data, spec.title, f"{spec.mixture}; bands: 95 % over seeds, clipped to 0-100 %"
+    )
 
 
 def seeds_figure_unknown_share(inputs, spec: Figure, model, runs):
@@ -537,7 +539,7 @@ def seeds_figure_category_fitting(inputs, spec: Figure, model, runs):
     data = seeds_category_fitting(
         [{m: _run_metrics(inputs, r, model, m) for m in spec.mixtures} for r in runs]
     )
-    return plot_category_fitting(data, f"{spec.title}; bands: 95 % over seeds")
+    return plot_category_fitting(data, f"{spec.title}; bands: 95 % over seeds, clipped to 0-100 %")
 
 
 SEED_FIGURES = {

@@ -58,12 +58,17 @@ def seed_interval(values, level: float = LEVEL) -> tuple[float, float, float]:
     return (mean, mean - half, mean + half)
 
 
-def seed_bands(frame: pl.DataFrame, keys: list[str], value: str) -> pl.DataFrame:
+def seed_bands(
+    frame: pl.DataFrame, keys: list[str], value: str, bounds: tuple[float, float] | None = None
+) -> pl.DataFrame:
     """Per group of `keys` in a long frame with one row per seed: mean, low, high (seed_interval)
-    and n_seeds, sorted by `keys`."""
+    and n_seeds, sorted by `keys`. `bounds` clips low and high to the values' range (an
+    accuracy: (0, 1); the t interval of a few seeds that disagree can reach past either end)."""
     rows = []
     for group, part in frame.group_by(keys, maintain_order=True):
         mean, low, high = seed_interval(part[value].to_list())
+        if bounds is not None:
+            low, high = (float(np.clip(b, *bounds)) for b in (low, high))  # NaN stays NaN
         n = int(part[value].drop_nulls().drop_nans().len())
         rows.append(dict(zip(keys, group, strict=True)) | dict(mean=mean, low=low, high=high))
         rows[-1]["n_seeds"] = n
