@@ -61,6 +61,7 @@ from fsdp_memory import RECIPE as FSDP_MEMORY_RECIPE  # noqa: E402
 from prepare_memory import high_water_gib  # noqa: E402
 
 from eqtools import distributed  # noqa: E402
+from eqtools.jobstate import job_stamp  # noqa: E402
 from eqtools.settings import Recipe, Schedule  # noqa: E402
 
 # the memory benchmark's full fp32 recipe, with a recipe's evaluation length
@@ -347,6 +348,8 @@ def labelling(args, tmp: Path) -> dict:
         "split": "train",
         "relation": "P1",
         "spec": Labelling(slick, entry).param(),
+        "stamp": job_stamp(Labelling(slick, entry).param(), "benchmark", {}),
+        "questions_per_save": 256,
         "max_batch_rows": 2048,
         "backend": "auto",
     }

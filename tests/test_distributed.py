@@ -94,6 +94,8 @@ def make_job(
         },
         "max_batch_rows": 256,
         "backend": backend,
+        "save_every": 1,
+        "keep_weights": True,
         "device": "cpu",
     }
 
