@@ -28,6 +28,7 @@ pytestmark = pytest.mark.workflow
 UPSTREAM_OF_LABELS = {
     "download_entity_questions",
     "prepare_splits",
+    "fetch_model",
     "prepare_model",
     "select_exemplars",
 }

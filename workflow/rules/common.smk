@@ -13,7 +13,8 @@ if str(SCRIPTS) not in sys.path:
 from eqtools import study  # noqa: E402
 from eqtools.codehash import code_hash  # noqa: E402
 from eqtools.config import ConfigError, load_schema, validate_config  # noqa: E402
-from eqtools.settings import Study, Summary  # noqa: E402
+from eqtools.models import fingerprint, size_on_disk  # noqa: E402
+from eqtools.settings import Study, Summary, canon  # noqa: E402
 
 try:
     validate_config(
@@ -49,11 +50,35 @@ def check_code_params(rules):
 
 
 def model_spec(wildcards):
+    """The registry entry fetch_model stages: where the weights are (path or package)."""
     return STUDY.models[wildcards.model].param()
 
 
+def tracked_model_spec(wildcards):
+    """What of the entry changes prepare_model's output besides the weights: the dtype."""
+    return STUDY.models[wildcards.model].tracked().param()
+
+
+def model_fingerprint(wildcards):
+    """The staged files' names, sizes and mtimes, read when Snakemake plans (a few stat calls,
+    never the weights): prepare_model reruns when the weights may have changed, and not when
+    only the directory holding them moved (eqtools.models.fingerprint)."""
+    return canon(fingerprint(wildcards.model, STUDY.models[wildcards.model].to_dict()))
+
+
+def prepare_mem_mb(wildcards, attempt):
+    """Memory of prepare_model: the model in its dtype twice (a conversion saves a copy and
+    reloads it once the source is freed; safetensors loading maps the files), from the size of
+    its weight files on disk (4-bit GGUF or 16-bit weights), grown with each attempt."""
+    entry = STUDY.models[wildcards.model]
+    n_params = size_on_disk(wildcards.model, entry.to_dict()) * (2 if entry.gguf_file else 0.5)
+    itemsize = 4 if entry.dtype == "float32" else 2
+    return int(2000 + 2 * n_params * itemsize / 2**20) * attempt
+
+
 def label_spec(wildcards):
-    """Everything that changes a label: the SliCK settings and the model entry."""
+    """Everything that changes a label besides the model's weights (identity.json, an input):
+    the SliCK settings and the model's dtype."""
     return STUDY.labelling(wildcards.model).param()
 
 
