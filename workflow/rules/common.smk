@@ -13,7 +13,7 @@ if str(SCRIPTS) not in sys.path:
 from eqtools import study  # noqa: E402
 from eqtools.codehash import code_hash  # noqa: E402
 from eqtools.config import ConfigError, load_schema, validate_config  # noqa: E402
-from eqtools.models import fingerprint, size_on_disk  # noqa: E402
+from eqtools.models import fingerprint, prepare_bytes  # noqa: E402
 from eqtools.settings import Study, Summary, canon  # noqa: E402
 
 try:
@@ -67,13 +67,10 @@ def model_fingerprint(wildcards):
 
 
 def prepare_mem_mb(wildcards, attempt):
-    """Memory of prepare_model: the model in its dtype twice (a conversion saves a copy and
-    reloads it once the source is freed; safetensors loading maps the files), from the size of
-    its weight files on disk (4-bit GGUF or 16-bit weights), grown with each attempt."""
-    entry = STUDY.models[wildcards.model]
-    n_params = size_on_disk(wildcards.model, entry.to_dict()) * (2 if entry.gguf_file else 0.5)
-    itemsize = 4 if entry.dtype == "float32" else 2
-    return int(2000 + 2 * n_params * itemsize / 2**20) * attempt
+    """Memory of prepare_model, from the size of the model's weight files
+    (eqtools.models.prepare_bytes), grown with each attempt."""
+    entry = STUDY.models[wildcards.model].to_dict()
+    return (2000 + prepare_bytes(wildcards.model, entry) // 2**20) * attempt
 
 
 def label_spec(wildcards):

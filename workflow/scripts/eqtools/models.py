@@ -119,12 +119,24 @@ def fingerprint(name: str, spec: dict) -> dict:
     return {"files": [[n, st.st_size, st.st_mtime_ns] for n, st in stats]}
 
 
-def size_on_disk(name: str, spec: dict) -> int:
-    """The size of the model's weight files (DEFAULT_WEIGHT_BYTES for a hub id)."""
+def prepare_bytes(name: str, spec: dict) -> int:
+    """Host memory prepare_model needs, estimated when Snakemake plans from the weight files'
+    sizes (DEFAULT_WEIGHT_BYTES for a hub id): the model in the entry's dtype once where
+    safetensors are linked, twice where a source is converted (the saved copy is reloaded once
+    the source's is freed); a 4-bit GGUF holds about 2 parameters a byte, other weights 16-bit
+    ones."""
     found = fingerprint(name, spec).get("files")
-    if not found:
-        return DEFAULT_WEIGHT_BYTES
-    return sum(size for n, size, _ in found if not n.endswith(LINKED_SUFFIXES)) or 1
+    weights = [(n, size) for n, size, _ in found or [] if not n.endswith(LINKED_SUFFIXES)]
+    if not weights:
+        return 2 * DEFAULT_WEIGHT_BYTES
+    n_params = sum(size for _, size in weights) * (2 if spec.get("gguf_file") else 0.5)
+    copies = 1 if all(n.endswith(".safetensors") for n, _ in weights) else 2
+    return int(copies * n_params * torch_itemsize(spec.get("dtype", "float32")))
+
+
+def torch_itemsize(dtype: str) -> int:
+    """Bytes per parameter of `dtype` (of DTYPES), without importing torch."""
+    return 4 if dtype == "float32" else 2
 
 
 def stage(name: str, spec: dict, out_dir: str | Path) -> dict:
