@@ -25,7 +25,7 @@ sys.path[:0] = [str(ROOT / "workflow" / "scripts"), str(ROOT / "tests")]
 import test_distributed as runs  # noqa: E402  (the tests' inputs, jobs and launchers)
 from conftest import build_tiny_model, embedded_gguf  # noqa: E402
 
-from eqtools.models import materialise  # noqa: E402
+from eqtools.models import materialise, stage  # noqa: E402
 from eqtools.settings import Schedule  # noqa: E402
 
 
@@ -87,8 +87,9 @@ def main() -> None:
         if not args.no_embedded:
             model = root / "smollm2-135m"
             package, gguf = embedded_gguf()
-            spec = {"path": package, "gguf_file": gguf, "dtype": "float32", "device": "cpu"}
-            materialise("smollm2-135m", spec, model)
+            staged = root / "smollm2-135m.source"  # as fetch_model stages it
+            stage("smollm2-135m", {"path": package, "gguf_file": gguf}, staged)
+            materialise("smollm2-135m", staged, model, "float32", "cpu")
             small = runs.write_inputs(root / "inputs-embedded", n_train=6)
             lora = {"rank": 4, "alpha": 8, "target_modules": "all-linear"}
             recipes = {

@@ -66,7 +66,7 @@ def measure(source: Path, out: Path) -> None:
     import torch
 
     from eqtools.engine import check_generation
-    from eqtools.models import materialise
+    from eqtools.models import materialise, stage
 
     torch.set_num_threads(2)
     after_imports = high_water_gib()
@@ -79,8 +79,9 @@ def measure(source: Path, out: Path) -> None:
         return result
 
     started = time.perf_counter()
-    spec = {"path": str(source), "dtype": "bfloat16", "device": "cpu"}
-    entry = materialise("bench", spec, out, check=timed_check)
+    staged = out.with_name(f"{out.name}.source")  # as fetch_model stages it
+    stage("bench", {"path": str(source)}, staged)
+    entry = materialise("bench", staged, out, "bfloat16", "cpu", check=timed_check)
     wall = time.perf_counter() - started
     print(
         "RESULT "

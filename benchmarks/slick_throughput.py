@@ -23,6 +23,7 @@ calls run asynchronously, so the FLOP-limit share is taken over the engine's who
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -36,7 +37,7 @@ sys.path.insert(0, str(ROOT / "workflow" / "scripts"))
 from eqtools.em import exact_match  # noqa: E402
 from eqtools.engine import Generator  # noqa: E402
 from eqtools.entity_questions import ARCHIVE_SPLITS, build_splits, read_archive  # noqa: E402
-from eqtools.models import load, materialise  # noqa: E402
+from eqtools.models import load, materialise, stage  # noqa: E402
 from eqtools.sampling import stable_keys  # noqa: E402
 from eqtools.slick import (  # noqa: E402
     draw_exemplars,
@@ -211,7 +212,10 @@ def parse_common_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
         )
     if not (Path(args.model_dir) / "config.json").is_file():
         print(f"materialising the embedded model into {args.model_dir}", flush=True)
-        materialise("smollm2-135m", EMBEDDED, args.model_dir)
+        staged = Path(f"{args.model_dir}.source")  # as fetch_model stages it
+        shutil.rmtree(staged, ignore_errors=True)
+        stage("smollm2-135m", EMBEDDED, staged)
+        materialise("smollm2-135m", staged, args.model_dir)
     return args
 
 

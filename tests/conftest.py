@@ -36,6 +36,20 @@ def build_tiny_model(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
+def prepare_model(name: str, spec: dict, root: Path, check=None, dtype="float32") -> dict:
+    """The two steps of the workflow's model rules in this process: stage the entry `spec` at
+    root/<name>.source (fetch_model), then materialise it at root/<name> (prepare_model), each
+    swapped into place whole. Returns the registry entry."""
+    from eqtools.io import atomic_path
+    from eqtools.models import materialise, stage
+
+    staged = root / f"{name}.source"
+    with atomic_path(staged, directory=True) as tmp:
+        stage(name, spec, tmp)
+    with atomic_path(root / name, directory=True) as tmp:
+        return materialise(name, staged, tmp, dtype, "cpu", check=check)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))

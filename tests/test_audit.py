@@ -138,6 +138,11 @@ def test_a_changed_source_of_a_linked_model_is_reported(chain, tmp_path):
     with open("results/data/derived.csv", "w") as f:
         f.write("x")
     assert audit.audit("results/data/derived.csv").problems == []
+    # the source directory moved, and was staged again: the same weights, no problem
+    source = source.parent.rename(tmp_path / "moved") / source.name
+    os.unlink("resources/models/m/weights.safetensors")
+    os.symlink(source, "resources/models/m/weights.safetensors")
+    assert audit.audit("results/data/derived.csv").problems == []
     source.write_text("other weights")
     recorded = linked[0]["sha256"][:12]
     assert set(audit.audit("results/data/derived.csv").problems) == {

@@ -356,15 +356,12 @@ def test_launch_commands():
 @pytest.fixture(scope="module")
 def embedded_model_dir(tmp_path_factory) -> Path:
     """The embedded SmolLM2-135M-Instruct, materialised as the prepare_model rule does."""
-    from conftest import embedded_gguf
+    from conftest import embedded_gguf, prepare_model
 
-    from eqtools.models import materialise
-
-    out = tmp_path_factory.mktemp("smollm2") / "smollm2-135m"
+    root = tmp_path_factory.mktemp("smollm2")
     package, gguf = embedded_gguf()
-    spec = {"path": package, "gguf_file": gguf, "dtype": "float32", "device": "cpu"}
-    materialise("smollm2-135m", spec, out)
-    return out
+    prepare_model("smollm2-135m", {"path": package, "gguf_file": gguf}, root)
+    return root / "smollm2-135m"
 
 
 def test_two_processes_train_the_embedded_model_like_one(embedded_model_dir, tmp_path):

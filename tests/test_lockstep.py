@@ -163,7 +163,7 @@ def test_a_chunk_labelled_by_two_ranks_is_byte_identical_to_one_process(
     import label_questions
     import ptrue
 
-    from eqtools.settings import Labelling, ModelEntry, PtrueOptions, Slick
+    from eqtools.settings import Labelling, PtrueOptions, Slick, TrackedModel
     from eqtools.settings import Ptrue as PtrueSpec
     from eqtools.slick import draw_exemplars
 
@@ -187,7 +187,7 @@ def test_a_chunk_labelled_by_two_ranks_is_byte_identical_to_one_process(
         }
     )
     questions.write_parquet(tmp_path / "questions.parquet")
-    entry = ModelEntry(gguf_file=None, dtype="float32", device="cpu", path=str(tiny_model_dir))
+    entry = TrackedModel(dtype="float32")
     slick = Slick(3, 2, 4, 1.0, 50, 3, 7, False)
     job = {
         "model": str(tiny_model_dir),

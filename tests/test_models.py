@@ -1,16 +1,20 @@
-"""The model registry: prepare_model refuses what the workflow cannot run, before writing anything,
-naming the registry entry, the architecture and the reason; it links a local safetensors
-directory and converts any other source once."""
+"""The model registry: fetch_model stages a model (links or downloads), prepare_model refuses what
+the workflow cannot run, before writing anything, naming the registry entry, the architecture
+and the reason; it links local safetensors weights and converts any other source once. A model
+is identified by the checksums of its files, not by where they lie."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import prepare_model
 
 from archs import build_tiny, char_tokenizer
 from eqtools.engine import EngineError, check_generation
-from eqtools.io import atomic_path, sha256_file
-from eqtools.models import SOURCE_FILE, ModelError, load, materialise, placement
+from eqtools.io import sha256_file
+from eqtools.models import SOURCE_FILE, ModelError, fingerprint, identity, load, placement
 
 
 def save(model, directory):
@@ -28,7 +32,6 @@ def test_an_encoder_decoder_is_refused_by_name(tmp_path):
         ),
         tmp_path / "t5",
     )
-    out = tmp_path / "out"
     with pytest.raises(
         ModelError,
         match=(
@@ -36,8 +39,8 @@ def test_an_encoder_decoder_is_refused_by_name(tmp_path):
             r"language model"
         ),
     ):
-        materialise("tiny-t5", {"path": str(source)}, out, check=check_generation)
-    assert not out.exists()
+        prepare_model("tiny-t5", {"path": str(source)}, tmp_path, check=check_generation)
+    assert not (tmp_path / "tiny-t5").exists()
 
 
 def test_a_model_the_engine_cannot_run_is_refused_by_name(tmp_path):
@@ -45,7 +48,6 @@ def test_a_model_the_engine_cannot_run_is_refused_by_name(tmp_path):
     # random LSH rotations at every forward: no answer is reproducible
     model.config.hash_seed = None
     source = save(model, tmp_path / "reformer")
-    out = tmp_path / "out"
     with pytest.raises(
         EngineError,
         match=(
@@ -53,8 +55,8 @@ def test_a_model_the_engine_cannot_run_is_refused_by_name(tmp_path):
             r".*give different logits"
         ),
     ):
-        materialise("tiny-reformer", {"path": str(source)}, out, check=check_generation)
-    assert not out.exists()
+        prepare_model("tiny-reformer", {"path": str(source)}, tmp_path, check=check_generation)
+    assert not (tmp_path / "tiny-reformer").exists()
 
 
 def test_a_model_with_several_output_heads_is_refused():
@@ -70,35 +72,74 @@ def test_a_model_with_several_output_heads_is_refused():
 def test_prepare_records_the_path_the_engine_takes(tmp_path, arch, path):
     torch.set_num_threads(1)
     source = save(build_tiny(arch, len(char_tokenizer())), tmp_path / arch)
-    entry = materialise(
-        f"tiny-{arch}", {"path": str(source)}, tmp_path / "out", check=check_generation
-    )
+    entry = prepare_model(f"tiny-{arch}", {"path": str(source)}, tmp_path, check=check_generation)
     assert entry["check"] == path
-    assert (tmp_path / "out" / "config.json").is_file()
+    assert (tmp_path / f"tiny-{arch}" / "config.json").is_file()
+
+
+def sharded_model(directory):
+    build_tiny("llama", len(char_tokenizer())).save_pretrained(directory, max_shard_size="50KB")
+    char_tokenizer().save_pretrained(directory)
+    return directory
 
 
 def test_a_local_safetensors_directory_is_linked_not_copied(tmp_path):
     torch.set_num_threads(1)
-    source = tmp_path / "sharded"
-    build_tiny("llama", len(char_tokenizer())).save_pretrained(source, max_shard_size="50KB")
-    char_tokenizer().save_pretrained(source)
-    out = tmp_path / "resources" / "models" / "tiny"
-    spec = {"path": str(source), "dtype": "float32", "device": "cpu"}
+    source = sharded_model(tmp_path / "sharded")
+    root = tmp_path / "resources" / "models"
     for _ in range(2):  # the second run swaps a complete copy in over the first one
-        with atomic_path(out, directory=True) as tmp:
-            entry = materialise("tiny", spec, tmp, check=check_generation)
+        entry = prepare_model("tiny", {"path": str(source)}, root, check=check_generation)
     assert entry["logit_check"] is None  # nothing was converted: no reloaded copy to compare
+    out, staged = root / "tiny", root / "tiny.source"
     written = sorted(p.name for p in out.iterdir() if not p.is_symlink())
     assert written == [SOURCE_FILE]
     links = {p.name: p.readlink() for p in out.iterdir() if p.is_symlink()}
     assert {"model.safetensors.index.json", "config.json", "tokenizer.json"} <= set(links)
     assert len([n for n in links if n.endswith(".safetensors")]) > 1
-    assert all(target == source / name for name, target in links.items())
+    # through the staged links: relative here, absolute there
+    assert all(target == Path("../tiny.source", name) for name, target in links.items())
+    assert all((staged / name).readlink() == source / name for name in links)
     recorded = json.loads((out / SOURCE_FILE).read_text())
     assert recorded["source"] == str(source)
     assert {e["path"]: e["sha256"] for e in recorded["linked"]} == {
-        str(t): sha256_file(t) for t in links.values()
+        str(source / name): sha256_file(source / name) for name in links
     }
+
+
+def test_a_model_is_identified_by_its_files_not_their_directory(tmp_path):
+    torch.set_num_threads(1)
+    source = sharded_model(tmp_path / "sharded")
+    root = tmp_path / "models"
+    before = prepare_model("tiny", {"path": str(source)}, root)["identity"]
+    planned = fingerprint("tiny", {"path": str(source)})
+    assert before == identity(root / "tiny.source")
+    assert set(before["files"]) == {p.name for p in source.iterdir()}
+
+    moved = source.rename(tmp_path / "elsewhere")  # mv: names, sizes and mtimes kept
+    assert not (root / "tiny" / "config.json").exists()  # the old staged links dangle
+    assert fingerprint("tiny", {"path": str(moved)}) == planned
+    after = prepare_model("tiny", {"path": str(moved)}, root)
+    assert after["identity"] == before and after["source"] == str(moved)
+    model, _, _ = load(root / "tiny", device="cpu")  # the materialised links follow the move
+
+    # other weights under the same names: another identity, and planning sees the change
+    weights = sorted(moved.glob("model-*.safetensors"))[-1]
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # the last byte of the last tensor
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(0, weights.stat().st_mtime_ns + 1))
+    assert fingerprint("tiny", {"path": str(moved)}) != planned
+    assert identity(root / "tiny.source") != before
+
+
+def test_an_unresolvable_entry_is_planned_and_refused_when_staged(tmp_path):
+    spec = {"path": str(tmp_path / "missing")}
+    assert fingerprint("gone", spec) == {
+        "unresolved": f"models.gone: path {str(tmp_path / 'missing')!r} is not a directory"
+    }
+    with pytest.raises(ModelError, match="models.gone: path .* is not a directory"):
+        prepare_model("gone", spec, tmp_path)
+    assert not (tmp_path / "gone.source").exists() and not (tmp_path / "gone").exists()
 
 
 def test_a_pytorch_bin_source_is_converted_once_in_the_entry_dtype(tmp_path):
@@ -110,9 +151,10 @@ def test_a_pytorch_bin_source_is_converted_once_in_the_entry_dtype(tmp_path):
     model.config.save_pretrained(source)
     torch.save(model.state_dict(), source / "pytorch_model.bin")  # float32
     char_tokenizer().save_pretrained(source)
-    out = tmp_path / "out"
-    entry = materialise("tiny", {"path": str(source), "dtype": "bfloat16"}, out, check=None)
+    entry = prepare_model("tiny", {"path": str(source)}, tmp_path, dtype="bfloat16")
+    out = tmp_path / "tiny"
     assert entry["logit_check"] == "identical" and "linked" not in entry
+    assert "pytorch_model.bin" in entry["identity"]["files"]
     assert not any(p.is_symlink() for p in out.iterdir())
     assert not list(out.glob("*.bin"))
     saved = load_file(out / "model.safetensors")
@@ -122,10 +164,9 @@ def test_a_pytorch_bin_source_is_converted_once_in_the_entry_dtype(tmp_path):
 def test_a_directory_without_a_model_is_refused_by_name(tmp_path):
     source = tmp_path / "tokenizer-only"
     char_tokenizer().save_pretrained(source)
-    out = tmp_path / "out"
     with pytest.raises(ModelError, match=rf"models\.empty: {source} holds no model"):
-        materialise("empty", {"path": str(source)}, out)
-    assert not out.exists()
+        prepare_model("empty", {"path": str(source)}, tmp_path)
+    assert not (tmp_path / "empty.source").exists()
 
 
 def test_load_puts_the_model_on_its_device_in_the_entry_dtype(tiny_model_dir):

@@ -12,6 +12,7 @@ rules added later are covered without editing this file.
 """
 
 import copy
+import json
 import os
 import re
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ pytestmark = pytest.mark.workflow
 UPSTREAM_OF_LABELS = {
     "download_entity_questions",
     "prepare_splits",
+    "fetch_model",
     "prepare_model",
     "select_exemplars",
 }
@@ -305,6 +307,8 @@ def test_editing_docs_tests_or_bookkeeping_reruns_nothing(state, path):
         ("cluster", {"max_mem_mb": 64000, "max_runtime": 1000}),
         # disk: the resumable states on scratch, saved less often, the weights dropped
         ("finetune", {"state_dir": "scratch/states", "save_every": 5, "keep_weights": False}),
+        ("models.tiny", {"device": "cpu"}),  # where the model runs, not what it computes
+        ("models.tiny", {"device": "cuda"}),
     ],
     ids=[
         "memory-runtime",
@@ -316,6 +320,8 @@ def test_editing_docs_tests_or_bookkeeping_reruns_nothing(state, path):
         "model-memory",
         "cluster-caps",
         "finetune-disk",
+        "model-device-cpu",
+        "model-device-cuda",
     ],
 )
 def test_scheduling_settings_rerun_nothing(state, section, setting):
@@ -345,3 +351,89 @@ def test_selecting_models_reruns_nothing_for_the_models_kept(state):
     new = [f for f in plan if {"other", "comparison"} & set(f.split("/"))]
     assert "resources/models/other" in new and "results/labels/other/train.parquet" in new
     assert set(plan) == set(new), plan
+# ---------------------------------------------------------------------------------------------
+# A model is identified by its files' content, not by their directory
+
+
+def model_path(state) -> Path:
+    return Path(state["config"]["models"]["tiny"]["path"])
+
+
+@contextmanager
+def moved_model(state):
+    """The tiny model's directory moved elsewhere (as `mv` does: names, sizes, mtimes kept) and
+    the config pointing there; afterwards moved back and staged again, as the study had it."""
+    old = model_path(state)
+    new = old.rename(old.with_name(old.name + "-moved"))
+    config = changed(state)
+    config["models"]["tiny"]["path"] = str(new)
+    try:
+        yield config
+    finally:
+        new.rename(old)
+        snakemake(state["work"], configfile=state["cfg"], snakefile=state["work"] / "Snakefile")
+
+
+def test_moving_the_model_directory_reruns_only_its_staging(state):
+    work = state["work"]
+    with moved_model(state) as config:
+        assert set(pending(work, config, cross_check=True).values()) == {"fetch_model"}
+        # the links into the moved directory dangle: not listed
+        before = {
+            f: t
+            for f, t in file_times(work).items()
+            if not f.startswith("resources/models/tiny.source")
+        }
+        cfg = write_config(work, config, "config.moved.yaml")
+        run = snakemake(work, configfile=cfg, snakefile=work / "Snakefile")
+        assert set(job_stats(run.stdout + run.stderr)) - {"all"} == {"fetch_model"}
+        after = file_times(work)
+        assert {f: after.get(f) for f in before} == before  # every result, identity.json too
+        assert "resources/models/tiny.identity.json" in before
+        # the model loads from the new place: its links, through the staged ones, lead there
+        assert (work / "resources/models/tiny/model.safetensors").resolve().parent == Path(
+            config["models"]["tiny"]["path"]
+        ).resolve()
+        assert pending(work, config) == {}
+        # the sidecar of the staged directory records where the weights are now
+        prov = json.loads((work / "resources/models/tiny.source.prov.json").read_text())
+        assert prov["config"]["source"] == config["models"]["tiny"]["path"]
+    assert pending(work, state["config"]) == {}
+
+
+def test_preparing_the_same_weights_again_reruns_nothing(state):
+    """identity.json is rewritten with the same bytes: Snakemake's input checksum of it is
+    unchanged, and the model directory itself is an ancient input."""
+    work = state["work"]
+    identity = work / "resources/models/tiny.identity.json"
+    before = identity.stat().st_mtime_ns
+    run = snakemake(  # the target first: --forcerun takes several values
+        work,
+        str(identity.relative_to(work)),
+        "--forcerun",
+        "prepare_model",
+        configfile=state["cfg"],
+        snakefile=work / "Snakefile",
+    )
+    assert set(job_stats(run.stdout + run.stderr)) == {"prepare_model"}
+    assert identity.stat().st_mtime_ns != before
+    assert pending(work, state["config"], cross_check=True) == {}
+
+
+def test_other_weights_rerun_the_model_and_everything_downstream(state):
+    weights = model_path(state) / "model.safetensors"
+    data, st = weights.read_bytes(), weights.stat()
+    changed_weights = bytearray(data)
+    changed_weights[-1] ^= 1  # the last byte of the last tensor
+    weights.write_bytes(bytes(changed_weights))
+    try:
+        plan = pending(state["work"], state["config"], cross_check=True)
+    finally:
+        weights.write_bytes(data)
+        os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert plan == expect(state, outputs_of(state, "prepare_model"))
+    assert {"prepare_model", "label_questions", "merge_labels", "finetune", "ptrue"} <= set(
+        plan.values()
+    )
+    assert "fetch_model" not in plan.values()
+    assert pending(state["work"], state["config"]) == {}

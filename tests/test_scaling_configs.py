@@ -1,8 +1,8 @@
 """The shipped cluster configurations (config/paper.yaml at 8B, paper-1b.yaml, paper-70b.yaml)
 dry-run against the slurm profile, and every GPU job asks for what docs/scaling.md plans: its
 GPUs, nodes, memory and time. A dry run submits nothing: fake SLURM commands on the PATH
-record any call, and no sbatch may come. No model needs to exist for a dry run (prepare_model, a
-local rule, is only planned)."""
+record any call, and no sbatch may come. No model needs to exist for a dry run (fetch_model, the
+local rule that downloads it, is only planned)."""
 
 import os
 import re
@@ -16,12 +16,12 @@ from helpers import ROOT
 
 PROFILE = ROOT / "profiles/slurm"
 SLURM_COMMANDS = ("sbatch", "srun", "squeue", "sacct", "scontrol", "sinfo", "scancel")
-GPU_RULES = ("label_questions", "ptrue", "finetune")
+GPU_RULES = ("prepare_model", "label_questions", "ptrue", "finetune")
 
 # The paper's study per model (docs/scaling.md, section 1): 12 + 7 relations labelled in 43
 # chunks (train, dev, test of the 12 in-distribution relations, ood_test of the 7), P(True) on
 # the ID test set, 14 mixtures x 1 recipe (`full`) x 1 seed.
-JOBS = {"label_questions": 43, "ptrue": 1, "finetune": 14}
+JOBS = {"prepare_model": 1, "label_questions": 43, "ptrue": 1, "finetune": 14}
 
 # What each GPU job asks for: gpu (sbatch --gpus, the job's total), nodes, mem_mb (per node),
 # runtime (minutes, the first attempt), threads (--cpus-per-task: engine.threads, 1 in
@@ -149,7 +149,14 @@ def test_cluster_config_requests_what_docs_scaling_plans(tmp_path, fake_slurm, s
     # 8B entry of paper.yaml under the 1B and 70B files)
     assert {job["wildcards"].get("model") for job in jobs} - {None} == {plan["model"]}
     for job in gpu_jobs:
-        assert request(job) == plan[job["rule"]], (job["rule"], job["wildcards"])
+        if job["rule"] == "prepare_model":
+            # loading the model once, on the labelling jobs' GPUs (its memory follows the size of
+            # the weights, unknown to a dry run before the download: eqtools.models.prepare_bytes)
+            labelling = plan["label_questions"]
+            assert request(job)["gpu"] == labelling["gpu"] and request(job)["runtime"] == 120
+            assert request(job)["mem_mb"] > 0
+        else:
+            assert request(job) == plan[job["rule"]], (job["rule"], job["wildcards"])
         # the profile's set-resources: the GPU partition, no --ntasks-per-gpu
         assert job["resources"]["slurm_partition"] == "gpu"
         assert job["resources"]["tasks_per_gpu"] == "0"

@@ -37,7 +37,7 @@ def test_every_gpu_rule_asks_for_its_gpus_on_the_gpu_partition():
     no count that would replace theirs."""
     rules = workflow_rules()
     declared = {name for name, rule in rules.items() if "gpu" in rule.resources}
-    assert declared == {"label_questions", "ptrue", "finetune"}
+    assert declared == {"prepare_model", "label_questions", "ptrue", "finetune"}
     entries = PROFILE["set-resources"]
     assert set(entries) == declared
     for rule in declared:
@@ -45,8 +45,10 @@ def test_every_gpu_rule_asks_for_its_gpus_on_the_gpu_partition():
         # Memory grows with the attempt in the rule itself (set-resources does not set it).
         mem = rules[rule].resources["mem_mb"]
         assert callable(mem), f"{rule}: mem_mb={mem}"
-        assert mem.__qualname__.startswith(("model_mem_mb.", "recipe_mem_mb")), rule
-    for rule in ("label_questions", "ptrue"):
+        assert mem.__qualname__.startswith(("model_mem_mb.", "recipe_mem_mb", "prepare_mem_mb")), (
+            rule
+        )
+    for rule in ("prepare_model", "label_questions", "ptrue"):
         assert rules[rule].resources["gpu"].__qualname__ == "model_gpus", rule
     for key in ("gpu", "nodes", "mpi", "tasks"):
         assert rules["finetune"].resources[key].__qualname__.startswith("recipe_"), key
@@ -54,7 +56,8 @@ def test_every_gpu_rule_asks_for_its_gpus_on_the_gpu_partition():
 
 def test_downloads_are_local_rules():
     local = {name for name, rule in workflow_rules().items() if rule.local}
-    assert {"download_entity_questions", "prepare_model"} <= local
+    assert {"download_entity_questions", "fetch_model"} <= local
+    assert "prepare_model" not in local  # it loads the whole model: a job
 
 
 def test_placeholders_marked_and_every_entry_commented():

@@ -168,7 +168,7 @@ def test_retry_doubles_memory(demo_run):
 # The real workflow (Snakefile at the repository root) on the tiny config with the tiny random
 # model: every non-local job goes through SLURM.
 
-LOCAL_RULES = {"download_entity_questions", "prepare_model"}
+LOCAL_RULES = {"download_entity_questions", "fetch_model"}
 # The rules on the profile's GPU partition: their GPU counts come from the model entry and the
 # recipe (1 each here, but for the distributed recipe).
 GPU_RULES = set(yaml.safe_load((PROFILE / "config.yaml").read_text())["set-resources"])

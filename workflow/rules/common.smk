@@ -13,7 +13,8 @@ if str(SCRIPTS) not in sys.path:
 from eqtools import study  # noqa: E402
 from eqtools.codehash import code_hash  # noqa: E402
 from eqtools.config import ConfigError, load_schema, validate_config  # noqa: E402
-from eqtools.settings import Study, Summary  # noqa: E402
+from eqtools.models import fingerprint, prepare_bytes  # noqa: E402
+from eqtools.settings import Study, Summary, canon  # noqa: E402
 
 try:
     validate_config(
@@ -52,11 +53,34 @@ def check_code_params(rules):
 
 
 def model_spec(wildcards):
+    """The registry entry fetch_model stages: where the weights are (path or package)."""
     return STUDY.models[wildcards.model].param()
 
 
+def tracked_model_spec(wildcards):
+    """What of the entry changes prepare_model's output besides the weights: the dtype."""
+    return STUDY.models[wildcards.model].tracked().param()
+
+
+def model_fingerprint(wildcards):
+    """The staged files' names, sizes and mtimes, read when Snakemake plans (a few stat calls,
+    never the weights): prepare_model reruns when the weights may have changed, and not when
+    only the directory holding them moved (eqtools.models.fingerprint)."""
+    return canon(fingerprint(wildcards.model, STUDY.models[wildcards.model].to_dict()))
+
+
+def prepare_mem_mb(wildcards, attempt):
+    """Memory of prepare_model, from the size of the model's weight files
+    (eqtools.models.prepare_bytes), grown with each attempt up to the cluster's cap."""
+    entry = STUDY.models[wildcards.model].to_dict()
+    first = 2000 + prepare_bytes(wildcards.model, entry) // 2**20
+    what = f"rule prepare_model for model {wildcards.model!r}"
+    return attempt_request("mem_mb", first, attempt, what, "the size of the model's weights")
+
+
 def label_spec(wildcards):
-    """Everything that changes a label: the SliCK settings and the model entry."""
+    """Everything that changes a label besides the model's weights (identity.json, an input):
+    the SliCK settings and the model's dtype."""
     return STUDY.labelling(wildcards.model).param()
 
 

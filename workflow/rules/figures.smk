@@ -9,7 +9,8 @@ include: "figures_common.smk"
 
 rule ptrue:
     input:
-        model="resources/models/{model}",
+        # ancient: different weights rerun P(True) through its labels (identity.json)
+        model=ancient("resources/models/{model}"),
         labels="results/labels/{model}/{split}.parquet",
     output:
         "results/labels/{model}/ptrue_{split}.parquet",

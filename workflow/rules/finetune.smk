@@ -21,7 +21,9 @@ rule build_mixture:
 
 rule finetune:
     input:
-        model="resources/models/{model}",
+        # ancient: different weights rerun the fine-tune through its labels, which take the
+        # model's identity.json
+        model=ancient("resources/models/{model}"),
         mixture="results/mixtures/{model}/{mixture}.parquet",
         dev="results/labels/{model}/dev.parquet",
         test="results/labels/{model}/test.parquet",

@@ -1,20 +1,48 @@
 # SliCK knowledge labels: what the base model knows, per question (docs/study.md, "SliCK").
 
 
-# A localrule: a hub id is downloaded here, and compute nodes often have no internet access.
+# The login node only fetches: fetch_model is a localrule because a hub id is downloaded and
+# compute nodes often have no internet access; it links or downloads, and never loads or hashes.
 localrules:
-    prepare_model,
+    fetch_model,
 
 
-rule prepare_model:
+rule fetch_model:
     output:
-        directory("resources/models/{model}"),
+        directory("resources/models/{model}.source"),
     log:
-        "logs/prepare_model/{model}.log",
+        "logs/fetch_model/{model}.log",
     conda:
         "../../envs/model.yaml"
     params:
         spec=model_spec,
+        code=script_code("fetch_model"),
+    script:
+        "../scripts/fetch_model.py"
+
+
+# A job: loads the staged model (engine check, generate), converts it where needed and hashes
+# its files. A model is identified by those checksums (identity.json), not by its location: the
+# staged directory is ancient (fetch_model renews it when the source moves) and the rerun
+# trigger is the files' names, sizes and mtimes (params.source).
+rule prepare_model:
+    input:
+        source=ancient("resources/models/{model}.source"),
+    output:
+        model=directory("resources/models/{model}"),
+        identity="resources/models/{model}.identity.json",
+    log:
+        "logs/prepare_model/{model}.log",
+    conda:
+        "../../envs/model.yaml"
+    threads: config["engine"]["threads"]
+    resources:
+        gpu=model_gpus,
+        mem_mb=prepare_mem_mb,
+        runtime=retry_runtime(120, "prepare_model"),
+    params:
+        spec=tracked_model_spec,
+        source=model_fingerprint,
         code=script_code("prepare_model"),
     script:
         "../scripts/prepare_model.py"
@@ -39,7 +67,10 @@ rule select_exemplars:
 
 rule label_questions:
     input:
-        model="resources/models/{model}",
+        # where to load from (ancient: a re-prepared directory is not a change); what the model
+        # is: the checksums of its files
+        model=ancient("resources/models/{model}"),
+        identity="resources/models/{model}.identity.json",
         questions="results/data/{split}.parquet",
         exemplars="results/labels/{model}/exemplars.json",
     output:

@@ -6,8 +6,9 @@ back to the dataset archive, and check that every input is still what was record
 
 Prints the lineage as a tree (each node: path, the rule that made it, its check) and exits
 non-zero when a recorded input is missing or changed (sha256; size and mtime for files over
-100 MB; per file for directories; by sha256 for the source files a materialised model links),
-when a sidecar is missing, or when a figure's embedded provenance id does not match its sidecar.
+100 MB; per file for directories; by sha256 for the source files a materialised model links,
+wherever they moved), when a sidecar is missing, or when a figure's embedded provenance id does
+not match its sidecar.
 """
 
 import argparse
@@ -55,14 +56,18 @@ def check_entry(entry: dict, base: Path) -> list[str]:
 
 def linked_problems(model_dir: Path) -> list[str]:
     """Problems of the source files a materialised model directory links (its registry entry
-    records their sha256): a linked source must not change after prepare_model."""
+    records their sha256): a linked file must not change after prepare_model. Each is checked
+    where the directory's link leads now, so a source directory that moved (and was staged
+    again by fetch_model) is no problem."""
     entry = model_dir / SOURCE_FILE
     if not entry.is_file():
         return []
     return [
         f"{problem} (linked by {model_dir})"
         for linked in json.loads(entry.read_text()).get("linked", [])
-        for problem in check_entry(linked, model_dir)
+        for problem in check_entry(
+            linked | {"path": str((model_dir / Path(linked["path"]).name).resolve())}, model_dir
+        )
     ]
 
 

@@ -124,13 +124,26 @@ class Data(Settings):
 
 @dataclass(frozen=True)
 class ModelEntry(Settings):
-    """A registry entry (config `models.<name>`): `path` (directory or hub id) or `package`."""
+    """A registry entry (config `models.<name>`) without its scheduling keys: where the weights
+    are, `path` (directory or hub id) or `package`, and the dtype. What fetch_model stages; the
+    rules after it never see the location (see `TrackedModel`)."""
 
     gguf_file: str | None
     dtype: str
-    device: str
     path: str | None = _omit_none()
     package: str | None = _omit_none()
+
+    def tracked(self) -> "TrackedModel":
+        return TrackedModel(self.dtype)
+
+
+@dataclass(frozen=True)
+class TrackedModel(Settings):
+    """What of a model entry changes the results of the jobs that load the model, besides its
+    weights (those are identified by their checksums, resources/models/{model}.identity.json,
+    an input of the jobs): the dtype. Never where the weights lie, nor the device."""
+
+    dtype: str
 
 
 # ---------------------------------------------------------------------------------- SliCK
@@ -165,7 +178,7 @@ class Labelling(Settings):
     """label_questions: everything that changes a label."""
 
     slick: Slick
-    model: ModelEntry
+    model: TrackedModel
 
 
 @dataclass(frozen=True)
@@ -185,7 +198,7 @@ class Ptrue(Settings):
     """ptrue: everything that changes a P(True) score."""
 
     ptrue: PtrueOptions
-    model: ModelEntry
+    model: TrackedModel
 
 
 # ---------------------------------------------------------------------------------- mixtures
@@ -237,7 +250,7 @@ class Recipe(Settings):
 
 
 # keys of a model entry that only schedule its jobs (config `models.<name>`): never tracked
-MODEL_SCHEDULING = ("gpus", "multi_gpu", "mem_mb")
+MODEL_SCHEDULING = ("gpus", "multi_gpu", "mem_mb", "device")
 
 
 # keys of a recipe that only schedule the job (config `recipes.<name>`): never tracked. The
@@ -372,10 +385,10 @@ class Study:
     # -- per stage
 
     def labelling(self, model: str) -> Labelling:
-        return Labelling(self.slick, self.models[model])
+        return Labelling(self.slick, self.models[model].tracked())
 
     def ptrue_scoring(self, model: str) -> Ptrue:
-        return Ptrue(self.ptrue, self.models[model])
+        return Ptrue(self.ptrue, self.models[model].tracked())
 
     def run_seed(self, recipe: str, suffix: str) -> int:
         """The training seed of a run: the recipe's own `seed` at `{recipe}/`, N at
