@@ -134,10 +134,10 @@ def test_a_model_is_identified_by_its_files_not_their_directory(tmp_path):
 
 def test_an_unresolvable_entry_is_planned_and_refused_when_staged(tmp_path):
     spec = {"path": str(tmp_path / "missing")}
-    assert fingerprint("gone", spec) == {
-        "unresolved": f"models.gone: path {str(tmp_path / 'missing')!r} is not a directory"
-    }
-    with pytest.raises(ModelError, match="models.gone: path .* is not a directory"):
+    unresolved = fingerprint("gone", spec)["unresolved"]
+    assert unresolved.startswith(f"models.gone: path {str(tmp_path / 'missing')!r} does not exist")
+    assert "a hub id (org/name)" in unresolved and "`package`" in unresolved
+    with pytest.raises(ModelError, match="models.gone: path .* does not exist"):
         prepare_model("gone", spec, tmp_path)
     assert not (tmp_path / "gone.source").exists() and not (tmp_path / "gone").exists()
 

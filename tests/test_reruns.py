@@ -351,6 +351,8 @@ def test_selecting_models_reruns_nothing_for_the_models_kept(state):
     new = [f for f in plan if {"other", "comparison"} & set(f.split("/"))]
     assert "resources/models/other" in new and "results/labels/other/train.parquet" in new
     assert set(plan) == set(new), plan
+
+
 # ---------------------------------------------------------------------------------------------
 # A model is identified by its files' content, not by their directory
 

@@ -92,10 +92,15 @@ def test_missing_model_package_fails_clearly(tmp_path):
     assert not (tmp_path / "resources/models/ghost").exists()
 
 
-def test_bad_model_path_fails_clearly(tmp_path):
+def test_bad_model_path_fails_clearly_before_any_job(tmp_path):
+    """A local path that does not exist stops even a dry run, naming the entry and the path; a
+    hub id (org/name) is planned, to be downloaded by fetch_model."""
     config = tiny_config()
-    config["models"] = {"nowhere": {"path": str(tmp_path / "missing-dir")}}
+    missing = str(tmp_path / "missing-dir")
+    config["models"] = {"nowhere": {"path": missing}}
     cfg = write_config(tmp_path, config)
-    proc = snakemake(tmp_path, "resources/models/nowhere", configfile=cfg, check=False)
+    proc = snakemake(tmp_path, "-n", configfile=cfg, check=False)
     assert proc.returncode != 0
-    assert "is not a directory" in proc.stdout + proc.stderr
+    assert f"models.nowhere: path {missing!r} does not exist" in proc.stdout + proc.stderr
+    config["models"] = {"hub": {"path": "org/name"}}
+    snakemake(tmp_path, "-n", configfile=write_config(tmp_path, config))

@@ -13,7 +13,7 @@ if str(SCRIPTS) not in sys.path:
 from eqtools import study  # noqa: E402
 from eqtools.codehash import code_hash  # noqa: E402
 from eqtools.config import ConfigError, load_schema, validate_config  # noqa: E402
-from eqtools.models import fingerprint, prepare_bytes  # noqa: E402
+from eqtools.models import ModelError, fingerprint, prepare_bytes, resolve_source  # noqa: E402
 from eqtools.settings import Study, Summary, canon  # noqa: E402
 
 try:
@@ -27,6 +27,12 @@ STUDY = Study.from_config(config)
 # The models whose study runs (config `run_models`, default every entry; scheduling only): the
 # targets of rule all iterate these, never config["models"].
 RUN_MODELS = list(config["run_models"])
+# a local model that does not exist stops the run before any job (a hub id is fetched later)
+for _name in RUN_MODELS:
+    try:
+        resolve_source(_name, config["models"][_name])
+    except ModelError as e:
+        raise WorkflowError(str(e)) from None
 SPLITS = list(study.SPLITS)
 LABELLED_SPLITS = list(study.LABELLED_SPLITS)
 

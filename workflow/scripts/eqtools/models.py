@@ -51,12 +51,21 @@ def resolve_source(name: str, spec: dict) -> tuple[str, str | None]:
         source = spec["path"]
         looks_local = source.startswith(("/", ".", "~")) or Path(source).expanduser().exists()
         if looks_local and not Path(source).expanduser().is_dir():
-            raise ModelError(f"models.{name}: path {source!r} is not a directory")
+            what = "is not a directory" if Path(source).expanduser().exists() else "does not exist"
+            raise ModelError(
+                f"models.{name}: path {source!r} {what}; `path` takes a local directory of the "
+                "model's files (config.json with safetensors, .bin or a gguf_file; absolute, or "
+                "relative to the working directory) or a hub id (org/name), and `package` an "
+                "installed package shipping the weights"
+            )
         # absolute: the materialised directory's symlinks point here
         source = str(Path(source).expanduser().absolute()) if looks_local else source
     gguf = spec.get("gguf_file")
     if gguf and Path(source).is_dir() and not (Path(source) / gguf).is_file():
-        raise ModelError(f"models.{name}: gguf_file {gguf!r} not found in {source}")
+        raise ModelError(
+            f"models.{name}: gguf_file {gguf!r} not found in {source} (it names a file of the "
+            "model's directory or package)"
+        )
     return source, gguf
 
 
