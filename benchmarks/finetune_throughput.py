@@ -16,12 +16,23 @@ reference). Both in fp32 on this machine's CPU (--device cuda: on the GPU); the 
 the two are compared (a rare difference from floating-point near-ties is counted).
 
 --dtype bfloat16 trains as a `dtype: bfloat16` recipe does: bf16 autocast over float32 weights.
+
+Answer-only logits (`--logits-ab`, on by default): the training loss from the logits of the
+answer positions only (eqtools.training.answer_logits) against the model's full logits, with the
+study's LoRA recipe (config/study.yaml: rank 8 on every linear layer, batch 8) on the study's
+training prompts (P17, P36, P495), for the embedded model and a random model of Gemma 3 270M's
+shape (its real config: 262,144-token vocabulary, tied output layer: 168M of its 268M
+parameters). Each run is a fresh process (its peak resident memory, VmHWM, is its own); the two
+of a model alternate, twice, and the medians are reported.
 """
 
 import argparse
 import json
 import math
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -128,6 +139,106 @@ def train_throughput(
     }
 
 
+# config/study.yaml's LoRA recipe: rank 8, alpha 16, every linear layer, batch 8
+STUDY_LORA = RECIPE_REST | {
+    "method": "lora",
+    "learning_rate": 1e-4,
+    "dropout": 0.0,
+    "weight_decay": 0.0,
+    "batch_size": 8,
+    "lora": {"rank": 8, "alpha": 16, "target_modules": "all-linear"},
+}
+# Gemma 3 270M (google/gemma-3-270m config.json)
+GEMMA3_270M = dict(
+    vocab_size=262_144,
+    hidden_size=640,
+    intermediate_size=2048,
+    num_hidden_layers=18,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    head_dim=256,
+    max_position_embeddings=32_768,
+    sliding_window=512,
+    rope_theta=1_000_000.0,
+    query_pre_attn_scalar=256,
+    tie_word_embeddings=True,
+)
+
+
+def build_gemma3_270m_shape(directory: Path, tokenizer_dir: str) -> str:
+    """A random-init Gemma 3 with 270M's shape (no download), with the embedded model's
+    tokenizer (its ids fit the larger vocabulary; the output layer stays 262,144 wide)."""
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    Gemma3ForCausalLM(Gemma3TextConfig(**GEMMA3_270M)).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(directory)
+    return str(directory)
+
+
+def logits_worker(args) -> None:
+    """One timed epoch of the study's LoRA recipe (after a warm-up epoch) with answer-only or
+    full logits, in this process; prints its figures as JSON."""
+    from prepare_memory import high_water_gib
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(args.threads)
+    frame, _ = questions_and_exemplars(args.archive, args.train_examples, ("P17", "P36", "P495"))
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    model = build_model(args.model_dir, STUDY_LORA, args.device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=STUDY_LORA["learning_rate"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    examples = encode_examples(tokenizer, frame["question"].to_list(), frame["answer"].to_list())
+    answer_only = args.logits_worker == "answers"
+    batch = STUDY_LORA["batch_size"]
+    common = dict(batch_size=batch, micro=batch, pad_id=pad_id, device=args.device)
+    common["answer_only"] = answer_only
+    train_epoch(model, optimizer, scheduler, examples, epoch_order(len(examples), 0, 0), **common)
+    sync(args.device)
+    start = time.perf_counter()
+    _, _, positions = train_epoch(
+        model, optimizer, scheduler, examples, epoch_order(len(examples), 0, 1), **common
+    )
+    sync(args.device)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else high_water_gib()
+    print(json.dumps({"tokens_per_s": positions / seconds, "peak_gib": peak}))
+
+
+def logits_ab(args, model_dir: str, name: str, runs: int = 2) -> dict:
+    """The answer-only and full-logits workers of `model_dir`, alternating, `runs` each."""
+    figures = {"answers": [], "full": []}
+    for _ in range(runs):
+        for kind in ("full", "answers"):
+            command = [
+                sys.executable, __file__, "--logits-worker", kind, "--model-dir", model_dir,
+                "--archive", args.archive, "--threads", str(args.threads),
+                "--device", args.device, "--train-examples", str(args.logits_examples),
+            ]  # fmt: skip
+            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            figures[kind].append(json.loads(out.strip().splitlines()[-1]))
+    median = {
+        kind: {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+        for kind, rows in figures.items()
+    }
+    result = {
+        "model": name,
+        "runs": figures,
+        "speedup": median["answers"]["tokens_per_s"] / median["full"]["tokens_per_s"],
+        "peak_ratio": median["answers"]["peak_gib"] / median["full"]["peak_gib"],
+    }
+    print(
+        f"{name}: training {median['full']['tokens_per_s']:.0f} -> "
+        f"{median['answers']['tokens_per_s']:.0f} tokens/s, peak "
+        f"{median['full']['peak_gib']:.2f} -> {median['answers']['peak_gib']:.2f} GiB "
+        "(full -> answer-only logits)",
+        flush=True,
+    )
+    return result
+
+
 def reference_answers(
     model, tokenizer, questions: list[str], device: str = "cpu", batch: int = 1
 ) -> list[str]:
@@ -157,7 +268,12 @@ def main() -> None:
     ap.add_argument(
         "--dtype", choices=["float32", "bfloat16"], default="float32", help="training precision"
     )
+    ap.add_argument("--logits-examples", type=int, default=96)
+    ap.add_argument("--no-logits-ab", dest="logits_ab", action="store_false")
+    ap.add_argument("--logits-worker", choices=["answers", "full"], help=argparse.SUPPRESS)
     args = parse_common_args(ap)
+    if args.logits_worker:
+        return logits_worker(args)
     from transformers import AutoTokenizer
 
     n = max(args.train_examples, args.eval_questions)
@@ -216,6 +332,11 @@ def main() -> None:
         f"(generate per question): {m / ref_s:.1f} questions/s; {differ}/{m} answers differ",
         flush=True,
     )
+    if args.logits_ab:
+        results["answer_only_logits"] = [logits_ab(args, args.model_dir, "smollm2-135m")]
+        with tempfile.TemporaryDirectory() as tmp:
+            gemma = build_gemma3_270m_shape(Path(tmp) / "gemma3-270m", args.model_dir)
+            results["answer_only_logits"].append(logits_ab(args, gemma, "gemma-3-270m shape"))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     lora, full = results["training"]
@@ -224,6 +345,13 @@ def main() -> None:
         f"evaluation questions/s: {m / engine_s:.1f} (engine) vs {m / ref_s:.1f} (generate): "
         f"{ref_s / engine_s:.1f}x"
     )
+    if args.logits_ab:
+        gemma = results["answer_only_logits"][-1]
+        print(f"training speedup, answer-only logits (gemma-3-270m shape): {gemma['speedup']:.2f}")
+        print(
+            "training peak memory ratio, answer-only / full logits (gemma-3-270m shape): "
+            f"{gemma['peak_ratio']:.2f}"
+        )
     if differ > math.ceil(0.02 * m):
         print(f"FAIL: {differ} of {m} greedy answers differ from the reference (> 2%)")
         sys.exit(1)

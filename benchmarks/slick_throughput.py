@@ -116,14 +116,14 @@ def matmul_flops(model, stats) -> float:
     return 2 * body * stats.tokens + 2 * head * stats.forward_rows
 
 
-def questions_and_exemplars(archive: str, n_questions: int):
-    templates = {"P17": "Which country is [X] located in?", "P36": "What is the capital of [X]?"}
+def questions_and_exemplars(archive: str, n_questions: int, relations=("P17", "P36")):
+    """Train questions of `relations` (as many of each, interleaved) and exemplar sets."""
     # the train-subject filter needs every relation's test file: read their templates from the
     # workflow config
     import yaml
 
     all_templates = yaml.safe_load((ROOT / "config/config.yaml").read_text())["templates"]
-    rels = list(templates)
+    rels = list(relations)
     needed = [(r, s) for r in rels for s in ARCHIVE_SPLITS] + [(r, "test") for r in all_templates]
     frames = read_archive(archive, all_templates, sorted(set(needed)))
     splits = build_splits(frames, rels, [], list(all_templates))
