@@ -54,7 +54,8 @@ def comparison_inputs(wildcards):
 
 
 def ptrue_spec(wildcards):
-    """Everything that changes a P(True) score: its settings and the model entry."""
+    """Everything that changes a P(True) score: its settings and the model's dtype (different
+    weights rerun it through its labels, whose jobs take identity.json)."""
     return STUDY.ptrue_scoring(wildcards.model).param()
 
 
