@@ -243,7 +243,7 @@ def test_workflow_jobs_run_through_slurm(workflow_run):
 
 def test_workflow_gpu_rules_request_their_gpus(workflow_run):
     _, _, jobs = workflow_run
-    assert {"label_questions", "finetune", "ptrue"} == GPU_RULES
+    assert {"prepare_model", "label_questions", "finetune", "ptrue"} == GPU_RULES
     for rule in GPU_RULES & set(jobs):
         for jobid, call in jobs[rule]:
             gpus = 2 if f"/{DISTRIBUTED}/" in call or f"{DISTRIBUTED}_" in call else 1
