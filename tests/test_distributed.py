@@ -256,6 +256,7 @@ if os.environ.get("RANK") == "1":
 """
 
 
+@pytest.mark.e2e  # minutes on 2 cores: make test-e2e
 def test_a_failed_rank_stops_the_job_and_the_run_resumes_to_the_same_metrics(
     tiny_model_dir, inputs, tmp_path
 ):
@@ -364,6 +365,7 @@ def embedded_model_dir(tmp_path_factory) -> Path:
     return root / "smollm2-135m"
 
 
+@pytest.mark.e2e  # minutes on 2 cores: make test-e2e
 def test_two_processes_train_the_embedded_model_like_one(embedded_model_dir, tmp_path):
     """The real 135M model, LoRA on all linear layers, FSDP over 2 processes against 1."""
     inputs = write_inputs(tmp_path / "inputs", n_train=6)

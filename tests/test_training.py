@@ -274,6 +274,7 @@ def run(
     assert proc.returncode == -signal.SIGKILL
 
 
+@pytest.mark.e2e  # the same through snakemake: tests/test_e2e_finetune.py
 @pytest.mark.parametrize(
     ("device", "dtype"),
     [

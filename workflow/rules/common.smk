@@ -27,10 +27,12 @@ STUDY = Study.from_config(config)
 # The models whose study runs (config `run_models`, default every entry; scheduling only): the
 # targets of rule all iterate these, never config["models"].
 RUN_MODELS = list(config["run_models"])
-# a local model that does not exist stops the run before any job (a hub id is fetched later)
+# a local model path that does not exist stops the run before any job (a hub id is fetched
+# later, and a package may be installed by a make target: fetch_model checks them)
 for _name in RUN_MODELS:
     try:
-        resolve_source(_name, config["models"][_name])
+        if "path" in config["models"][_name]:
+            resolve_source(_name, config["models"][_name])
     except ModelError as e:
         raise WorkflowError(str(e)) from None
 SPLITS = list(study.SPLITS)
