@@ -378,6 +378,7 @@ def moved_model(state):
         snakemake(state["work"], configfile=state["cfg"], snakefile=state["work"] / "Snakefile")
 
 
+@pytest.mark.e2e  # make test-e2e: keeps make test within its time
 def test_moving_the_model_directory_reruns_only_its_staging(state):
     work = state["work"]
     with moved_model(state) as config:
@@ -405,6 +406,7 @@ def test_moving_the_model_directory_reruns_only_its_staging(state):
     assert pending(work, state["config"]) == {}
 
 
+@pytest.mark.e2e  # make test-e2e: keeps make test within its time
 def test_preparing_the_same_weights_again_reruns_nothing(state):
     """identity.json is rewritten with the same bytes: Snakemake's input checksum of it is
     unchanged, and the model directory itself is an ancient input."""

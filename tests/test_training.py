@@ -356,3 +356,20 @@ def test_evaluation_caches_the_instruction_and_sorts_waves_without_changing_answ
         request = Request(whole, alone.prompt_tokens(whole, format_prompt(question)))
         [(_, tokens)] = list(alone.generate([request]))
         assert answer == alone.decode(tokens), question
+
+
+def test_dropping_the_weights_keeps_the_predictions_and_the_configs(tiny_model_dir, tmp_path):
+    """`finetune.keep_weights: false` (disk): the checkpoints' weights go once the predictions
+    are written; their configs stay, with a note of what was dropped; the bf16 checkpoint of a
+    full fine-tune is written in the recipe's dtype."""
+    train, evals = frames()
+    recipe = {**RECIPE, "epochs": 2, "method": "full", "dtype": "bfloat16"}
+    out = outputs(tmp_path)
+    torch.set_num_threads(1)
+    finetune(str(tiny_model_dir), train, evals, recipe, out, eval_every={}, keep_weights=False)
+    for stop in ("early_stop", "convergence"):
+        assert not (tmp_path / stop / "model.safetensors").exists()
+        assert json.loads((tmp_path / stop / "config.json").read_text())["dtype"] == "bfloat16"
+        assert "model.safetensors dropped" in (tmp_path / stop / "WEIGHTS_DROPPED.txt").read_text()
+        assert pl.read_parquet(tmp_path / f"eval/{stop}/test.parquet").height == 4
+    assert not (tmp_path / "state").exists()
