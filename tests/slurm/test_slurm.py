@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -304,25 +305,38 @@ def test_workflow_memory_is_the_rules_first_attempt(workflow_run):
 # was never interrupted.
 
 SLOW = "slow"
-SLOW_EPOCHS = 200  # about 1 s each with the tiny model: well past the first attempt's minute
+# seconds of training the slow fine-tune is given: past the first attempt's minute (SLURM checks
+# time limits every 30 s or so), within the second attempt's two
+SLOW_SECONDS = 150
+CALIBRATION_EPOCHS = 20
 
 
-def slow_config(workdir_config: dict) -> dict:
-    config = dict(workdir_config, finetune={"recipes": [SLOW]})
+def slow_config(workdir_config: dict, name: str, epochs: int) -> dict:
+    config = dict(workdir_config, finetune={"recipes": [name]})
     config["recipes"] = dict(
         config["recipes"],
         **{
-            SLOW: dict(
+            name: dict(
                 config["recipes"]["lora"],
                 method="full",
-                epochs=SLOW_EPOCHS,
+                epochs=epochs,
                 dropout=0.1,
-                runtime=1,  # minutes: SLURM kills the first attempt after 60-120 s
+                runtime=1,  # minutes: SLURM kills the first attempt after 60-90 s
                 mem_mb=2000,
             )
         },
     )
     return config
+
+
+def seconds_per_epoch(log: Path, epochs: int) -> float:
+    """From a fine-tune's log: the time between its first and last epoch's lines, per epoch."""
+    stamps = [
+        datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+        for line in log.read_text().splitlines()
+        if re.search(rf"epoch \d+ of {epochs} done", line)
+    ]
+    return (stamps[-1] - stamps[0]).total_seconds() / (len(stamps) - 1)
 
 
 SLOW_TARGETS = [f"results/finetune/tiny/{SLOW}/natural/metrics.jsonl"] + [
@@ -348,10 +362,21 @@ def test_a_finetune_past_its_time_limit_is_retried_with_more_time_and_resumes(
     from helpers import snakemake
 
     workdir, _, _ = workflow_run
-    config = slow_config(yaml.safe_load((workdir / "config.yaml").read_text()))
-    # the reference: the same fine-tune, never interrupted, in a copy (no SLURM, same threads)
+    base = yaml.safe_load((workdir / "config.yaml").read_text())
     straight = tmp_path / "straight"
     shutil.copytree(workdir, straight, symlinks=True, ignore=shutil.ignore_patterns("logs"))
+    # this machine's speed: epochs enough for SLOW_SECONDS of training
+    calibration = slow_config(base, "calibration", CALIBRATION_EPOCHS)
+    snakemake(
+        straight,
+        *[t.replace(f"/{SLOW}/", "/calibration/") for t in SLOW_TARGETS],
+        configfile=write_config(straight, calibration, "calibration.yaml"),
+    )
+    per_epoch = seconds_per_epoch(
+        straight / "logs/finetune/tiny/calibration/natural.log", CALIBRATION_EPOCHS
+    )
+    config = slow_config(base, SLOW, max(CALIBRATION_EPOCHS, round(SLOW_SECONDS / per_epoch)))
+    # the reference: the same fine-tune, never interrupted, in a copy (no SLURM, same threads)
     snakemake(straight, *SLOW_TARGETS, configfile=write_config(straight, config, "slow.yaml"))
 
     cfg = write_config(workdir, config, "slow.yaml")
@@ -361,7 +386,8 @@ def test_a_finetune_past_its_time_limit_is_retried_with_more_time_and_resumes(
     attempts = [(j, call) for j, call in slurm_jobs(output).get("finetune", []) if SLOW in call]
     states = [scontrol_job(j)["JobState"] for j, _ in attempts]
     times = [re.search(r" -t (\d+)", call).group(1) for _, call in attempts]
-    print(f"\n{SLOW}: attempts {states}, time limits {times} min")
+    epochs = config["recipes"][SLOW]["epochs"]
+    print(f"\n{SLOW}: {epochs} epochs, attempts {states}, time limits {times} min")
     assert states[0] == "TIMEOUT" and states[-1] == "COMPLETED", states
     assert times == [str(n) for n in range(1, len(attempts) + 1)]  # runtime x attempt
     log = (workdir / f"logs/finetune/tiny/{SLOW}/natural.log").read_text()
