@@ -72,11 +72,12 @@ def read_stamp(folder: Path) -> dict | None:
         return None
 
 
-def claim_state(folder: str | Path, stamp: dict, what: str) -> bool:
-    """Make `folder` the state directory of the job stamped `stamp`. Returns True when it holds
-    that job's earlier state (resume); else removes whatever is there (one log line says what
-    differed), writes the stamp into the empty folder and returns False. A single process
-    calls it (rank 0 of a distributed job, before the other ranks look)."""
+def claim_state(folder: str | Path, stamp: dict, what: str, kind: str = "saved state") -> bool:
+    """Make `folder` the state directory of the job stamped `stamp` (`what`, named in errors).
+    Returns True when it holds that job's earlier state (resume); else removes whatever is there
+    (one log line says what differed, naming the state as `kind`), writes the stamp into the
+    empty folder and returns False. A single process calls it (rank 0 of a distributed job,
+    before the other ranks look)."""
     folder = Path(folder)
     try:
         has_content = folder.is_dir() and any(folder.iterdir())
@@ -88,8 +89,8 @@ def claim_state(folder: str | Path, stamp: dict, what: str) -> bool:
         if not differences:
             return True
         log.warning(
-            "%s: discarding the saved state in %s, written by another job: %s",
-            what,
+            "discarding the %s in %s, written by another job: %s",
+            kind,
             folder,
             "; ".join(differences),
         )

@@ -15,7 +15,6 @@ Bookkeeping like eqtools.io: the result is the same whether it was computed in o
 several (every group's rows are computed exactly as they would be in one run), so it is left out
 of the code hashes."""
 
-import json
 import logging
 import re
 import shutil
@@ -24,8 +23,8 @@ from pathlib import Path
 
 import polars as pl
 
-from eqtools.io import write_parquet, write_text
-from eqtools.jobstate import STAMP, stamp_differences
+from eqtools.io import write_parquet
+from eqtools.jobstate import claim_state
 from eqtools.progress import Progress
 
 log = logging.getLogger("workflow")
@@ -102,26 +101,14 @@ class PartialResults:
         """How many of the first items are done: those of a saved state with this stamp, or 0
         (a state with another stamp is discarded, one log line naming what differs). The
         directory then holds this job's stamp."""
-        if self.directory.is_dir():
-            stamp_file = self.directory / STAMP
-            saved = json.loads(stamp_file.read_text()) if stamp_file.is_file() else None
-            if saved is None:
-                self._discard(f"no {STAMP}")
-            elif differences := stamp_differences(saved, self.stamp):
-                self._discard(
-                    "written by a job with other settings or inputs: " + "; ".join(differences)
-                )
+        kind = "partial results"
+        if claim_state(self.directory, self.stamp, kind, kind):
+            parts = self._saved_parts()
+            if isinstance(parts, str):
+                self._discard(parts)
+                claim_state(self.directory, self.stamp, kind, kind)  # a fresh one, stamped
             else:
-                parts = self._saved_parts()
-                if isinstance(parts, str):
-                    self._discard(parts)
-                else:
-                    self.parts = parts
-        if not self.directory.is_dir():
-            self.directory.mkdir(parents=True)
-            write_text(
-                json.dumps(self.stamp, indent=1, sort_keys=True) + "\n", self.directory / STAMP
-            )
+                self.parts = parts
         return int(PART.fullmatch(self.parts[-1].name)[2]) if self.parts else 0
 
     def save(self, start: int, frame: pl.DataFrame) -> None:
