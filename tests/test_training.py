@@ -373,3 +373,19 @@ def test_dropping_the_weights_keeps_the_predictions_and_the_configs(tiny_model_d
         assert "model.safetensors dropped" in (tmp_path / stop / "WEIGHTS_DROPPED.txt").read_text()
         assert pl.read_parquet(tmp_path / f"eval/{stop}/test.parquet").height == 4
     assert not (tmp_path / "state").exists()
+
+
+def test_without_a_dev_set_the_early_stop_is_the_last_epoch(tiny_model_dir, tmp_path):
+    """No dev set, no best epoch: early_stop holds the convergence weights (the same files, hard
+    links, not a second write) and the last epoch's predictions."""
+    train, evals = frames()
+    out = outputs(tmp_path)
+    torch.set_num_threads(1)
+    finetune(str(tiny_model_dir), train, {"test": evals["test"]}, {**RECIPE, "epochs": 2}, out, {})
+    weights = "adapter_model.safetensors"
+    early, last = tmp_path / "early_stop" / weights, tmp_path / "convergence" / weights
+    assert early.read_bytes() == last.read_bytes() and early.stat().st_ino == last.stat().st_ino
+    assert pl.read_parquet(tmp_path / "eval/early_stop/test.parquet").equals(
+        pl.read_parquet(tmp_path / "eval/convergence/test.parquet")
+    )
+    assert not (tmp_path / "state").exists()

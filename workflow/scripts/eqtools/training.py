@@ -141,23 +141,14 @@ def answer_logits(model, labels):
         handle.remove()
 
 
-def release_gathered(model) -> None:
-    """FSDP2 keeps the root's weights gathered after a forward without a backward; while
-    gathered they are the parameters the module lists (an optimizer or a state dict would take
-    them)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
-
-
 def check_answer_logits(model, example_batch, pad_id, device, dtype, ranks) -> bool:
     """Whether `answer_logits` gives the model's own logits at the answer positions (within
     float32 rounding) on one batch, in eval mode (no dropout: no random numbers drawn, so a
     resumed run draws the masks of an uninterrupted one). A model without a separate output
     layer, or whose forward does more than elementwise work after it, keeps full logits; one log
     line says which. Every rank calls it and all take the same decision."""
+    from eqtools.engine.lockstep import release_gathered
+
     head = distributed.unwrapped(model).get_output_embeddings()
     ids, labels, mask = (t.to(device) for t in collate(example_batch, pad_id))
     fits = False
@@ -788,9 +779,10 @@ def finetune(
             on_epoch(epoch)
     save_checkpoint(evaluated, out["convergence"], ranks, checkpoint_dtype)
     if best["epoch"] is None:  # no dev set: the last epoch is the early stop too
-        save_checkpoint(evaluated, best_dir(state_root, recipe.epochs), ranks, checkpoint_dtype)
-        best = {"dev_accuracy": None, "epoch": recipe.epochs}
+        early_weights = Path(out["convergence"])
         predictions["early_stop"] = dict(predictions["convergence"])
+    else:
+        early_weights = best_dir(state_root, best["epoch"])
     if missing := [
         split
         for split in prediction_paths.get("early_stop", {})
@@ -798,7 +790,7 @@ def finetune(
     ]:
         # eval_every > 1 skipped these at the best epoch: evaluate the early-stop weights once
         log.info("evaluating %s at the early stop (epoch %s)", missing, best["epoch"])
-        load_checkpoint(evaluated, best_dir(state_root, best["epoch"]))
+        load_checkpoint(evaluated, early_weights)
         evaluated.eval()
         graded = grade_together(
             generator, {split: evals[split] for split in missing}, ranks, what="early stop"
@@ -808,7 +800,7 @@ def finetune(
         return []
     # the best weights enter the declared output by hard links (no copy of the data); the state
     # keeps its own names until the very end, so a kill before then still finds them
-    link_tree(best_dir(state_root, best["epoch"]), Path(out["early_stop"]))
+    link_tree(early_weights, Path(out["early_stop"]))
     for stop, paths in prediction_paths.items():
         for split, path in paths.items():
             write_parquet(predictions[stop][split], path)

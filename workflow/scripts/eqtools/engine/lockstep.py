@@ -60,14 +60,8 @@ class Lockstep:
             )
 
     def release(self) -> None:
-        """Give the model back as training left it: FSDP keeps the root's weights gathered after
-        a forward (for the backward that usually follows), and while gathered they are the
-        parameters the module lists, which an optimizer or a state dict would then take."""
-        from torch.distributed.fsdp import FSDPModule
-
-        for module in self.model.modules():
-            if isinstance(module, FSDPModule):
-                module.reshard()
+        """Give the model back as training left it (`release_gathered`)."""
+        release_gathered(self.model)
 
     def agree(self, what: str, value) -> None:
         """Every rank must have taken the same decision (e.g. the engine's path): ranks on
@@ -98,3 +92,14 @@ def gather_answers(answers: list, n: int, world: int) -> list:
         for i, answer in zip(share(n, rank, world), part, strict=True):
             out[i] = answer
     return out
+
+
+def release_gathered(model) -> None:
+    """Reshard a model that FSDP2 left gathered: it keeps the root's weights gathered after a
+    forward (for the backward that usually follows), and while gathered they are the parameters
+    the module lists, which an optimizer or a state dict would then take."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
