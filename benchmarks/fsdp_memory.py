@@ -12,6 +12,14 @@ Each process reports its peak resident memory (CPU: VmHWM; GPU: max_memory_alloc
 loading, after sharding and after the training steps, and the time of each optimizer step
 after the first. Full fine-tuning in fp32 holds 16 bytes per parameter (weights, gradients,
 two AdamW moments); sharding over N processes divides them by N, activations are per process.
+
+    python benchmarks/fsdp_memory.py --autocast-cache [--hidden 1024 --layers 12 --length 16]
+
+compares instead, per rank of an FSDP run with float32 gathers (a `dtype: bfloat16` recipe
+with `eval_dtype: float32`, activation checkpointing on), autocast with its cache of weight
+casts (the code before) and without (the code now): the peak of the training steps, and of one
+evaluation forward in bf16 (`eval_dtype: bfloat16` over float32 gathers), each over the memory
+held before it, against the bf16 copy of the gathered weights (2N bytes) that the cache holds.
 """
 
 import argparse
@@ -102,6 +110,109 @@ def examples(n: int, length: int, seed: int = 0):
     return out
 
 
+def reset_peak(device: str) -> None:
+    """Start a new peak: the following peak_mb is that of what runs from here on."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the resident set
+
+
+def with_autocast_cache() -> None:
+    """The code before: every autocast with its default cache of weight casts."""
+    real = torch.autocast
+
+    class cached(real):
+        def __init__(self, *args, **kwargs):
+            kwargs["cache_enabled"] = True
+            super().__init__(*args, **kwargs)
+
+    torch.autocast = cached
+
+
+def cache_worker(args) -> None:
+    """One rank of the autocast-cache comparison; rank 0 prints one JSON line."""
+    from eqtools.engine import Generator, Lockstep
+
+    if args.cached:
+        with_autocast_cache()
+    ranks, device = distributed.start(args.device)
+    torch.set_num_threads(args.threads)
+    recipe = Recipe.from_dict({**RECIPE, "dtype": "bfloat16", "eval_dtype": "float32"})
+    schedule = Schedule(
+        micro_batch_size=args.micro,
+        strategy="fsdp",
+        nproc_per_node=ranks.world,
+        activation_checkpointing=True,
+    )
+    model = distributed.wrap(
+        lambda where: build_model(args.model, recipe, where), schedule, recipe, device, ranks
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.learning_rate)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    data = examples(recipe.batch_size * args.steps, args.length)
+    order = epoch_order(len(data), 0, 1)
+    train_epoch(  # the optimizer's moments exist from here on
+        model, optimizer, scheduler, data, order[: recipe.batch_size], recipe.batch_size,
+        args.micro, 1, device, dtype="bfloat16", ranks=ranks,
+    )  # fmt: skip
+    before = resident_mb(device)
+    reset_peak(device)
+    train_epoch(
+        model, optimizer, scheduler, data, order[recipe.batch_size :], recipe.batch_size,
+        args.micro, 1, device, dtype="bfloat16", ranks=ranks,
+    )  # fmt: skip
+    training = peak_mb(device) - before
+    # one evaluation forward over the float32 gathers in bf16, as the engine computes it
+    from transformers import AutoTokenizer
+
+    generator = Generator(
+        model, AutoTokenizer.from_pretrained(args.model), max_new_tokens=1,
+        compute_dtype=torch.bfloat16, lockstep=Lockstep(model, device),
+    )  # fmt: skip
+    ids = torch.tensor([row[0] for row in data[: args.micro]], device=device)
+    before = resident_mb(device)
+    reset_peak(device)
+    model.eval()
+    with generator._computing():
+        model(input_ids=ids)
+    evaluation = peak_mb(device) - before
+    if ranks.main:
+        print("RESULT " + json.dumps({"training_mb": training, "evaluation_mb": evaluation}))
+    distributed.stop(ranks)
+
+
+def cache_comparison(args, model_dir: Path, n: int) -> dict:
+    results = {}
+    for cached in (True, False):
+        common = [
+            "--cache-worker", "--model", str(model_dir), "--device", args.device,
+            "--threads", str(args.threads), "--steps", "2", "--micro", str(args.micro),
+            "--length", str(args.length),
+        ] + (["--cached"] if cached else [])  # fmt: skip
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={args.nproc}", __file__, *common,
+        ]  # fmt: skip
+        out = subprocess.run(
+            command, capture_output=True, text=True, env=distributed.rank_environment(args.threads)
+        )
+        if out.returncode != 0:
+            raise RuntimeError(out.stdout[-2000:] + out.stderr[-4000:])
+        line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
+        results["cache" if cached else "no_cache"] = json.loads(line.removeprefix("RESULT "))
+    copy = 2 * n / 2**20
+    results["bf16_copy_of_the_weights_mb"] = copy
+    for what in ("training", "evaluation"):
+        a, b = results["cache"][f"{what}_mb"], results["no_cache"][f"{what}_mb"]
+        print(
+            f"{what}: peak over the memory held before, per rank: {a:.0f} MB with autocast's "
+            f"cache, {b:.0f} MB without ({(a - b) / copy:.2f} of the weights' bf16 copy, "
+            f"{copy:.0f} MB, less)"
+        )
+    return results
+
+
 def worker(args) -> None:
     """One process of a measurement; prints one JSON line (rank 0) with what it saw."""
     ranks, device = distributed.start(args.device)
@@ -183,18 +294,29 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--autocast-cache", action="store_true", help=__doc__.split("\n\n")[3])
     # a worker (started by this script)
     ap.add_argument("--worker", action="store_true")
+    ap.add_argument("--cache-worker", action="store_true")
+    ap.add_argument("--cached", action="store_true")
     ap.add_argument("--model")
     ap.add_argument("--strategy", default="none")
     args = ap.parse_args()
     if args.worker:
         worker(args)
         return
+    if args.cache_worker:
+        cache_worker(args)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         n = build_random_model(Path(tmp), args.hidden, args.layers)
         print(f"random Llama: {n / 1e9:.3f} B parameters, fp32 full fine-tuning state "
               f"{16 * n / 2**30:.1f} GiB", flush=True)  # fmt: skip
+        if args.autocast_cache:
+            results = cache_comparison(args, Path(tmp), n)
+            if args.json:
+                args.json.write_text(json.dumps(results, indent=2))
+            return
         results = {"parameters": n, "runs": []}
         for strategy, nproc in (("none", 1), ("fsdp", args.nproc)):
             r = run(args, Path(tmp), strategy, nproc)

@@ -85,6 +85,31 @@ KILLER = textwrap.dedent(
                     kill()
 
             module.save_state = wrapped
+        elif POINT == "swap":  # the old state moved aside, the new one not yet in its place
+            import pathlib
+
+            rename, calls = pathlib.Path.rename, []
+
+            def wrapped(self, target):
+                if self.name == ".epoch.part":
+                    calls.append(1)
+                    if len(calls) == EPOCH:
+                        kill()
+                return rename(self, target)
+
+            pathlib.Path.rename = wrapped
+        elif POINT == "finished":  # the job's outputs written, Snakemake not yet told
+            finetune = module.finetune  # (the job alone is killed, once; snakemake retries it)
+
+            def wrapped(*args, **kwargs):
+                lines = finetune(*args, **kwargs)
+                once = os.environ["EQ_KILL_ONCE"]
+                if not os.path.exists(once):
+                    open(once, "w").close()
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return lines
+
+            module.finetune = wrapped
 
 
     class Hook(importlib.abc.MetaPathFinder):
@@ -142,13 +167,14 @@ def copy_of(prepared: Path, where: Path) -> Path:
 
 
 def result_files(work: Path) -> dict[str, bytes]:
-    """Every file the fine-tune wrote (not the provenance sidecars, which record times)."""
+    """Every file the fine-tune wrote (not the provenance sidecars, which record times, nor its
+    state: not a result)."""
     roots = [work / RUN, work / "results/eval/tiny/full/natural"]
     return {
         p.relative_to(work).as_posix(): p.read_bytes()
         for root in roots
         for p in sorted(root.rglob("*"))
-        if p.is_file() and not p.name.endswith(".prov.json")
+        if p.is_file() and not p.name.endswith(".prov.json") and "state" not in p.parts
     }
 
 
@@ -193,6 +219,7 @@ CASES = {
     "evaluation": ("evaluation:2", 1, {"state_dir": "SCRATCH"}),
     "state": ("state:3", 2, {}),
     "after_the_best": ("saved:3", 3, {}),
+    "between_the_renames_of_the_state": ("swap:3", 3, {}),
 }
 
 
@@ -212,6 +239,9 @@ def test_a_killed_finetune_resumes_to_the_files_of_an_uninterrupted_one(
     cfg = write_config(work, config_for(tiny_model_dir, **finetune))
     run_killed(work, cfg, point)
     trainer = state / "epoch/trainer.pt"
+    if point.startswith("swap"):  # both copies whole, neither in place
+        assert not (state / "epoch").exists() and (state / ".epoch.old/trainer.pt").exists()
+        trainer = state / ".epoch.part/trainer.pt"
     if saved_epoch:
         import torch
 
@@ -227,7 +257,61 @@ def test_a_killed_finetune_resumes_to_the_files_of_an_uninterrupted_one(
     assert "attempt 2 of this job" in log  # the killed attempt's log is kept and named
     assert (work / "logs/finetune/tiny/full/natural.log.attempts/1.log").exists()
     assert result_files(work) == straight, rerun.stdout
-    assert not state.exists()  # removed once the run is complete
+    assert_finished(state)
+
+
+def assert_finished(state: Path) -> None:
+    """A complete run keeps of its state the record of its results and the weights its outputs
+    link to; the optimizer state is gone."""
+    assert not (state / "epoch").exists()
+    assert sorted(p.name for p in state.iterdir()) == [
+        "best-epoch-1",
+        "finished",
+        "last-epoch",
+        "stamp.json",
+    ]
+
+
+def test_a_finetune_killed_after_it_finished_publishes_its_outputs_again(
+    prepared, straight, tmp_path, tiny_model_dir
+):
+    """The job killed after it wrote its outputs, before Snakemake recorded it (a time limit or
+    a preemption in that window): Snakemake deletes the outputs and retries the job, which
+    publishes them from the finished state instead of training from the start. A new
+    invocation (--forcerun) trains again."""
+    work = copy_of(prepared, tmp_path / "work")
+    cfg = write_config(work, config_for(tiny_model_dir))
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(KILLER)
+    env = {
+        **os.environ,
+        "EQ_KILL_AT": "finished:0",
+        "EQ_KILL_ONCE": str(tmp_path / "killed"),
+        "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.run(
+        snakemake_command(*TARGETS, "--retries", "1", configfile=cfg),
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0 and (tmp_path / "killed").exists(), proc.stdout + proc.stderr
+    logs = work / "logs/finetune/tiny/full/natural.log.attempts"
+    first, retry = (logs / "1.log").read_text(), (logs / "2.log").read_text()
+    assert f"epoch {EPOCHS} of {EPOCHS} done" in first
+    assert "the run finished in an earlier attempt" in retry, retry
+    assert f"epoch 1 of {EPOCHS} done" not in retry  # no training
+    assert result_files(work) == straight, proc.stdout + proc.stderr
+    assert_finished(work / RUN / "state")
+
+    forced = snakemake(work, *TARGETS, "--forcerun", "finetune", configfile=cfg)
+    log = (work / "logs/finetune/tiny/full/natural.log").read_text()
+    assert "the record of a run that finished before this invocation goes" in log, log
+    assert f"epoch 1 of {EPOCHS} done" in log
+    assert result_files(work) == straight, forced.stdout
 
 
 def test_a_state_of_other_settings_is_discarded(prepared, tmp_path, tiny_model_dir):

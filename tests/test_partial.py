@@ -11,6 +11,7 @@ from eqtools.jobstate import job_stamp, model_files, stamp_differences
 from eqtools.partial import (
     PartialResults,
     assemble,
+    forget_complete,
     group_bounds,
     partial_dir,
     start_progress,
@@ -116,8 +117,30 @@ def test_an_output_assembled_from_groups_is_byte_identical_to_one_written_whole(
         written = state.complete(output)
         assert output.read_bytes() == whole.read_bytes(), size
         assert written.schema == pl.Schema(LABEL_SCHEMA) and written.n_chunks() == 1
-        assert not partial_dir(output).exists()
+        # the groups are gone; the result stays beside the stamp, the output a link to it
+        kept = partial_dir(output)
+        assert sorted(p.name for p in kept.iterdir()) == ["complete.parquet", "stamp.json"]
+        assert (kept / "complete.parquet").stat().st_ino == output.stat().st_ino
     assert pl.read_parquet(whole).equals(frame)
+
+
+def test_a_retry_publishes_the_completed_result_and_a_new_invocation_computes_afresh(tmp_path):
+    """Killed after completing (Snakemake then deletes the output): the retry finds all items
+    done and writes the same bytes. A job's first attempt in a new invocation forgets it."""
+    frame = labels(5)
+    ids = frame["id"].to_list()
+    output = tmp_path / "out.parquet"
+    state = PartialResults(partial_dir(output), stamp(), ids, LABEL_SCHEMA)
+    assert state.resume() == 0
+    save_in_groups(state, frame, 2)
+    state.complete(output)
+    written = output.read_bytes()
+    output.unlink()  # Snakemake, after the failed attempt
+    retry = PartialResults(partial_dir(output), stamp(), ids, LABEL_SCHEMA)
+    assert retry.resume() == 5
+    assert retry.complete(output).equals(frame) and output.read_bytes() == written
+    assert forget_complete(output) and not forget_complete(output)
+    assert PartialResults(partial_dir(output), stamp(), ids, LABEL_SCHEMA).resume() == 0
 
 
 def test_a_resumed_state_continues_after_its_last_group_whatever_the_group_size(tmp_path):

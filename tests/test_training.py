@@ -307,7 +307,8 @@ def test_killed_run_resumes_to_the_same_metrics(tiny_model_dir, tmp_path, device
         assert pl.read_parquet(tmp_path / "killed" / predictions).equals(
             pl.read_parquet(tmp_path / "straight" / predictions)
         )
-    assert not (tmp_path / "straight/state").exists()  # removed once the run is complete
+    # once the run is complete its optimizer state is removed
+    assert not (tmp_path / "straight/state/epoch").exists()
 
 
 def test_a_bf16_lora_recipe_keeps_its_frozen_base_in_bf16_for_a_bf16_evaluation(tiny_model_dir):
@@ -372,7 +373,9 @@ def test_dropping_the_weights_keeps_the_predictions_and_the_configs(tiny_model_d
         assert json.loads((tmp_path / stop / "config.json").read_text())["dtype"] == "bfloat16"
         assert "model.safetensors dropped" in (tmp_path / stop / "WEIGHTS_DROPPED.txt").read_text()
         assert pl.read_parquet(tmp_path / f"eval/{stop}/test.parquet").height == 4
-    assert not (tmp_path / "state").exists()
+    # nor does the finished state keep them, or the optimizer state
+    assert not list((tmp_path / "state").rglob("*.safetensors"))
+    assert not (tmp_path / "state/epoch").exists()
 
 
 def test_without_a_dev_set_the_early_stop_is_the_last_epoch(tiny_model_dir, tmp_path):
@@ -388,4 +391,4 @@ def test_without_a_dev_set_the_early_stop_is_the_last_epoch(tiny_model_dir, tmp_
     assert pl.read_parquet(tmp_path / "eval/early_stop/test.parquet").equals(
         pl.read_parquet(tmp_path / "eval/convergence/test.parquet")
     )
-    assert not (tmp_path / "state").exists()
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["finished", "last-epoch"]

@@ -352,7 +352,7 @@ def finetune_files(workdir: Path) -> dict[str, bytes]:
         p.relative_to(workdir).as_posix(): p.read_bytes()
         for root in roots
         for p in sorted(root.rglob("*"))
-        if p.is_file() and not p.name.endswith(".prov.json")
+        if p.is_file() and not p.name.endswith(".prov.json") and "state" not in p.parts
     }
 
 
@@ -382,7 +382,9 @@ def test_a_finetune_past_its_time_limit_is_retried_with_more_time_and_resumes(
     cfg = write_config(workdir, config, "slow.yaml")
     proc = run_profile(workdir, ROOT / "Snakefile", cfg, extra_args=SLOW_TARGETS, timeout=1500)
     output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-20000:]
+    # on failure Snakemake's own lines (the failed job's log, which it prints, would hide them)
+    own = "\n".join(x for x in output.splitlines() if " INFO " not in x)
+    assert proc.returncode == 0, own[-20000:]
     attempts = [(j, call) for j, call in slurm_jobs(output).get("finetune", []) if SLOW in call]
     states = [scontrol_job(j)["JobState"] for j, _ in attempts]
     times = [re.search(r" -t (\d+)", call).group(1) for _, call in attempts]
@@ -391,5 +393,8 @@ def test_a_finetune_past_its_time_limit_is_retried_with_more_time_and_resumes(
     assert states[0] == "TIMEOUT" and states[-1] == "COMPLETED", states
     assert times == [str(n) for n in range(1, len(attempts) + 1)]  # runtime x attempt
     log = (workdir / f"logs/finetune/tiny/{SLOW}/natural.log").read_text()
-    assert "resuming after epoch" in log and f"attempt {len(attempts)} of this job" in log
+    # the last attempt resumed, or (killed after its outputs were written, before Snakemake
+    # recorded them) published them again from the finished record
+    assert f"attempt {len(attempts)} of this job" in log
+    assert "resuming after epoch" in log or "the run finished in an earlier attempt" in log, log
     assert finetune_files(workdir) == finetune_files(straight)

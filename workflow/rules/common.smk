@@ -150,6 +150,13 @@ def finetune_spec(wildcards):
     return STUDY.finetuning(wildcards.recipe, wildcards.seed).param()
 
 
+def attempt_number(wildcards, attempt):
+    """The attempt of a job as a resource (a script sees no attempt otherwise): scheduling only.
+    A long job's first attempt forgets a result that it finished before this invocation of
+    Snakemake; only a retry (attempt > 1) publishes it again (eqtools.partial, training)."""
+    return attempt
+
+
 # A job's mem_mb and runtime grow with the attempt (the slurm profile retries failed jobs): an
 # out-of-memory kill or a time-out is retried with 2x, then 3x the first request, up to the
 # cluster's caps (config `cluster`, scheduling only). A cap below a first request stops the run

@@ -25,6 +25,7 @@ rule ptrue:
         gpu=model_gpus,
         mem_mb=model_mem_mb("ptrue"),
         runtime=retry_runtime(120, "ptrue"),
+        attempt=attempt_number,
     params:
         spec=ptrue_spec,
         code=script_code("ptrue"),

@@ -51,6 +51,7 @@ rule finetune:
         tasks=recipe_tasks,
         mem_mb=recipe_mem_mb,
         runtime=recipe_runtime,
+        attempt=attempt_number,
     params:
         spec=finetune_spec,
         code=script_code("finetune"),

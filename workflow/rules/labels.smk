@@ -86,6 +86,7 @@ rule label_questions:
         gpu=model_gpus,
         mem_mb=model_mem_mb("label_questions"),
         runtime=retry_runtime(240, "label_questions"),
+        attempt=attempt_number,
     params:
         spec=label_spec,
         code=script_code("label_questions"),

@@ -19,7 +19,7 @@ from eqtools.models import pick_device
 from eqtools.provenance import write_provenance
 from eqtools.settings import Finetune, Schedule
 from eqtools.study import STOPS, TEST_SPLITS
-from eqtools.training import TrainingError, finetune
+from eqtools.training import TrainingError, finetune, forget_finished
 
 
 def eval_frame(labels_path: str) -> pl.DataFrame:
@@ -87,6 +87,8 @@ def main(smk) -> None:
         resumes = claim_state(state, stamp, f"finetune {w.model}/{w.recipe}{w.seed}/{w.mixture}")
     except OSError as e:
         raise TrainingError(f"finetune.state_dir: {e}") from e
+    if smk.resources.attempt == 1 and forget_finished(state):
+        log.info("%s: the record of a run that finished before this invocation goes", state)
     log.info("state directory %s (%s)", state, "resuming" if resumes else "a new run")
     job = {
         "model": smk.input.model,

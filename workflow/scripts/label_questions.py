@@ -22,6 +22,7 @@ from eqtools.io import setup_logging
 from eqtools.jobstate import job_stamp, model_files
 from eqtools.partial import (
     PartialResults,
+    forget_complete,
     group_bounds,
     partial_dir,
     shared_by_main,
@@ -55,7 +56,10 @@ def label(job: dict, ranks: distributed.Ranks, device: str) -> None:
     relation_exemplars = {job["relation"]: exemplars[job["relation"]]} if questions.height else {}
     # rank 0 keeps the finished groups; every rank labels its share of every group
     saved = PartialResults(
-        partial_dir(job["output"]), job["stamp"], questions["id"].to_list(), LABEL_SCHEMA
+        partial_dir(job["output"]),
+        job["stamp"],
+        questions["id"].to_list(),
+        LABEL_SCHEMA,
     )
     done = shared_by_main(ranks, saved.resume() if ranks.main else 0)
     subject = f"{job['split']}/{job['relation']}"
@@ -118,6 +122,8 @@ def main(smk) -> None:
         "max_batch_rows": smk.config["engine"]["max_batch_rows"],
         "backend": smk.config["engine"]["backend"],
     }
+    if smk.resources.attempt == 1:  # only a retry publishes what an earlier attempt finished
+        forget_complete(smk.output[0])
     distributed.run_model_job(label, __file__, job, smk)
     write_provenance(smk.output[0], smk)
 

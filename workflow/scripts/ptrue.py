@@ -20,6 +20,7 @@ from eqtools.io import setup_logging
 from eqtools.jobstate import job_stamp, model_files
 from eqtools.partial import (
     PartialResults,
+    forget_complete,
     group_bounds,
     partial_dir,
     shared_by_main,
@@ -87,6 +88,8 @@ def main(smk) -> None:
         "questions_per_save": smk.config["engine"]["questions_per_save"],
         "max_batch_rows": smk.config["engine"]["max_batch_rows"],
     }
+    if smk.resources.attempt == 1:  # only a retry publishes what an earlier attempt finished
+        forget_complete(smk.output[0])
     distributed.run_model_job(score, __file__, job, smk)
     write_provenance(smk.output[0], smk)
 

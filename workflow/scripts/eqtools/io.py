@@ -9,11 +9,34 @@ import sys
 import tempfile
 from pathlib import Path
 
+log = logging.getLogger(__name__)
+
 
 def part_path(path: Path) -> Path:
     """Where `atomic_path(path, directory=True)` builds the directory (the other ranks of a
     distributed job write into it too)."""
     return path.with_name(f".{path.name}.part")
+
+
+def old_path(path: Path) -> Path:
+    """Where `atomic_path(path, directory=True)` moves the complete old copy aside while it swaps
+    the new one in."""
+    return path.with_name(f".{path.name}.old")
+
+
+def finish_swap(path: str | Path) -> None:
+    """Complete a directory swap of `atomic_path` that a kill interrupted between its two
+    renames: the old copy moved aside and the new, complete one not yet in place. Without this
+    `path` would look absent, and its state lost, although both copies are whole on disk. A
+    reader of a directory written by `atomic_path` calls it first (atomic_path does too)."""
+    path = Path(path)
+    old, new = old_path(path), part_path(path)
+    if not path.exists() and old.is_dir() and new.is_dir():
+        # the old copy is moved aside only once the new one is complete
+        new.rename(path)
+        log.info("%s: completed a swap that a kill interrupted", path)
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -28,6 +51,7 @@ def atomic_path(path: str | Path, directory: bool = False):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if directory:
+        finish_swap(path)
         tmp = part_path(path)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -38,7 +62,7 @@ def atomic_path(path: str | Path, directory: bool = False):
     try:
         yield tmp
         if directory:
-            old = path.with_name(f".{path.name}.old")
+            old = old_path(path)
             shutil.rmtree(old, ignore_errors=True)
             if path.exists():
                 path.rename(old)
@@ -53,6 +77,19 @@ def atomic_path(path: str | Path, directory: bool = False):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
         raise
+
+
+def link_file(source: str | Path, target: str | Path) -> bool:
+    """`target` as a hard link to the file `source` (no copy of the data), or a copy where they
+    are on different filesystems, atomically. Returns whether it is a link."""
+    with atomic_path(target) as tmp:
+        os.unlink(tmp)
+        try:
+            os.link(source, tmp)
+            return True
+        except OSError:
+            shutil.copy2(source, tmp)
+            return False
 
 
 def write_parquet(frame, path: str | Path) -> None:

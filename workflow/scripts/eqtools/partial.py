@@ -9,7 +9,11 @@ state is resumed only by a job with the same stamp; any other is discarded with 
 naming what differs.
 Scheduling settings (GPUs, ranks, group size, batch rows) are not in the stamp: changing them
 keeps the state. When the job completes, the output is written once from all groups, in the
-items' order, and the directory is removed.
+items' order, into the directory (`complete.parquet`, replacing the groups) and linked to its
+declared place: a job killed after that (a time limit or a preemption before Snakemake recorded
+it; Snakemake then deletes the output) publishes it again on its retry instead of starting
+over. The file stays, its link costing no disk; a new invocation of Snakemake (--forcerun, or
+after Snakemake itself was killed) computes afresh.
 
 Bookkeeping like eqtools.io: the result is the same whether it was computed in one attempt or
 several (every group's rows are computed exactly as they would be in one run), so it is left out
@@ -23,13 +27,14 @@ from pathlib import Path
 
 import polars as pl
 
-from eqtools.io import write_parquet
+from eqtools.io import link_file, write_parquet
 from eqtools.jobstate import claim_state
 from eqtools.progress import Progress
 
 log = logging.getLogger("workflow")
 
 PART = re.compile(r"rows-(\d+)-(\d+)\.parquet")
+COMPLETE = "complete.parquet"
 
 
 def partial_dir(output: str | Path) -> Path:
@@ -37,6 +42,18 @@ def partial_dir(output: str | Path) -> Path:
     (undeclared, so that Snakemake leaves it alone)."""
     output = Path(output)
     return output.with_name(f".{output.stem}.partial")
+
+
+def forget_complete(output: str | Path) -> bool:
+    """Remove the result that a job writing `output` completed before this invocation of
+    Snakemake (which then recorded it, or runs it again with --forcerun); returns whether there
+    was one. The first attempt of a job calls it: only a retry publishes a finished result."""
+    done = partial_dir(output) / COMPLETE
+    if not done.exists():
+        return False
+    log.info("%s: the result finished before this invocation goes", done)
+    done.unlink()
+    return True
 
 
 def group_bounds(start: int, total: int, size: int) -> Iterator[tuple[int, int]]:
@@ -103,6 +120,9 @@ class PartialResults:
         directory then holds this job's stamp."""
         kind = "partial results"
         if claim_state(self.directory, self.stamp, kind, kind):
+            if (self.directory / COMPLETE).exists():
+                log.info("%s: complete in an earlier attempt", self.directory)
+                return len(self.ids)
             parts = self._saved_parts()
             if isinstance(parts, str):
                 self._discard(parts)
@@ -121,15 +141,21 @@ class PartialResults:
         self.parts.append(path)
 
     def complete(self, output: str | Path) -> pl.DataFrame:
-        """Write `output` from every group, in the items' order, and remove the directory."""
-        frame = assemble([pl.read_parquet(p) for p in self.parts], self.schema)
-        if frame[self.key].to_list() != self.ids:
-            raise ValueError(
-                f"{self.directory}: the saved groups hold {frame.height} of {len(self.ids)} items"
-            )
-        write_parquet(frame, output)
-        shutil.rmtree(self.directory)
-        return frame
+        """Write the result from every group, in the items' order, in place of the groups, and
+        link it to `output`; returns it."""
+        done = self.directory / COMPLETE
+        if not done.exists():
+            frame = assemble([pl.read_parquet(p) for p in self.parts], self.schema)
+            if frame[self.key].to_list() != self.ids:
+                raise ValueError(
+                    f"{self.directory}: the saved groups hold {frame.height} of "
+                    f"{len(self.ids)} items"
+                )
+            write_parquet(frame, done)
+            for part in self.parts:
+                part.unlink()
+        link_file(done, output)
+        return pl.read_parquet(output)
 
 
 def start_progress(

@@ -19,7 +19,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
 import warnings
@@ -32,7 +31,14 @@ import torch
 from eqtools import distributed
 from eqtools.distributed import Ranks
 from eqtools.em import exact_match
-from eqtools.io import atomic_path, part_path, write_parquet, write_text
+from eqtools.io import (
+    atomic_path,
+    finish_swap,
+    link_file,
+    part_path,
+    write_parquet,
+    write_text,
+)
 from eqtools.progress import Progress, duration
 from eqtools.settings import Lora, Recipe, Schedule
 
@@ -178,9 +184,17 @@ def check_answer_logits(model, example_batch, pad_id, device, dtype, ranks) -> b
 def autocast(device: str, dtype: str):
     """Mixed precision for a `dtype: bfloat16` recipe: bf16 matmuls, fp32 master weights and
     optimizer state (pure bf16 weights would round away updates of lr 1e-5: bf16 keeps 8 bits
-    of mantissa). A no-op for float32."""
+    of mantissa). A no-op for float32.
+
+    Without autocast's cache of weight casts (`cache_enabled=False`): the cache keeps the bf16
+    cast of every weight that requires grad until the forward ends, a bf16 copy of the whole
+    model (under FSDP, of the gathered weights: unsharded) that activation checkpointing would
+    otherwise have dropped layer by layer (benchmarks/fsdp_memory.py). The casts are the same
+    numbers either way; a weight used twice is cast twice."""
     device_type = torch.device(device).type
-    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    return torch.autocast(
+        device_type, dtype=torch.bfloat16, enabled=dtype == "bfloat16", cache_enabled=False
+    )
 
 
 def train_epoch(
@@ -393,10 +407,7 @@ def save_state(
             tmp / f"rng{ranks.rank}.pt",
         )
         if ranks.main:
-            for stop, frames in (predictions or {}).items():
-                (tmp / "predictions" / stop).mkdir(parents=True)
-                for split, frame in frames.items():
-                    frame.write_parquet(tmp / "predictions" / stop / f"{split}.parquet")
+            write_predictions(tmp, predictions or {})
             torch.save(
                 {
                     "scheduler": scheduler.state_dict(),
@@ -462,11 +473,7 @@ def load_state(
             trainer["world"],
             ranks.world,
         )
-    predictions = {
-        stop.name: {f.stem: pl.read_parquet(f) for f in sorted(stop.glob("*.parquet"))}
-        for stop in sorted((state_dir / "predictions").glob("*"))
-    }
-    return trainer["epoch"], trainer["best"], trainer["metrics"], predictions
+    return trainer["epoch"], trainer["best"], trainer["metrics"], read_predictions(state_dir)
 
 
 # Config settings that set dropout on the attention probabilities, by family naming
@@ -628,6 +635,22 @@ def finetune(
             f"predictions asked for stops {unknown}; the stops are early_stop and convergence"
         )
 
+    metrics_path, state_root = Path(out["metrics"]), Path(out["state"])
+    state_dir = state_root / "epoch"
+    if ranks.main:
+        finish_swap(state_dir)
+        finish_swap(finished_dir(state_root))
+    distributed.barrier(ranks)
+    if (finished_dir(state_root) / "record.pt").exists():
+        # an earlier attempt trained every epoch and was killed while or after it published its
+        # outputs (Snakemake then deleted them): they are published again from the record
+        log.info("the run finished in an earlier attempt: its outputs are published again")
+        if not ranks.main:
+            return []
+        lines, best, predictions = load_finished(state_root)
+        complete(state_root, out, best, lines, predictions, prediction_paths, keep_weights)
+        return lines
+
     # model, optimizer, data: the same initial weights on every rank (seeded alike)
     torch.manual_seed(recipe.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -662,8 +685,6 @@ def finetune(
         model, examples[: schedule.micro_batch_size], pad_id, device, recipe.dtype, ranks
     )
 
-    metrics_path, state_root = Path(out["metrics"]), Path(out["state"])
-    state_dir = state_root / "epoch"
     start_epoch, best = 0, {"dev_accuracy": -1.0, "epoch": None}
     lines: list[dict] = []
     # per stop {split: graded frame}; "convergence" holds the latest epoch's until the run ends
@@ -777,9 +798,11 @@ def finetune(
                 drop_other_bests(state_root, best["epoch"])
         if on_epoch is not None:
             on_epoch(epoch)
-    save_checkpoint(evaluated, out["convergence"], ranks, checkpoint_dtype)
+    # the last weights in the state too, beside the best's: both enter the declared outputs by
+    # hard links, and a kill after that (Snakemake then deletes the outputs) loses no training
+    save_checkpoint(evaluated, final_dir(state_root), ranks, checkpoint_dtype)
     if best["epoch"] is None:  # no dev set: the last epoch is the early stop too
-        early_weights = Path(out["convergence"])
+        early_weights = final_dir(state_root)
         predictions["early_stop"] = dict(predictions["convergence"])
     else:
         early_weights = best_dir(state_root, best["epoch"])
@@ -798,18 +821,85 @@ def finetune(
         predictions["early_stop"].update({split: graded[split][0] for split in missing})
     if not ranks.main:
         return []
-    # the best weights enter the declared output by hard links (no copy of the data); the state
-    # keeps its own names until the very end, so a kill before then still finds them
-    link_tree(early_weights, Path(out["early_stop"]))
+    # the run is trained: a record of its results replaces the resumable state, whose optimizer
+    # moments (twice the trained weights) go; with keep_weights false the weights go too
+    with atomic_path(finished_dir(state_root), directory=True) as tmp:
+        write_predictions(tmp, predictions)
+        torch.save({"best": best, "metrics": lines}, tmp / "record.pt")
+    complete(state_root, out, best, lines, predictions, prediction_paths, keep_weights)
+    return lines
+
+
+def forget_finished(state_root: Path) -> bool:
+    """Remove the record and weights of a run that finished (in an earlier invocation of
+    Snakemake, which then recorded it, or ran it again with --forcerun); returns whether there
+    was one. Only a retry within one invocation (attempt > 1) publishes a finished record again:
+    a new invocation trains, so that a forced rerun is a new run."""
+    state_root = Path(state_root)
+    if not finished_dir(state_root).exists():
+        return False
+    for folder in (finished_dir(state_root), final_dir(state_root)):
+        shutil.rmtree(folder, ignore_errors=True)
+    drop_other_bests(state_root, None)
+    return True
+
+
+def finished_dir(state_root: Path) -> Path:
+    """The record of a run that trained every epoch: metrics, best epoch, predictions."""
+    return Path(state_root) / "finished"
+
+
+def final_dir(state_root: Path) -> Path:
+    """Where the state keeps the weights of the last epoch once the run is trained."""
+    return Path(state_root) / "last-epoch"
+
+
+def write_predictions(folder: Path, predictions: dict[str, dict[str, pl.DataFrame]]) -> None:
+    for stop, frames in predictions.items():
+        (folder / "predictions" / stop).mkdir(parents=True)
+        for split, frame in frames.items():
+            frame.write_parquet(folder / "predictions" / stop / f"{split}.parquet")
+
+
+def read_predictions(folder: Path) -> dict[str, dict[str, pl.DataFrame]]:
+    return {
+        stop.name: {f.stem: pl.read_parquet(f) for f in sorted(stop.glob("*.parquet"))}
+        for stop in sorted((folder / "predictions").glob("*"))
+    }
+
+
+def load_finished(state_root: Path) -> tuple[list[dict], dict, dict[str, dict[str, pl.DataFrame]]]:
+    folder = finished_dir(state_root)
+    record = torch.load(folder / "record.pt", weights_only=False)
+    return record["metrics"], record["best"], read_predictions(folder)
+
+
+def complete(
+    state_root: Path,
+    out: dict,
+    best: dict,
+    lines: list[dict],
+    predictions: dict[str, dict[str, pl.DataFrame]],
+    prediction_paths: dict[str, dict[str, Path]],
+    keep_weights: bool,
+) -> None:
+    """The declared outputs of a trained run (rank 0), from its finished state: the checkpoints
+    by hard links to the state's weights (no copy of the data), the predictions and the metrics.
+    The optimizer state goes first (and with `keep_weights` false, the weights). The rest of the
+    state stays, its links costing no disk while the outputs exist: Snakemake deletes the
+    outputs of a job killed after this, and its next attempt publishes them again instead of
+    training."""
+    shutil.rmtree(Path(state_root) / "epoch", ignore_errors=True)
+    early = final_dir(state_root) if best["epoch"] is None else best_dir(state_root, best["epoch"])
+    if not keep_weights:
+        for weights in {early, final_dir(state_root)}:
+            drop_weights(weights)
+    link_tree(early, Path(out["early_stop"]))
+    link_tree(final_dir(state_root), Path(out["convergence"]))
     for stop, paths in prediction_paths.items():
         for split, path in paths.items():
             write_parquet(predictions[stop][split], path)
-    if not keep_weights:
-        for stop in ("early_stop", "convergence"):
-            drop_weights(Path(out[stop]))
-    # the run is complete: its resumable state (optimizer moments: twice the trained weights) goes
-    shutil.rmtree(state_root, ignore_errors=True)
-    return lines
+    write_text("".join(json.dumps(x, sort_keys=True) + "\n" for x in lines), out["metrics"])
 
 
 def best_dir(state_root: Path, epoch: int) -> Path:
@@ -834,11 +924,7 @@ def link_tree(source: Path, target: Path) -> None:
             destination = tmp / path.relative_to(source)
             if path.is_dir():
                 destination.mkdir(parents=True, exist_ok=True)
-                continue
-            try:
-                os.link(path, destination)
-            except OSError:
-                shutil.copy2(path, destination)
+            elif not link_file(path, destination):
                 copied.append(path.name)
     if copied:
         log.info("copied %s into %s (another filesystem: no hard links)", copied, target)
@@ -851,6 +937,8 @@ def drop_weights(checkpoint: Path) -> None:
     """Remove a checkpoint's weights once its evaluation is written (`finetune.keep_weights:
     false`); its configs stay, with a note of what was dropped."""
     dropped = [name for name in WEIGHT_FILES if (checkpoint / name).exists()]
+    if not dropped and (checkpoint / "WEIGHTS_DROPPED.txt").exists():
+        return  # dropped by an earlier attempt
     for name in dropped:
         (checkpoint / name).unlink()
     write_text(

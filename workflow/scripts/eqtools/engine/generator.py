@@ -112,10 +112,17 @@ class Generator(PathChoice, LevelsPath, ReferencePath):
 
     @contextlib.contextmanager
     def _computing(self):
-        """The mode of every engine forward: no autograd, and bf16 autocast where asked."""
+        """The mode of every engine forward: no autograd, and bf16 autocast where asked, without
+        its cache of weight casts (which would hold a bf16 copy of every weight that requires
+        grad, the whole model, until the forward ends; the casts are the same numbers)."""
         with (
             torch.no_grad() if self._sharded else torch.inference_mode(),
-            torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self._autocast),
+            torch.autocast(
+                self.device.type,
+                dtype=self.compute_dtype,
+                enabled=self._autocast,
+                cache_enabled=False,
+            ),
         ):
             yield
 
