@@ -428,3 +428,14 @@ def test_fsdp_resumed_after_its_last_epoch_saves_the_trained_weights(
     b = load_file(killed["convergence"] / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert killed["metrics"].read_text() == straight["metrics"].read_text()
+
+
+def test_a_tensor_parallel_wave_takes_rows_for_the_gpus_share_of_the_kv_heads():
+    """engine.max_batch_rows sizes one GPU's key-value cache: tensor parallel over 4 ranks (each
+    rank running every request, a quarter of the heads) takes 4x the rows; FSDP ranks (each
+    its own share of the requests) and one process take max_batch_rows each."""
+    four = distributed.Ranks(rank=0, world=4, local_rank=0)
+    assert distributed.rows_per_wave(512, four, distributed.ONE_PROCESS) == 2048
+    assert distributed.rows_per_wave(512, four, four) == 512
+    one = distributed.ONE_PROCESS
+    assert distributed.rows_per_wave(512, one, one) == 512

@@ -34,7 +34,7 @@ def test_requests_grow_with_the_attempt_without_caps():
     assert requests(rules, "label_questions", "mem_mb", MODEL) == [8000, 16000, 24000]
     assert requests(rules, "label_questions", "runtime", MODEL) == [240, 480, 720]
     assert requests(rules, "ptrue", "mem_mb", MODEL) == [8000, 16000, 24000]
-    assert requests(rules, "ptrue", "runtime", MODEL) == [120, 240, 360]
+    assert requests(rules, "ptrue", "runtime", MODEL) == [240, 480, 720]
     assert requests(rules, "finetune", "mem_mb", LORA) == [8000, 16000, 24000]
     assert requests(rules, "finetune", "runtime", LORA) == [60, 120, 180]
 
@@ -52,7 +52,7 @@ def test_requests_stop_at_the_caps(tmp_path):
     assert requests(rules, "label_questions", "mem_mb", MODEL) == [12000, 20000, 20000]
     assert requests(rules, "label_questions", "runtime", MODEL) == [240, 480, 500]
     assert requests(rules, "ptrue", "mem_mb", MODEL) == [12000, 20000, 20000]
-    assert requests(rules, "ptrue", "runtime", MODEL) == [120, 240, 360]
+    assert requests(rules, "ptrue", "runtime", MODEL) == [240, 480, 500]
     # a first request equal to the cap is allowed, and the retries get the same
     assert requests(rules, "finetune", "mem_mb", LORA) == [20000, 20000, 20000]
     assert requests(rules, "finetune", "runtime", LORA) == [200, 400, 500]
@@ -75,7 +75,7 @@ def test_requests_stop_at_the_caps(tmp_path):
             {"cluster": {"max_mem_mb": 10000}, "models": {"smollm2-135m": {"mem_mb": 12000}}},
             "config key 'cluster.max_mem_mb' is 10000, below the mem_mb that rule "
             "label_questions for model 'smollm2-135m' asks for on its first attempt (12000, "
-            "models.smollm2-135m.mem_mb)",
+            "models.smollm2-135m.mem_mb + (gpus - 1) x rank_mem_mb)",
         ),
         (
             {"cluster": {"max_runtime": 200}},
@@ -90,6 +90,16 @@ def test_a_cap_below_a_first_request_is_an_error_at_parse_time(tmp_path, config,
     with pytest.raises(Exception, match="cluster.max_") as err:
         workflow_rules(extra_config(tmp_path, config))
     assert message in str(err.value)
+
+
+def test_the_memory_of_a_labelling_job_grows_with_its_processes(tmp_path):
+    """One process per GPU: each further one adds its libraries (rank_mem_mb) to mem_mb."""
+    extra = extra_config(
+        tmp_path, {"models": {"smollm2-135m": {"gpus": 4, "mem_mb": 12000, "rank_mem_mb": 2500}}}
+    )
+    rules = workflow_rules(extra)
+    for rule in ("label_questions", "ptrue"):
+        assert requests(rules, rule, "mem_mb", MODEL) == [19500, 39000, 58500]
 
 
 def test_a_model_that_does_not_run_is_not_checked_against_the_caps(tmp_path):

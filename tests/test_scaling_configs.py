@@ -26,9 +26,10 @@ JOBS = {"prepare_model": 1, "label_questions": 43, "ptrue": 1, "finetune": 14}
 # What each GPU job asks for: gpu (sbatch --gpus, the job's total), nodes, mem_mb (per node),
 # runtime (minutes, the first attempt), threads (--cpus-per-task: engine.threads, 1 in
 # config.yaml, per process), and for several nodes the `mpi` launcher and one task per node.
-# Labelling and P(True) runtimes are the rules' own (240 and 120 minutes: docs/scaling.md,
-# section 3, puts the largest 70B labelling job at 0.62 h on an A100 "against the rule's
-# 240-minute limit"), their memory the rules' 8,000 MB but at 70B.
+# Labelling and P(True) runtimes are the rules' own (240 minutes: docs/scaling.md, section 3,
+# puts the largest 70B labelling job at 0.62 h on an A100 "against the rule's 240-minute
+# limit", and P(True) of the train split at 70B with device_map at about 2 h), their memory the
+# rules' 8,000 MB but at 70B, where each of the 3 further processes adds 3,000 MB.
 PLANS = {
     "8B": {
         "configs": ["config/paper.yaml"],
@@ -36,7 +37,7 @@ PLANS = {
         # section 4, table, row "8B", column "labelling and P(True)": 1 GPU; "The rules ask
         # for 8,000 MB".
         "label_questions": {"gpu": 1, "mem_mb": 8000, "runtime": 240, "threads": 1},
-        "ptrue": {"gpu": 1, "mem_mb": 8000, "runtime": 120, "threads": 1},
+        "ptrue": {"gpu": 1, "mem_mb": 8000, "runtime": 240, "threads": 1},
         # section 4, row "8B", column "full fine-tuning recipe": fsdp, nproc_per_node 4,
         # nodes 1; the 8B YAML below it: mem_mb 96000, runtime 480 (A100, float32 evaluation).
         "finetune": {"gpu": 4, "nodes": 1, "mem_mb": 96000, "runtime": 480, "threads": 4},
@@ -46,7 +47,7 @@ PLANS = {
         "model": "llama-1b",
         # section 4, row "1B": 1 GPU for labelling and P(True).
         "label_questions": {"gpu": 1, "mem_mb": 8000, "runtime": 240, "threads": 1},
-        "ptrue": {"gpu": 1, "mem_mb": 8000, "runtime": 120, "threads": 1},
+        "ptrue": {"gpu": 1, "mem_mb": 8000, "runtime": 240, "threads": 1},
         # section 4, row "1B": strategy none, 1 GPU; the paragraph after the 70B YAML: "1B: the
         # same full recipe with ... mem_mb: 32000, runtime: 240".
         "finetune": {"gpu": 1, "nodes": 1, "mem_mb": 32000, "runtime": 240, "threads": 1},
@@ -56,8 +57,8 @@ PLANS = {
         "model": "llama-70b",
         # section 4, row "70B": `gpus: 4` (one node); "give label_questions and ptrue a mem_mb
         # of about 160,000" (rank 0 reads the bf16 weights on the host).
-        "label_questions": {"gpu": 4, "mem_mb": 160000, "runtime": 240, "threads": 4},
-        "ptrue": {"gpu": 4, "mem_mb": 160000, "runtime": 120, "threads": 4},
+        "label_questions": {"gpu": 4, "mem_mb": 169000, "runtime": 240, "threads": 4},
+        "ptrue": {"gpu": 4, "mem_mb": 169000, "runtime": 240, "threads": 4},
         # section 4, row "70B", column "full fine-tuning recipe": fsdp, nproc_per_node 8,
         # nodes 4; "70B full: ... mem_mb: 450000 ..., runtime: 720". 32 GPUs in all, one task
         # per node that starts torchrun there.

@@ -196,14 +196,16 @@ def retry_runtime(minutes, rule):
 
 
 def model_mem_mb(rule):
-    """mem_mb of a labelling or P(True) job: the model entry's `mem_mb` (scheduling only),
-    growing with each attempt. The models that run are checked against the cap here, before
-    any job."""
+    """mem_mb of a labelling or P(True) job: the model entry's `mem_mb` for its first process
+    and `rank_mem_mb` for each further one (one per GPU; scheduling only), growing with each
+    attempt. The models that run are checked against the cap here, before any job."""
 
     def request(model, attempt):
-        first = config["models"][model]["mem_mb"]
+        entry = config["models"][model]
+        first = entry["mem_mb"] + (STUDY.model_gpus[model] - 1) * entry["rank_mem_mb"]
         what = f"rule {rule} for model {model!r}"
-        return attempt_request("mem_mb", first, attempt, what, f"models.{model}.mem_mb")
+        setting = f"models.{model}.mem_mb + (gpus - 1) x rank_mem_mb"
+        return attempt_request("mem_mb", first, attempt, what, setting)
 
     for model in RUN_MODELS:
         request(model, 1)

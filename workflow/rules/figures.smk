@@ -24,7 +24,7 @@ rule ptrue:
     resources:
         gpu=model_gpus,
         mem_mb=model_mem_mb("ptrue"),
-        runtime=retry_runtime(120, "ptrue"),
+        runtime=retry_runtime(240, "ptrue"),
         attempt=attempt_number,
     params:
         spec=ptrue_spec,

@@ -49,7 +49,8 @@ def label(job: dict, ranks: distributed.Ranks, device: str) -> None:
         max_new_tokens=slick.max_new_tokens,
         temperature=slick.temperature,
         top_k=slick.top_k,
-        max_batch_rows=job["max_batch_rows"],  # runtime settings, deliberately untracked
+        # runtime settings, deliberately untracked
+        max_batch_rows=distributed.rows_per_wave(job["max_batch_rows"], ranks, shares),
         backend=job["backend"],
         lockstep=lockstep,
     )

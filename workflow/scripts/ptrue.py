@@ -39,6 +39,7 @@ def score(job: dict, ranks: distributed.Ranks, device: str) -> None:
     model, tokenizer, device, lockstep, shares = distributed.load_model(
         job["model"], spec.model.dtype, device, ranks, job.get("multi_gpu", "auto")
     )
+    batch_rows = distributed.rows_per_wave(job["max_batch_rows"], ranks, shares)
     # rank 0 keeps the finished groups of questions; every rank scores its share of every group
     ids = rows["id"].unique(maintain_order=True).to_list()
     saved = PartialResults(partial_dir(job["output"]), job["stamp"], ids, SCORE_SCHEMA)
@@ -49,7 +50,7 @@ def score(job: dict, ranks: distributed.Ranks, device: str) -> None:
         group = rows.filter(pl.col("id").is_in(ids[first:end]))
         mine = group[share(group.height, shares.rank, shares.world)]
         # rows per forward pass: the engine's runtime setting, deliberately untracked
-        scores = score_p_true(model, tokenizer, mine, device, job["max_batch_rows"], lockstep)
+        scores = score_p_true(model, tokenizer, mine, device, batch_rows, lockstep)
         result = question_scores(group, gather_answers(scores, group.height, shares.world))
         if ranks.main:
             saved.save(first, result)

@@ -363,6 +363,17 @@ def tensor_parallel_obstacle(config, world: int) -> str | None:
     return None
 
 
+def rows_per_wave(max_batch_rows: int, ranks: Ranks, shares: Ranks) -> int:
+    """The rows a labelling or P(True) rank runs per wave for `engine.max_batch_rows`, which
+    sizes one GPU's key-value cache: under tensor parallelism (several ranks, every one running
+    every request: `shares` is one process) each GPU holds 1/world of the key-value heads, so a
+    wave of world x max_batch_rows rows fills its cache as max_batch_rows rows fill one GPU's;
+    otherwise max_batch_rows per process. Answers do not depend on the wave."""
+    if ranks.world > 1 and shares.world == 1:
+        return max_batch_rows * ranks.world
+    return max_batch_rows
+
+
 def load_model(model_dir: str, dtype: str, device: str, ranks: Ranks, multi_gpu: str = "auto"):
     """(model, tokenizer, device, lockstep, shares) for a labelling or P(True) rank. One process:
     as `eqtools.models.load` loads it. Several ranks (`multi_gpu`): tensor parallel ("tp";

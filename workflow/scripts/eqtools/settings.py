@@ -250,7 +250,7 @@ class Recipe(Settings):
 
 
 # keys of a model entry that only schedule its jobs (config `models.<name>`): never tracked
-MODEL_SCHEDULING = ("gpus", "multi_gpu", "mem_mb", "device")
+MODEL_SCHEDULING = ("gpus", "multi_gpu", "mem_mb", "rank_mem_mb", "device")
 
 
 # keys of a recipe that only schedule the job (config `recipes.<name>`): never tracked. The
