@@ -232,3 +232,22 @@ def test_bf16_compute_matches_generate_under_the_same_autocast(model, eager, bac
         want = [reference_greedy(eager, tok, p + q, 6) for p, q in cases]
     assert [got[i] for i in range(len(cases))] == want
     assert not torch.is_autocast_enabled("cpu")  # only inside the engine's own calls
+
+
+@pytest.mark.parametrize("backend", ["levels", "reference"])
+def test_a_long_outlier_takes_a_narrower_wave_and_the_answers_stay(model, eager, backend):
+    """Waves hold at most max_batch_rows rows of the requests' mean width: the wave of a long
+    outlier question takes fewer rows, and every answer is generate's."""
+    m, tok = model
+    gen = Generator(m, tok, max_new_tokens=4, max_batch_rows=6, backend=backend)
+    pid = gen.add_prefix("")
+    outlier = "Who " + "really " * 40 + "wrote the play Hamlet?"
+    questions = [f"Q: Where is place {i}?\nA:" for i in range(11)] + [f"Q: {outlier}\nA:"]
+    requests = [Request(pid, gen.prompt_tokens(pid, q)) for q in questions]
+    widths = [len(r.prompt) + 4 for r in requests]
+    got = {i: gen.decode(t) for i, t in gen.generate(requests)}
+    assert [got[i] for i in range(len(questions))] == [
+        reference_greedy(eager, tok, q, 4) for q in questions
+    ]
+    # 12 requests, 6 rows a wave: 2 waves if the outlier's wave were as wide as the rest
+    assert gen.stats.waves == 3 and max(widths) * 6 > gen.wave_budget(widths)

@@ -176,24 +176,37 @@ class Generator(PathChoice, LevelsPath, ReferencePath):
     ) -> Iterator[tuple[int, list[int]]]:
         """Yield (request index, generated token ids without the stop token) as rows finish.
 
-        Requests run in waves of at most `max_batch_rows` rows, in the given order. `keep(i)` is
-        asked before a request starts and after every step; when it turns False the request is
-        dropped and nothing is yielded for it. Under lockstep every rank calls this, possibly with
-        no requests, and consumes it to the end."""
+        Requests run in waves, in the given order, of at most `max_batch_rows` rows and at most
+        `wave_budget` positions: rows x (the wave's longest prompt + max_new_tokens), since a
+        wave's buffers are as wide as its longest row. A wave of long prompts (an outlier
+        question; the last waves of length-sorted requests) takes fewer rows, so that no wave
+        holds more than `max_batch_rows` rows of the mean width would. A request's tokens do not
+        depend on its wave. `keep(i)` is asked before a request starts and after every step; when
+        it turns False the request is dropped and nothing is yielded for it. Under lockstep every
+        rank calls this, possibly with no requests, and consumes it to the end."""
         if self.model.training:
             raise EngineError(
                 "the model is in training mode (dropout on): call model.eval() before generating"
             )
         keep = keep or (lambda i: True)
         wave_fn = self._levels_wave if self.backend == "levels" else self._reference_wave
+        widths = [len(r.prompt) + self.max_new_tokens for r in requests]
+        budget = self.wave_budget(widths)
         pending = list(range(len(requests)))
         while pending:
-            wave, rest = [], []
+            wave, rest, widest = [], [], 0
             for i in pending:
-                if len(wave) < self.max_batch_rows and keep(i):
-                    wave.append(i)
-                elif len(wave) >= self.max_batch_rows:
+                if rest:  # the wave is closed: the rest keep their order for the next
                     rest.append(i)
+                elif keep(i):
+                    wider = max(widest, widths[i])
+                    if wave and (
+                        len(wave) >= self.max_batch_rows or (len(wave) + 1) * wider > budget
+                    ):
+                        rest.append(i)
+                    else:
+                        wave.append(i)
+                        widest = wider
             pending = rest
             if wave:
                 self.stats.waves += 1
@@ -201,6 +214,10 @@ class Generator(PathChoice, LevelsPath, ReferencePath):
                 yield from wave_fn([requests[i] for i in wave], wave, keep)
         if self.lockstep is not None:  # done: step with the ranks that are not
             self.lockstep.drain(None if self.backend == "levels" else self._reference_placeholder)
+
+    def wave_budget(self, widths: list[int]) -> float:
+        """The positions a wave may hold: `max_batch_rows` rows of the requests' mean width."""
+        return self.max_batch_rows * sum(widths) / max(1, len(widths))
 
     def decode(self, tokens: list[int]) -> str:
         """The answer: generated text up to its first newline, stripped."""
