@@ -136,6 +136,53 @@ def test_bfloat16_recipe_is_mixed_precision_over_float32_weights(tiny_model_dir)
     assert (after != before).float().mean() > 0.9
 
 
+def test_a_float32_lora_base_under_bf16_autocast_trains_as_autocast_does(tiny_model_dir):
+    """FrozenCast (no bf16 copy of the frozen base kept for the backward) gives autocast's loss
+    and adapter gradients, against an untouched model whose linear layers autocast alone casts;
+    in float32 and outside autocast the layers compute as before."""
+    from transformers import AutoTokenizer
+
+    from eqtools.models import load
+    from eqtools.settings import Lora
+    from eqtools.training import FrozenCast, add_lora, build_model, collate, token_loss
+
+    recipe = {**RECIPE, "dtype": "bfloat16", "eval_dtype": "float32", "dropout": 0.0}
+    torch.manual_seed(0)
+    ours = build_model(str(tiny_model_dir), recipe, "cpu")
+    torch.manual_seed(0)
+    plain = add_lora(load(tiny_model_dir, device="cpu")[0], Lora.coerce(recipe["lora"]), 0.0)
+    plain.load_state_dict(ours.state_dict())
+    assert {p.dtype for p in ours.parameters()} == {torch.float32}
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    train, _ = frames()
+    examples = encode_examples(tok, train["question"].to_list(), train["answer"].to_list())
+    ids, labels, mask = collate(examples[:4], tok.eos_token_id)
+    used = []
+    apply = FrozenCast.apply
+    FrozenCast.apply = lambda *a: used.append(1) or apply(*a)
+    try:
+        grads, losses = [], []
+        for model in (ours, plain):
+            model.train()
+            with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+                logits = model(input_ids=ids, attention_mask=mask).logits
+            loss = token_loss(logits, labels, False)
+            loss.backward()
+            losses.append(loss.detach())
+            grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    finally:
+        FrozenCast.apply = apply
+    assert used  # the frozen layers went through it
+    assert torch.equal(losses[0], losses[1])
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-6, atol=0, msg=name)
+    with torch.no_grad():  # float32, no autocast: the plain layers
+        used.clear()
+        assert torch.equal(ours(input_ids=ids).logits, plain(input_ids=ids).logits)
+        assert not used
+
+
 def test_nan_loss_stops_with_a_clear_error(tiny_model_dir, tmp_path):
     train, evals = frames()
     recipe = {**RECIPE, "epochs": 2, "learning_rate": float("inf")}  # weights become inf/nan

@@ -501,6 +501,59 @@ def linear_modules(model) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
 
 
+class FrozenCast(torch.autograd.Function):
+    """`F.linear` of a frozen float32 weight under bf16 autocast, as autocast computes it (input,
+    weight and bias cast to bf16, a bf16 product), that keeps for the backward the weight itself
+    (no copy) instead of its bf16 cast, and casts it again there. Autocast's own linear keeps
+    the cast of every frozen weight of the model from the forward to the backward: a bf16 copy
+    of the whole base of a LoRA fine-tune. The weight needs no gradient, so its input is not
+    kept either."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(weight)
+        ctx.input_dtype = x.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.nn.functional.linear(
+                x.to(torch.bfloat16),
+                weight.to(torch.bfloat16),
+                None if bias is None else bias.to(torch.bfloat16),
+            )
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        with torch.autocast(grad.device.type, enabled=False):
+            grad_input = grad.to(torch.bfloat16) @ weight.to(torch.bfloat16)
+        return grad_input.to(ctx.input_dtype), None, None
+
+
+def keep_frozen_weights_uncast(model) -> int:
+    """Route every linear layer of `model` whose weight is frozen float32 through `FrozenCast`
+    while it trains under bf16 autocast (elsewhere it computes as it did); returns how many."""
+    count = 0
+    for module in model.modules():
+        if type(module) is not torch.nn.Linear or module.weight.requires_grad:
+            continue
+        plain = module.forward
+
+        def forward(x, module=module, plain=plain):
+            weight, device = module.weight, x.device.type
+            if (
+                torch.is_grad_enabled()
+                and weight.dtype == torch.float32
+                and not weight.requires_grad
+                and torch.is_autocast_enabled(device)
+                and torch.get_autocast_dtype(device) == torch.bfloat16
+            ):
+                return FrozenCast.apply(x, weight, module.bias)
+            return plain(x)
+
+        module.forward = forward
+        count += 1
+    return count
+
+
 def add_lora(model, lora: Lora | dict, dropout: float):
     """Wrap `model` with LoRA adapters on `lora.target_modules` ("all-linear": peft's choice of
     every linear layer but the output layer). A target that matches nothing is an error that
@@ -583,6 +636,9 @@ def build_model(model_dir: str, recipe: Recipe | dict, device: str):
         )
     if recipe.method == "lora":
         model = add_lora(model, recipe.lora, recipe.dropout)
+        if recipe.dtype == "bfloat16" and not frozen_bf16:
+            # a float32 base trained under bf16 autocast: no bf16 copy of it kept for the backward
+            keep_frozen_weights_uncast(model)
     return model
 
 
