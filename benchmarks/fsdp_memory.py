@@ -13,13 +13,21 @@ loading, after sharding and after the training steps, and the time of each optim
 after the first. Full fine-tuning in fp32 holds 16 bytes per parameter (weights, gradients,
 two AdamW moments); sharding over N processes divides them by N, activations are per process.
 
-    python benchmarks/fsdp_memory.py --autocast-cache [--hidden 1024 --layers 12 --length 16]
+    python benchmarks/fsdp_memory.py --hidden-copies [--hidden 1024 --layers 12]
 
-compares instead, per rank of an FSDP run with float32 gathers (a `dtype: bfloat16` recipe
-with `eval_dtype: float32`, activation checkpointing on), autocast with its cache of weight
-casts (the code before) and without (the code now): the peak of the training steps, and of one
-evaluation forward in bf16 (`eval_dtype: bfloat16` over float32 gathers), each over the memory
-held before it, against the bf16 copy of the gathered weights (2N bytes) that the cache holds.
+measures instead the bf16 copies of float32 weights that mixed precision can keep, before (the
+code as it was) and now, each over the memory held before the measured step, against the bf16
+copy of the weights (2N bytes):
+- per rank of an FSDP run over --nproc processes with float32 gathers (a `dtype: bfloat16`
+  recipe with `eval_dtype: float32`) and activation checkpointing: the peak of a training step
+  and of one evaluation forward in bf16 over the float32 gathers, with autocast's cache of
+  weight casts (before) and without it (now);
+- one process, LoRA on a float32 base trained under bf16 autocast (`eval_dtype: float32`): the
+  peak of a training step with autocast's casts of the frozen weights kept for the backward
+  (before) and with eqtools.training.FrozenCast (now);
+- one process, full fine-tuning of float32 weights with activation checkpointing: the peak of a
+  training forward under bf16 autocast and of an evaluation forward in bf16, with autocast's
+  cache (before) and without (now).
 """
 
 import argparse
@@ -111,11 +119,21 @@ def examples(n: int, length: int, seed: int = 0):
 
 
 def reset_peak(device: str) -> None:
-    """Start a new peak: the following peak_mb is that of what runs from here on."""
+    """Start a new peak: the following peak_mb is that of what runs from here on. On the CPU
+    the heap's free memory goes back to the system first (malloc_trim), so that the resident
+    set is what is held, and new allocations show in the peak instead of reusing it."""
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     else:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the resident set
+
+
+# glibc: tensors of 128 kB and more in their own mappings, returned to the system when freed (its
+# default threshold grows with the first freed ones, after which freed tensors stay resident)
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def with_autocast_cache() -> None:
@@ -156,6 +174,20 @@ def cache_worker(args) -> None:
         model, optimizer, scheduler, data, order[: recipe.batch_size], recipe.batch_size,
         args.micro, 1, device, dtype="bfloat16", ranks=ranks,
     )  # fmt: skip
+    # a training forward (to the loss), as train_epoch runs it: what it holds at its end
+    from eqtools.training import autocast, collate, token_loss
+
+    ids, labels, mask = collate([data[i] for i in order[: args.micro]], 1)
+    before = resident_mb(device)
+    reset_peak(device)
+    with autocast(device, "bfloat16"):
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    loss = token_loss(logits, labels)
+    forward = peak_mb(device) - before
+    loss.backward()
+    optimizer.zero_grad(set_to_none=True)
+    del logits, loss
+    # a whole step
     before = resident_mb(device)
     reset_peak(device)
     train_epoch(
@@ -178,37 +210,116 @@ def cache_worker(args) -> None:
         model(input_ids=ids)
     evaluation = peak_mb(device) - before
     if ranks.main:
-        print("RESULT " + json.dumps({"training_mb": training, "evaluation_mb": evaluation}))
+        print("RESULT " + json.dumps({
+            "forward_mb": forward, "training_mb": training, "evaluation_mb": evaluation,
+        }))  # fmt: skip
     distributed.stop(ranks)
 
 
-def cache_comparison(args, model_dir: Path, n: int) -> dict:
-    results = {}
+def full_worker(args) -> None:
+    """One process, full fine-tuning of float32 weights with activation checkpointing: the peak
+    of a training forward under bf16 autocast and of an evaluation forward in bf16 (the engine's
+    mode); prints one JSON line."""
+    from transformers import AutoTokenizer
+
+    from eqtools.engine import Generator
+    from eqtools.training import autocast, collate
+
+    if args.cached:
+        with_autocast_cache()
+    torch.set_num_threads(args.threads)
+    recipe = Recipe.from_dict({**RECIPE, "dtype": "bfloat16", "eval_dtype": "bfloat16"})
+    schedule = Schedule(micro_batch_size=args.micro, activation_checkpointing=True)
+    model = distributed.wrap(
+        lambda where: build_model(args.model, recipe, where), schedule, recipe, args.device,
+        distributed.ONE_PROCESS,
+    )  # fmt: skip
+    ids, _, mask = collate(examples(args.micro, args.length), 1)
+    model.train()
+    before = resident_mb(args.device)
+    reset_peak(args.device)
+    with autocast(args.device, "bfloat16"):
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    forward = peak_mb(args.device) - before
+    del logits
+    generator = Generator(
+        model, AutoTokenizer.from_pretrained(args.model), max_new_tokens=1,
+        compute_dtype=torch.bfloat16,
+    )  # fmt: skip
+    model.eval()
+    before = resident_mb(args.device)
+    reset_peak(args.device)
+    with generator._computing():
+        model(input_ids=ids)
+    evaluation = peak_mb(args.device) - before
+    print("RESULT " + json.dumps({"forward_mb": forward, "evaluation_mb": evaluation}))
+
+
+def lora_worker(args) -> None:
+    """One process: a LoRA step on a float32 base under bf16 autocast; prints one JSON line."""
+    from eqtools import training
+
+    if args.cached:  # before: autocast's casts of the frozen weights kept for the backward
+        training.keep_frozen_weights_uncast = lambda model: 0
+    torch.set_num_threads(args.threads)
+    recipe = Recipe.from_dict(
+        {**RECIPE, "method": "lora", "dtype": "bfloat16", "eval_dtype": "float32"}
+    )
+    model = build_model(args.model, recipe, args.device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    data = examples(recipe.batch_size * 2, args.length)
+    order = epoch_order(len(data), 0, 1)
+    for step in range(2):  # the second step: the optimizer's moments exist
+        if step:
+            before = resident_mb(args.device)
+            reset_peak(args.device)
+        train_epoch(
+            model, optimizer, scheduler, data, order[step * 8 : (step + 1) * 8], 8, args.micro, 1,
+            args.device, dtype="bfloat16",
+        )  # fmt: skip
+    print("RESULT " + json.dumps({"training_mb": peak_mb(args.device) - before}))
+
+
+def measure(args, command: list[str]) -> dict:
+    env = distributed.rank_environment(args.threads) | MALLOC_ENV
+    out = subprocess.run(command, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(out.stdout[-2000:] + out.stderr[-4000:])
+    line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line.removeprefix("RESULT "))
+
+
+def hidden_copies(args, model_dir: Path, n: int) -> dict:
+    copy = 2 * n / 2**20
+    results = {"bf16_copy_of_the_weights_mb": copy}
     for cached in (True, False):
         common = [
-            "--cache-worker", "--model", str(model_dir), "--device", args.device,
-            "--threads", str(args.threads), "--steps", "2", "--micro", str(args.micro),
-            "--length", str(args.length),
+            "--model", str(model_dir), "--device", args.device, "--threads", str(args.threads),
+            "--micro", str(args.micro), "--length", str(args.length),
         ] + (["--cached"] if cached else [])  # fmt: skip
-        command = [
+        fsdp = [
             sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={args.nproc}", __file__, *common,
+            f"--nproc-per-node={args.nproc}", __file__, "--cache-worker", *common,
         ]  # fmt: skip
-        out = subprocess.run(
-            command, capture_output=True, text=True, env=distributed.rank_environment(args.threads)
-        )
-        if out.returncode != 0:
-            raise RuntimeError(out.stdout[-2000:] + out.stderr[-4000:])
-        line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
-        results["cache" if cached else "no_cache"] = json.loads(line.removeprefix("RESULT "))
-    copy = 2 * n / 2**20
-    results["bf16_copy_of_the_weights_mb"] = copy
-    for what in ("training", "evaluation"):
-        a, b = results["cache"][f"{what}_mb"], results["no_cache"][f"{what}_mb"]
+        when = "before" if cached else "now"
+        results[f"fsdp_{when}"] = measure(args, fsdp)
+        for what in ("lora", "full"):
+            command = [sys.executable, __file__, f"--{what}-worker", *common]
+            results[f"{what}_{when}"] = measure(args, command)
+    for name, key, what in (
+        ("fsdp", "forward_mb", f"FSDP over {args.nproc} ranks, float32 gathers, training forward"),
+        ("fsdp", "training_mb", f"FSDP over {args.nproc} ranks, float32 gathers, training step"),
+        ("fsdp", "evaluation_mb", f"FSDP over {args.nproc} ranks, evaluation forward in bf16"),
+        ("lora", "training_mb", "one process, LoRA on a float32 base, training step"),
+        ("full", "forward_mb", "one process, full, activation checkpointing, training forward"),
+        ("full", "evaluation_mb", "one process, full, evaluation forward in bf16"),
+    ):
+        a, b = results[f"{name}_before"][key], results[f"{name}_now"][key]
         print(
-            f"{what}: peak over the memory held before, per rank: {a:.0f} MB with autocast's "
-            f"cache, {b:.0f} MB without ({(a - b) / copy:.2f} of the weights' bf16 copy, "
-            f"{copy:.0f} MB, less)"
+            f"{what}: peak over the memory held before (per process) {a:.0f} MB before, "
+            f"{b:.0f} MB now: {(a - b) / copy:.2f} of the weights' bf16 copy ({copy:.0f} MB) less"
         )
     return results
 
@@ -294,10 +405,12 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--autocast-cache", action="store_true", help=__doc__.split("\n\n")[3])
+    ap.add_argument("--hidden-copies", action="store_true", help="see the module's docstring")
     # a worker (started by this script)
     ap.add_argument("--worker", action="store_true")
     ap.add_argument("--cache-worker", action="store_true")
+    ap.add_argument("--lora-worker", action="store_true")
+    ap.add_argument("--full-worker", action="store_true")
     ap.add_argument("--cached", action="store_true")
     ap.add_argument("--model")
     ap.add_argument("--strategy", default="none")
@@ -308,12 +421,18 @@ def main() -> None:
     if args.cache_worker:
         cache_worker(args)
         return
+    if args.lora_worker:
+        lora_worker(args)
+        return
+    if args.full_worker:
+        full_worker(args)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         n = build_random_model(Path(tmp), args.hidden, args.layers)
         print(f"random Llama: {n / 1e9:.3f} B parameters, fp32 full fine-tuning state "
               f"{16 * n / 2**30:.1f} GiB", flush=True)  # fmt: skip
-        if args.autocast_cache:
-            results = cache_comparison(args, Path(tmp), n)
+        if args.hidden_copies:
+            results = hidden_copies(args, Path(tmp), n)
             if args.json:
                 args.json.write_text(json.dumps(results, indent=2))
             return

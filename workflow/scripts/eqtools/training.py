@@ -187,9 +187,9 @@ def autocast(device: str, dtype: str):
     of mantissa). A no-op for float32.
 
     Without autocast's cache of weight casts (`cache_enabled=False`): the cache keeps the bf16
-    cast of every weight that requires grad until the forward ends, a bf16 copy of the whole
-    model (under FSDP, of the gathered weights: unsharded) that activation checkpointing would
-    otherwise have dropped layer by layer (benchmarks/fsdp_memory.py). The casts are the same
+    cast of every weight that requires grad (a leaf, not a view: in one process) until the
+    forward ends, a bf16 copy of the model that activation checkpointing would otherwise have
+    dropped layer by layer (benchmarks/fsdp_memory.py --hidden-copies). The casts are the same
     numbers either way; a weight used twice is cast twice."""
     device_type = torch.device(device).type
     return torch.autocast(

@@ -113,8 +113,9 @@ class Generator(PathChoice, LevelsPath, ReferencePath):
     @contextlib.contextmanager
     def _computing(self):
         """The mode of every engine forward: no autograd, and bf16 autocast where asked, without
-        its cache of weight casts (which would hold a bf16 copy of every weight that requires
-        grad, the whole model, until the forward ends; the casts are the same numbers)."""
+        its cache of weight casts (which can hold a bf16 copy of every weight that requires grad
+        until the forward ends; in inference mode and over FSDP's gathered weights, which are
+        views, it holds none, measured; off, it never does; the casts are the same numbers)."""
         with (
             torch.no_grad() if self._sharded else torch.inference_mode(),
             torch.autocast(
