@@ -11,7 +11,7 @@ against the code before this change, side by side, on the embedded model:
   mean width (`Generator.wave_budget`).
 
 Two cases, each run in a fresh process (its peak resident memory, VmHWM, is its own), before and
-now alternating, twice (medians):
+now alternating, --runs times (medians):
 1. the quickstart's evaluation: --questions train questions of P17 and P36 (about what the
    quickstart evaluates each epoch), `engine.max_batch_rows` 2048 (one wave): the time;
 2. one outlier: the same questions and one question of about 60 tokens, --outlier-rows rows per
@@ -102,11 +102,11 @@ def run(args, mode: str, questions_file: Path, rows: int) -> dict:
     return json.loads(line.removeprefix("RESULT "))
 
 
-def compare(args, name: str, questions: list[str], rows: int, runs: int = 2) -> dict:
+def compare(args, name: str, questions: list[str], rows: int) -> dict:
     path = Path(args.tmp) / f"{name}.json"
     path.write_text(json.dumps(questions))
     got = {"before": [], "now": []}
-    for _ in range(runs):
+    for _ in range(args.runs):
         for mode in ("before", "now"):
             got[mode].append(run(args, mode, path, rows))
     out = {"questions": len(questions), "max_batch_rows": rows}
@@ -137,6 +137,7 @@ def main() -> None:
     )
     ap.add_argument("--questions", type=int, default=384)
     ap.add_argument("--outlier-rows", type=int, default=128)
+    ap.add_argument("--runs", type=int, default=2, help="runs of each, alternating (medians)")
     ap.add_argument("--worker", choices=["before", "now"], help=argparse.SUPPRESS)
     ap.add_argument("--worker-questions", help=argparse.SUPPRESS)
     ap.add_argument("--rows", type=int, default=2048, help=argparse.SUPPRESS)
