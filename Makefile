@@ -88,6 +88,7 @@ bench: setup
 	$(BIN)/python benchmarks/finetune_throughput.py --json benchmarks/runs/finetune_throughput.json
 	$(BIN)/python benchmarks/prepare_memory.py --json benchmarks/runs/prepare_memory.json
 	$(BIN)/python benchmarks/fsdp_memory.py --json benchmarks/runs/fsdp_memory.json
+	$(BIN)/python benchmarks/memory_model.py --json benchmarks/runs/memory_model.json
 	$(BIN)/python benchmarks/distributed_parity.py --json benchmarks/runs/distributed_parity.json
 	$(BIN)/python benchmarks/distributed_eval.py --json benchmarks/runs/distributed_eval.json
 
