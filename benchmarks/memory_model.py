@@ -24,10 +24,13 @@ torchrun with gloo for FSDP), through the code the rules run:
 - a P(True) batch (`ptrue.score_p_true`, one batch of `--ptrue-rows` prompts) on the bf16
   weights.
 
-Measured: the peak resident memory (VmHWM) over the resident memory after the imports, before
-the model is built (the baseline: interpreter, libraries, tokenizer). The peak is taken from after
-the model is built (VmHWM reset there, `echo 5 > /proc/self/clear_refs`): loading, which
-section 2 costs apart ("Loading"), is excluded; the memory the loaded model holds is not. glibc
+Measured: the peak resident memory (VmHWM) over the resident memory before the model is built
+(the baseline: interpreter, libraries, tokenizer, and what the libraries initialise on first use:
+each worker first runs the same configuration on a tiny model, 4 M parameters, and frees it,
+as a GPU job's CUDA context and kernels are in place before its model's memory counts). The peak
+is taken from after the model is built (VmHWM reset there, `echo 5 > /proc/self/clear_refs`):
+loading, which section 2 costs apart ("Loading"), is excluded; the memory the loaded model holds
+is not. glibc
 is asked to map every allocation above 64 KiB on its own (MALLOC_MMAP_THRESHOLD_), so that memory
 freed goes back to the system and the resident set follows the live tensors, as a GPU's
 `max_memory_allocated` does; without it the heap keeps freed blocks and the peak depends on the
@@ -43,6 +46,7 @@ ratio farthest from 1.
 """
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -247,7 +251,8 @@ def training_terms(s: Shape, kind: str, n: int, micro: int, steps: int, cpu: boo
             "logits (answer-only)": logits,
             "output-layer gradient": (6 if b == 4 else 2) * s.embedding,
         }
-        # the end: sharded gradients, the root's unsharded gradients and their fp32 reduce input
+        # the end: sharded gradients, the root group (until its post-backward reshards it), its
+        # unsharded gradients and their fp32 reduce-scatter input
         end = {
             "sharded state (16N/n)": 16 * N / n,
             f"root group gathered ({b} B x N_root)": b * s.root,
@@ -280,9 +285,19 @@ def inference_terms(s: Shape, weight_bytes: int, compute_bytes: int, geometry: d
     for w in geometry["waves"]:
         prefix = w["prefix_entries"] * w["prefix_width"] * slot
         group = w["groups"] * w["width"] * slot
-        mlp = w["tokens"] * (3 * s.intermediate + 2 * s.hidden) * compute_bytes
-        last = w["groups"] * s.vocab * logit_bytes + w["tokens"] * s.hidden * compute_bytes
-        prefill = prefix + group + max(mlp, last)
+        t, g, width = w["tokens"], w["groups"], w["width"]
+        mlp = t * (3 * s.intermediate + 2 * s.hidden) * compute_bytes
+        # the levels' attention over the packed prompts: the residual, normed input, rotated and
+        # scaled queries (4 T h) with the keys and values; the scores over the prefix and the
+        # group columns (the raw, masked and concatenated ones, and the softmax); the queries,
+        # then the weights, padded into one block per prompt, and the block scores
+        columns = w["prefix_width"] + width
+        attention = compute_bytes * (
+            4 * t * s.hidden + 2 * t * s.kv + 4 * t * s.heads * columns
+            + g * width * s.hidden + g * s.heads * width * width
+        )  # fmt: skip
+        last = w["groups"] * s.vocab * logit_bytes + t * s.hidden * compute_bytes
+        prefill = prefix + group + max(mlp, attention, last)
         rows = w["rows"] * geometry["max_new_tokens"] * slot
         decode_temp = 2 * w["rows"] * s.vocab * logit_bytes
         decode_temp += w["rows"] * (3 * s.intermediate + 2 * s.hidden) * compute_bytes
@@ -297,7 +312,9 @@ def inference_terms(s: Shape, weight_bytes: int, compute_bytes: int, geometry: d
                 "decode logits + MLP": decode_temp,
             }
         else:
-            terms["prefill temporaries"] = max(mlp, last)
+            terms["prefill temporaries (" + ("attention" if attention > mlp else "MLP") + ")"] = (
+                max(mlp, attention, last)
+            )
         if best is None or sum(terms.values()) > sum(best.values()):
             best = terms
     return {
@@ -444,13 +461,12 @@ def reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the resident set now
 
 
-def train_worker(args, name: str) -> dict:
+def train_worker(args, name: str, model_dir: str) -> dict:
     from eqtools.settings import Recipe, Schedule
     from eqtools.training import build_model, epoch_order, train_epoch
 
     kind, changes, _, micro, steps = CONFIGS[name]
-    ranks, device = distributed.start("cpu")
-    torch.set_num_threads(args.threads)
+    ranks, device = args.ranks, "cpu"
     recipe = Recipe.from_dict(RECIPE | changes)
     schedule = Schedule(
         micro_batch_size=micro,
@@ -461,7 +477,7 @@ def train_worker(args, name: str) -> dict:
     data = examples(recipe.batch_size * steps, LENGTH)
     baseline = resident_mb()
     model = distributed.wrap(
-        lambda where: build_model(args.model, recipe, where), schedule, recipe, device, ranks
+        lambda where: build_model(model_dir, recipe, where), schedule, recipe, device, ranks
     )
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -484,7 +500,6 @@ def train_worker(args, name: str) -> dict:
     peaks = distributed.all_sum(
         ranks, [peak if r == ranks.rank else 0.0 for r in range(ranks.world)], device
     )
-    distributed.stop(ranks)
     return {"measured_mb": max(peaks), "rank_peaks_mb": peaks, "loaded_mb": loaded,
             "seconds": seconds, "main": ranks.main}  # fmt: skip
 
@@ -516,19 +531,18 @@ def wave_geometry(generator, requests: list, order: list[int]) -> list[dict]:
     return waves
 
 
-def evaluate_worker(args, name: str) -> dict:
+def evaluate_worker(args, name: str, model_dir: str) -> dict:
     from transformers import AutoTokenizer
 
     from eqtools.engine import Generator
     from eqtools.settings import Recipe
     from eqtools.training import INSTRUCTION, answer_questions, build_model, instructed_request
 
-    torch.set_num_threads(args.threads)
     recipe = Recipe.from_dict(RECIPE)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     qs = questions(2 * args.rows, 4, 40, seed=1)
     baseline = resident_mb()
-    model = build_model(args.model, recipe, "cpu").eval()  # a full fine-tune's fp32 weights
+    model = build_model(model_dir, recipe, "cpu").eval()  # a full fine-tune's fp32 weights
     generator = Generator(
         model, tokenizer, max_new_tokens=recipe.max_new_tokens, max_batch_rows=args.rows
     )
@@ -550,14 +564,13 @@ def evaluate_worker(args, name: str) -> dict:
             "seconds": time.perf_counter() - started, "main": True}  # fmt: skip
 
 
-def label_worker(args, name: str) -> dict:
+def label_worker(args, name: str, model_dir: str) -> dict:
     import polars as pl
 
     from eqtools.engine import Generator, Request
     from eqtools.models import load
     from eqtools.slick import exemplar_set_for, format_exemplars, format_question, label_questions
 
-    torch.set_num_threads(args.threads)
     n_sets, k = 10, 4
     per_wave = args.label_rows // n_sets
     g = random.Random(2)
@@ -578,7 +591,7 @@ def label_worker(args, name: str) -> dict:
         }
     )
     baseline = resident_mb()
-    model, tokenizer, _ = load(args.model, dtype="bfloat16", device="cpu")  # the registry dtype
+    model, tokenizer, _ = load(model_dir, dtype="bfloat16", device="cpu")  # the registry dtype
     generator = Generator(model, tokenizer, max_new_tokens=16, max_batch_rows=args.label_rows)
     # the greedy wave label_questions forms (it registers the same prefixes, sorted the same way)
     prompts = []
@@ -606,13 +619,12 @@ def label_worker(args, name: str) -> dict:
             "seconds": time.perf_counter() - started, "main": True}  # fmt: skip
 
 
-def ptrue_worker(args, name: str) -> dict:
+def ptrue_worker(args, name: str, model_dir: str) -> dict:
     import polars as pl
 
     from eqtools.models import load
     from eqtools.ptrue import FALSE, TRUE, format_prompt, score_p_true
 
-    torch.set_num_threads(args.threads)
     g = random.Random(4)
     rows = pl.DataFrame(
         {
@@ -621,7 +633,7 @@ def ptrue_worker(args, name: str) -> dict:
         }
     )
     baseline = resident_mb()
-    model, tokenizer, _ = load(args.model, dtype="bfloat16", device="cpu")
+    model, tokenizer, _ = load(model_dir, dtype="bfloat16", device="cpu")
     prompts = [format_prompt(q, a) for q, a in zip(rows["question"], rows["answer"], strict=True)]
     widths = [len(tokenizer(p, add_special_tokens=True).input_ids) for p in prompts]
     conts = [len(tokenizer(c, add_special_tokens=False).input_ids) for c in TRUE + FALSE]
@@ -647,7 +659,15 @@ def worker(args) -> None:
         "train": train_worker, "evaluate": evaluate_worker, "label": label_worker,
         "ptrue": ptrue_worker,
     }[kind]  # fmt: skip
-    result = run(args, args.config)
+    args.ranks, _ = distributed.start("cpu")
+    torch.set_num_threads(args.threads)
+    # the same run on a tiny model first: the libraries' lazy initialisation (kernels, thread
+    # pools, autograd, gloo buffers) is then done before the baseline, as on a GPU before the
+    # model's memory counts; what it leaves is freed
+    run(args, args.config, args.tiny)
+    gc.collect()
+    result = run(args, args.config, args.model)
+    distributed.stop(args.ranks)
     if result.pop("main"):
         print("RESULT " + json.dumps(result), flush=True)
 
@@ -657,6 +677,7 @@ def measure(args, model_dir: Path, name: str) -> dict:
     threads = max(1, args.threads // n)  # the machine's cores shared by the ranks
     common = [
         "--worker", "--config", name, "--model", str(model_dir), "--threads", str(threads),
+        "--tiny", str(model_dir.parent / "tiny"),
         "--rows", str(args.rows), "--label-rows", str(args.label_rows),
         "--ptrue-rows", str(args.ptrue_rows),
     ]  # fmt: skip
@@ -688,6 +709,7 @@ def main() -> None:
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--tiny", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args)
@@ -699,8 +721,10 @@ def main() -> None:
     checks = check_activation_formula()
     results = {"torch": torch.__version__, "activation_check": checks, "configurations": []}
     with tempfile.TemporaryDirectory() as tmp:
-        n = build_random_model(Path(tmp), args.hidden, args.layers)
-        shape = Shape.of(AutoConfig.from_pretrained(tmp))
+        model_dir = Path(tmp) / "model"
+        n = build_random_model(model_dir, args.hidden, args.layers)
+        build_random_model(Path(tmp) / "tiny", 64, 1)  # each worker's warm-up
+        shape = Shape.of(AutoConfig.from_pretrained(model_dir))
         assert shape.parameters == n, (shape.parameters, n)
         results |= {"parameters": n, "shape": asdict(shape)}
         print(
@@ -713,7 +737,7 @@ def main() -> None:
         for name in CONFIGS:
             if args.only and name not in args.only:
                 continue
-            measured = measure(args, Path(tmp), name)
+            measured = measure(args, model_dir, name)
             terms = predict(shape, name, measured.get("geometry"))
             predicted = sum(terms.values()) / MB
             ratio = predicted / measured["measured_mb"]
