@@ -90,6 +90,7 @@ bench: setup
 	$(BIN)/python benchmarks/fsdp_memory.py --json benchmarks/runs/fsdp_memory.json
 	$(BIN)/python benchmarks/fsdp_memory.py --hidden-copies --hidden 1024 --layers 12 --json benchmarks/runs/hidden_copies.json
 	$(BIN)/python benchmarks/eval_waves.py --json benchmarks/runs/eval_waves.json
+	$(BIN)/python benchmarks/memory_model.py --json benchmarks/runs/memory_model.json
 	$(BIN)/python benchmarks/distributed_parity.py --json benchmarks/runs/distributed_parity.json
 	$(BIN)/python benchmarks/distributed_eval.py --json benchmarks/runs/distributed_eval.json
 
