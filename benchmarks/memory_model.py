@@ -266,7 +266,6 @@ def training_terms(s: Shape, kind: str, n: int, micro: int, steps: int, cpu: boo
         terms = {
             "fp32 base (4N)": 4 * N,
             "adapters + gradients + moments (16 N_lora)": (16 if steps > 1 else 4) * adapters,
-            "bf16 casts of the base (2N_linear)": 2 * s.linear,
             "activations (LoRA count)": act,
             "logits (answer-only)": logits,
         }
@@ -376,12 +375,13 @@ def count_saved(mode: str, config, padded: bool) -> int:
     """Bytes autograd saves for one forward of a small Llama (weights and their casts left out)."""
     from transformers import LlamaForCausalLM
 
-    from eqtools.training import add_lora, autocast
+    from eqtools.training import add_lora, autocast, keep_frozen_weights_uncast
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
-    if mode == "lora":
+    if mode == "lora":  # as build_model makes it for a float32 base trained in bf16
         model = add_lora(model, RECIPE["lora"], 0.05)
+        keep_frozen_weights_uncast(model)
     if mode == "bf16w":
         model.to(torch.bfloat16)
     model.train()
@@ -512,10 +512,18 @@ def questions(n: int, lo: int, hi: int, seed: int) -> list[str]:
 
 
 def wave_geometry(generator, requests: list, order: list[int]) -> list[dict]:
-    """The waves `Generator.generate` forms from `requests` in `order` (every request kept)."""
+    """The waves `Generator.generate` forms from `requests` in `order` (every request kept),
+    with its own `next_wave` and `wave_budget`."""
+    from eqtools.engine.generator import next_wave
+
     waves = []
-    for start in range(0, len(order), generator.max_batch_rows):
-        wave = [requests[i] for i in order[start : start + generator.max_batch_rows]]
+    ordered = [requests[i] for i in order]
+    widths = [len(r.prompt) + generator.max_new_tokens for r in ordered]
+    budget = generator.wave_budget(widths)
+    pending = list(range(len(ordered)))
+    while pending:
+        picked, pending = next_wave(pending, widths, generator.max_batch_rows, budget)
+        wave = [ordered[i] for i in picked]
         groups = {(r.prefix, r.prompt) for r in wave}
         used = {p for p, _ in groups if generator.prefixes[p].tokens}
         waves.append(

@@ -195,20 +195,7 @@ class Generator(PathChoice, LevelsPath, ReferencePath):
         budget = self.wave_budget(widths)
         pending = list(range(len(requests)))
         while pending:
-            wave, rest, widest = [], [], 0
-            for i in pending:
-                if rest:  # the wave is closed: the rest keep their order for the next
-                    rest.append(i)
-                elif keep(i):
-                    wider = max(widest, widths[i])
-                    if wave and (
-                        len(wave) >= self.max_batch_rows or (len(wave) + 1) * wider > budget
-                    ):
-                        rest.append(i)
-                    else:
-                        wave.append(i)
-                        widest = wider
-            pending = rest
+            wave, pending = next_wave(pending, widths, self.max_batch_rows, budget, keep)
             if wave:
                 self.stats.waves += 1
                 self.stats.rows += len(wave)
@@ -223,6 +210,30 @@ class Generator(PathChoice, LevelsPath, ReferencePath):
     def decode(self, tokens: list[int]) -> str:
         """The answer: generated text up to its first newline, stripped."""
         return self.tokenizer.decode(tokens, skip_special_tokens=True).split("\n", 1)[0].strip()
+
+
+def next_wave(
+    pending: list[int],
+    widths: list[int],
+    max_rows: int,
+    budget: float,
+    keep: Callable[[int], bool] = lambda i: True,
+) -> tuple[list[int], list[int]]:
+    """(the next wave, the requests after it) from `pending`, in order: at most `max_rows`
+    requests and at most `budget` positions (rows x the widest of `widths`); a request that
+    `keep` drops is left out, one that does not fit closes the wave (it and the rest wait)."""
+    wave, rest, widest = [], [], 0
+    for i in pending:
+        if rest:  # the wave is closed: the rest keep their order for the next
+            rest.append(i)
+        elif keep(i):
+            wider = max(widest, widths[i])
+            if wave and (len(wave) >= max_rows or (len(wave) + 1) * wider > budget):
+                rest.append(i)
+            else:
+                wave.append(i)
+                widest = wider
+    return wave, rest
 
 
 PROBE_PREFIX = "Q: What is the capital of France?\nA: Paris\n"
