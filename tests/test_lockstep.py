@@ -152,7 +152,12 @@ def test_each_item_is_on_exactly_one_rank_and_gathered_in_order():
 
 @pytest.mark.parametrize(
     ("multi_gpu", "strategy"),
-    [("fsdp", "FSDP, in lockstep"), ("auto", "tensor parallel")],  # the tiny Llama has a TP plan
+    [
+        # FSDP's lockstep labelling is also covered by the engine's lockstep tests above; the
+        # whole chunk through the script runs in make test-e2e (make test's time budget)
+        pytest.param("fsdp", "FSDP, in lockstep", marks=pytest.mark.e2e),
+        ("auto", "tensor parallel"),  # the tiny Llama has a TP plan
+    ],
 )
 def test_a_chunk_labelled_by_two_ranks_is_byte_identical_to_one_process(
     multi_gpu, strategy, tiny_model_dir, tmp_path

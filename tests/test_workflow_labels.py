@@ -3,6 +3,7 @@ the real embedded model on a few questions."""
 
 import copy
 import json
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -46,9 +47,13 @@ def test_labels_with_tiny_random_model(tiny_study):
     check_labels(work, "tiny")
     # one chunk per (split, relation): train, dev and test of P17; ood_test of P50
     base = work / "results/labels/tiny/chunks"
-    chunks = sorted(p.relative_to(base).as_posix() for p in base.rglob("*.parquet"))
+    chunks = sorted(p.relative_to(base).as_posix() for p in base.glob("*/*.parquet"))
     assert "ood_test/P50.parquet" in chunks and "train/P17.parquet" in chunks
     assert len(chunks) == 3 + 1
+    # each chunk's assembled result stays beside it, the chunk a hard link to it (eqtools.partial)
+    for chunk in chunks:
+        kept = base / Path(chunk).parent / f".{Path(chunk).stem}.partial/complete.parquet"
+        assert kept.stat().st_ino == (base / chunk).stat().st_ino
     # a rerun is a no-op; the engine's batch size and path are runtime settings, rerun nothing
     again = tiny_study.run("-n", *label_targets("tiny"))
     assert "Nothing to be done" in again.stdout + again.stderr

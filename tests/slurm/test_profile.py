@@ -110,7 +110,7 @@ def test_gpu_counts_follow_the_model_entry_and_the_recipe(tmp_path):
     rule = rules["finetune"]
     wildcards = SimpleNamespace(recipe="big", model="m", seed="", mixture="natural")
     values = {
-        key: (value(wildcards, 1) if key in ("mem_mb", "runtime") else value(wildcards))
+        key: (value(wildcards, 1) if key in ("mem_mb", "runtime", "attempt") else value(wildcards))
         if callable(value)
         else value
         for key, value in rule.resources.items()

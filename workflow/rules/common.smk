@@ -200,12 +200,17 @@ def model_mem_mb(rule):
     and `rank_mem_mb` for each further one (one per GPU; scheduling only), growing with each
     attempt. The models that run are checked against the cap here, before any job."""
 
+    # the first requests, from this parse's config (a later parse in the same process, as in
+    # the tests, rebinds the module's globals)
+    firsts = {
+        model: entry["mem_mb"] + (STUDY.model_gpus[model] - 1) * entry["rank_mem_mb"]
+        for model, entry in config["models"].items()
+    }
+
     def request(model, attempt):
-        entry = config["models"][model]
-        first = entry["mem_mb"] + (STUDY.model_gpus[model] - 1) * entry["rank_mem_mb"]
         what = f"rule {rule} for model {model!r}"
         setting = f"models.{model}.mem_mb + (gpus - 1) x rank_mem_mb"
-        return attempt_request("mem_mb", first, attempt, what, setting)
+        return attempt_request("mem_mb", firsts[model], attempt, what, setting)
 
     for model in RUN_MODELS:
         request(model, 1)
