@@ -12,6 +12,7 @@ from helpers import snakemake, tiny_config, write_config
 pytestmark = pytest.mark.workflow
 
 
+@pytest.mark.e2e  # 52 s: in make test-e2e, to keep make test under its time budget
 def test_labels_with_embedded_model(tmp_path):
     # one relation of each kind: the real model through every labelling rule, 4 chunks
     config = tiny_config(
