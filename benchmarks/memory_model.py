@@ -62,26 +62,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "workflow" / "scripts"), str(ROOT / "benchmarks")]
 
+from fsdp_memory import RECIPE as FSDP_RECIPE  # noqa: E402
 from fsdp_memory import build_random_model, examples  # noqa: E402
 from prepare_memory import high_water_gib  # noqa: E402
 
 from eqtools import distributed  # noqa: E402
 
 MB = 2**20
-RECIPE = {
-    "method": "full",
-    "learning_rate": 1e-5,
-    "batch_size": 8,
-    "dropout": 0.0,
-    "epochs": 1,
-    "seed": 0,
-    "warmup_steps": 0,
-    "weight_decay": 0.0,
-    "dtype": "float32",
-    "eval_dtype": "float32",
-    "max_new_tokens": 16,
-    "lora": {"rank": 8, "alpha": 16, "target_modules": "all-linear"},
-}
+# fsdp_memory.py's full fine-tune (batch 8, fp32), answering with up to 16 new tokens
+RECIPE = FSDP_RECIPE | {"max_new_tokens": 16}
 # name: (kind, recipe changes, processes, micro-batch, steps)
 CONFIGS = {
     "full, 1 process, float32": ("train", {}, 1, 4, 2),
