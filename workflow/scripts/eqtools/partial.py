@@ -144,7 +144,9 @@ class PartialResults:
         """Write the result from every group, in the items' order, in place of the groups, and
         link it to `output`; returns it."""
         done = self.directory / COMPLETE
-        if not done.exists():
+        if done.exists():  # completed by an earlier attempt
+            frame = pl.read_parquet(done)
+        else:
             frame = assemble([pl.read_parquet(p) for p in self.parts], self.schema)
             if frame[self.key].to_list() != self.ids:
                 raise ValueError(
@@ -155,7 +157,7 @@ class PartialResults:
             for part in self.parts:
                 part.unlink()
         link_file(done, output)
-        return pl.read_parquet(output)
+        return frame
 
 
 def start_progress(

@@ -844,7 +844,7 @@ def finetune(
                 duration(elapsed / (epoch - start_epoch) * (recipe.epochs - epoch)),
             )
             # metrics first, then the state that says this epoch is complete
-            write_text("".join(json.dumps(x, sort_keys=True) + "\n" for x in lines), metrics_path)
+            write_metrics(lines, metrics_path)
         # checkpoint (every `save_every` epochs and the last: what a kill can cost)
         if epoch % save_every == 0 or epoch == recipe.epochs:
             save_state(
@@ -857,11 +857,9 @@ def finetune(
     # the last weights in the state too, beside the best's: both enter the declared outputs by
     # hard links, and a kill after that (Snakemake then deletes the outputs) loses no training
     save_checkpoint(evaluated, final_dir(state_root), ranks, checkpoint_dtype)
+    early_weights = early_stop_weights(state_root, best)
     if best["epoch"] is None:  # no dev set: the last epoch is the early stop too
-        early_weights = final_dir(state_root)
         predictions["early_stop"] = dict(predictions["convergence"])
-    else:
-        early_weights = best_dir(state_root, best["epoch"])
     if missing := [
         split
         for split in prediction_paths.get("early_stop", {})
@@ -898,6 +896,19 @@ def forget_finished(state_root: Path) -> bool:
         shutil.rmtree(folder, ignore_errors=True)
     drop_other_bests(state_root, None)
     return True
+
+
+def early_stop_weights(state_root: Path, best: dict) -> Path:
+    """Where the state keeps the early stop's weights: the best epoch's, or without a dev set
+    (no best epoch) the last epoch's."""
+    if best["epoch"] is None:
+        return final_dir(state_root)
+    return best_dir(state_root, best["epoch"])
+
+
+def write_metrics(lines: list[dict], path: str | Path) -> None:
+    """metrics.jsonl: one line per epoch."""
+    write_text("".join(json.dumps(x, sort_keys=True) + "\n" for x in lines), path)
 
 
 def finished_dir(state_root: Path) -> Path:
@@ -946,7 +957,7 @@ def complete(
     outputs of a job killed after this, and its next attempt publishes them again instead of
     training."""
     shutil.rmtree(Path(state_root) / "epoch", ignore_errors=True)
-    early = final_dir(state_root) if best["epoch"] is None else best_dir(state_root, best["epoch"])
+    early = early_stop_weights(state_root, best)
     if not keep_weights:
         for weights in {early, final_dir(state_root)}:
             drop_weights(weights)
@@ -955,7 +966,7 @@ def complete(
     for stop, paths in prediction_paths.items():
         for split, path in paths.items():
             write_parquet(predictions[stop][split], path)
-    write_text("".join(json.dumps(x, sort_keys=True) + "\n" for x in lines), out["metrics"])
+    write_metrics(lines, out["metrics"])
 
 
 def best_dir(state_root: Path, epoch: int) -> Path:
