@@ -282,11 +282,24 @@ def lora_worker(args) -> None:
     print("RESULT " + json.dumps({"training_mb": peak_mb(args.device) - before}))
 
 
-def measure(args, command: list[str]) -> dict:
-    env = distributed.rank_environment(args.threads) | MALLOC_ENV
+def run_worker(
+    script: str,
+    worker_args: list[str],
+    threads: int,
+    nproc: int | None = None,
+    env: dict | None = None,
+    label: str = "",
+) -> dict:
+    """Run a benchmark's worker, `script` with `worker_args`, in a fresh process (under torchrun
+    with `nproc` processes when given) and return what its `RESULT <json>` line reports; a
+    failure raises with the end of its output."""
+    command = [sys.executable, script, *worker_args]
+    if nproc is not None:
+        command[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    env = distributed.rank_environment(threads) | (env or {})
     out = subprocess.run(command, capture_output=True, text=True, env=env)
     if out.returncode != 0:
-        raise RuntimeError(out.stdout[-2000:] + out.stderr[-4000:])
+        raise RuntimeError(f"{label}:\n" + out.stdout[-2000:] + out.stderr[-4000:])
     line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
     return json.loads(line.removeprefix("RESULT "))
 
@@ -299,15 +312,14 @@ def hidden_copies(args, model_dir: Path, n: int) -> dict:
             "--model", str(model_dir), "--device", args.device, "--threads", str(args.threads),
             "--micro", str(args.micro), "--length", str(args.length),
         ] + (["--cached"] if cached else [])  # fmt: skip
-        fsdp = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={args.nproc}", __file__, "--cache-worker", *common,
-        ]  # fmt: skip
         when = "before" if cached else "now"
-        results[f"fsdp_{when}"] = measure(args, fsdp)
+        results[f"fsdp_{when}"] = run_worker(
+            __file__, ["--cache-worker", *common], args.threads, args.nproc, MALLOC_ENV, "fsdp"
+        )
         for what in ("lora", "full"):
-            command = [sys.executable, __file__, f"--{what}-worker", *common]
-            results[f"{what}_{when}"] = measure(args, command)
+            results[f"{what}_{when}"] = run_worker(
+                __file__, [f"--{what}-worker", *common], args.threads, None, MALLOC_ENV, what
+            )
     for name, key, what in (
         ("fsdp", "forward_mb", f"FSDP over {args.nproc} ranks, float32 gathers, training forward"),
         ("fsdp", "training_mb", f"FSDP over {args.nproc} ranks, float32 gathers, training step"),
@@ -378,19 +390,8 @@ def run(args, model_dir: Path, strategy: str, nproc: int) -> dict:
         "--threads", str(args.threads), "--steps", str(args.steps), "--micro", str(args.micro),
         "--length", str(args.length),
     ] + (["--checkpointing"] if args.checkpointing else [])  # fmt: skip
-    if nproc == 1 and strategy == "none":
-        command = [sys.executable, __file__, *common]
-    else:
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={nproc}", __file__, *common,
-        ]  # fmt: skip
-    env = distributed.rank_environment(args.threads)
-    out = subprocess.run(command, capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        raise RuntimeError(out.stdout[-2000:] + out.stderr[-4000:])
-    line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line.removeprefix("RESULT "))
+    torchrun = None if nproc == 1 and strategy == "none" else nproc
+    return run_worker(__file__, common, args.threads, torchrun, label=strategy)
 
 
 def main() -> None:

@@ -50,7 +50,6 @@ import gc
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -63,7 +62,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "workflow" / "scripts"), str(ROOT / "benchmarks")]
 
 from fsdp_memory import RECIPE as FSDP_RECIPE  # noqa: E402
-from fsdp_memory import build_random_model, examples  # noqa: E402
+from fsdp_memory import build_random_model, examples, run_worker  # noqa: E402
 from prepare_memory import high_water_gib  # noqa: E402
 
 from eqtools import distributed  # noqa: E402
@@ -678,19 +677,7 @@ def measure(args, model_dir: Path, name: str) -> dict:
         "--rows", str(args.rows), "--label-rows", str(args.label_rows),
         "--ptrue-rows", str(args.ptrue_rows),
     ]  # fmt: skip
-    if n == 1:
-        command = [sys.executable, __file__, *common]
-    else:
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={n}", __file__, *common,
-        ]  # fmt: skip
-    env = distributed.rank_environment(threads) | MALLOC
-    out = subprocess.run(command, capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        raise RuntimeError(f"{name}:\n" + out.stdout[-2000:] + out.stderr[-4000:])
-    line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line.removeprefix("RESULT "))
+    return run_worker(__file__, common, threads, None if n == 1 else n, MALLOC, name)
 
 
 def main() -> None:
